@@ -1,0 +1,77 @@
+"""Turn pipeline outputs into DICOM datasets (one writer per output kind).
+
+Output kinds a rule can ask for (``outputs = [...]``):
+  derived            DerivedVolume -> a new image series of the source's SOP class
+  secondary_capture  ScoreMap -> RGB Secondary Capture overlays (every viewer shows these)
+  parametric_map     ScoreMap -> DICOM Parametric Map (highdicom)
+  segmentation       ScoreMap -> DICOM SEG of the thresholded map (highdicom)
+Writers build valid objects or raise EncodeError; nothing half-written leaves here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+from ..errors import EncodeError
+from ..pipelines.base import DerivedVolume, Output, ScoreMap
+from ..volume import Volume
+
+#: prefix of every derived UID: 2.25 (UUID-derived) with a hash of the inputs, so that the
+#: same (source series, pipeline, version, output) always gives the same UIDs
+_UID_PREFIX = None
+
+
+@dataclass(frozen=True)
+class EncodeContext:
+    pipeline: str
+    version: str
+    rule: str = ""
+    params_key: str = ""
+
+    def uid(self, *parts: str) -> str:
+        """Deterministic UID from the context and ``parts`` (rerun replaces, never duplicates)."""
+        return generate_uid(prefix=_UID_PREFIX, entropy_srcs=[self.pipeline, self.version, self.params_key, *parts])
+
+
+Writer = Callable[[Volume, Output, EncodeContext], list[Dataset]]
+
+_WRITERS: dict[str, tuple[type, str]] = {
+    "derived": (DerivedVolume, "pacs_node.encode.derived:encode_derived"),
+    "secondary_capture": (ScoreMap, "pacs_node.encode.overlay:encode_secondary_capture"),
+    "parametric_map": (ScoreMap, "pacs_node.encode.parametric:encode_parametric_map"),
+    "segmentation": (ScoreMap, "pacs_node.encode.segmentation:encode_segmentation"),
+}
+
+OUTPUT_KINDS = tuple(_WRITERS)
+
+
+def _writer(kind: str) -> Writer:
+    module_name, _, fn = _WRITERS[kind][1].partition(":")
+    return getattr(importlib.import_module(module_name), fn)
+
+
+def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...], ctx: EncodeContext) -> list[Dataset]:
+    """Encode each output with every requested writer that accepts its type."""
+    unknown = [k for k in kinds if k not in _WRITERS]
+    if unknown:
+        raise EncodeError(f"unknown output kind {unknown[0]!r} (known: {', '.join(OUTPUT_KINDS)})")
+    result: list[Dataset] = []
+    for index, output in enumerate(outputs):
+        matched = False
+        for kind in kinds:
+            accepted, _ = _WRITERS[kind]
+            if isinstance(output, accepted):
+                matched = True
+                out_ctx = EncodeContext(ctx.pipeline, ctx.version, ctx.rule, f"{ctx.params_key}|{kind}|{index}")
+                result.extend(_writer(kind)(volume, output, out_ctx))
+        if not matched:
+            raise EncodeError(
+                f"pipeline {ctx.pipeline} produced a {type(output).__name__}, but none of the outputs "
+                f"{list(kinds)} can encode it"
+            )
+    return result

@@ -1,0 +1,147 @@
+"""Derived image series: same study, same SOP class, new UIDs, pixels from a pipeline."""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.sequence import Sequence
+from pydicom.uid import ExplicitVRLittleEndian
+
+from .. import __version__
+from ..errors import EncodeError
+from ..pipelines.base import DerivedVolume
+from ..volume import Volume, rescale_of
+from . import EncodeContext
+
+# Attributes that describe the source pixels or the source file rather than the new image.
+_DROP = (
+    "IconImageSequence",
+    "LargestImagePixelValue",
+    "SmallestImagePixelValue",
+    "PixelDataProviderURL",
+    "DataSetTrailingPadding",
+    "PixelPaddingRangeLimit",
+)
+
+
+def _stored_range(ds: Dataset) -> tuple[int, int]:
+    bits = int(ds.get("BitsStored", 16) or 16)
+    if int(ds.get("PixelRepresentation", 0) or 0) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def _fix_known_errors(ds: Dataset) -> None:
+    """Repair common scanner header errors where the fix is safe (see docs: 'header repairs')."""
+    # Type 2 attributes of Patient/Study/Series modules that must be present (may be empty).
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    # De-identified sources often say PatientIdentityRemoved=YES but leave the Type 1C
+    # method empty; saying that the method is unknown is true and makes the object valid.
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
+            and "DeidentificationMethodCodeSequence" not in ds:
+        ds.DeidentificationMethod = "Not stated by the source"
+    # An empty SeriesNumber / InstanceNumber (Type 2) is legal, a missing one is not.
+    for keyword in ("SeriesNumber", "InstanceNumber"):
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+
+
+def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) -> list[Dataset]:
+    """One dataset per output slice, copied from its source slice, with the new pixels."""
+    arr = np.asarray(output.array, dtype=np.float32)
+    if arr.ndim != 3:
+        raise EncodeError(f"pipeline {ctx.pipeline}: derived array must be (z, y, x), got shape {arr.shape}")
+    n_out = arr.shape[0]
+    mapping = output.source_slices or ([[i] for i in range(n_out)] if n_out == len(volume.datasets) else None)
+    if mapping is None or len(mapping) != n_out:
+        raise EncodeError(
+            f"pipeline {ctx.pipeline}: {n_out} output slices for {len(volume.datasets)} source slices "
+            "and no source_slices mapping"
+        )
+    if not np.all(np.isfinite(arr)):
+        raise EncodeError(f"pipeline {ctx.pipeline}: output contains NaN or infinite values")
+
+    first_src = volume.datasets[0]
+    source_series = str(first_src.SeriesInstanceUID)
+    series_uid = ctx.uid(source_series, "series")
+    now = dt.datetime.now()
+    series_number = int(first_src.get("SeriesNumber") or 0) + 1000
+    description = f"AI {ctx.pipeline}: {first_src.get('SeriesDescription', '') or ''}".strip()[:64]
+
+    result: list[Dataset] = []
+    for z in range(n_out):
+        sources = [volume.datasets[i] for i in mapping[z]]
+        src = sources[0]
+        ds = copy.deepcopy(src)
+        ds.remove_private_tags()
+        for keyword in _DROP:
+            if keyword in ds:
+                delattr(ds, keyword)
+        for tag in [t for t in ds.keys() if 0x6000 <= t.group <= 0x60FF and t.group % 2 == 0]:
+            del ds[tag]  # overlays drawn on the source pixels
+
+        slope, intercept = rescale_of(src)
+        lo, hi = _stored_range(src)
+        stored = np.rint((arr[z] - intercept) / slope)
+        stored = np.clip(stored, lo, hi)
+        dtype = np.int16 if lo < 0 else np.uint16
+        if int(src.get("BitsAllocated", 16)) > 16:
+            dtype = np.int32 if lo < 0 else np.uint32
+        ds.set_pixel_data(
+            stored.astype(dtype),
+            photometric_interpretation=str(src.get("PhotometricInterpretation", "MONOCHROME2")),
+            bits_stored=int(src.get("BitsStored", 16) or 16),
+            generate_instance_uid=False,
+        )
+        if "RescaleSlope" in src or "RescaleIntercept" in src:
+            ds.RescaleSlope = src.get("RescaleSlope", 1)
+            ds.RescaleIntercept = src.get("RescaleIntercept", 0)
+
+        sop_uid = ctx.uid(source_series, "instance", str(z))
+        ds.SOPInstanceUID = sop_uid
+        ds.SeriesInstanceUID = series_uid
+        ds.SeriesNumber = series_number
+        ds.InstanceNumber = z + 1
+        ds.SeriesDescription = description
+        image_type = list(src.get("ImageType", []) or [])
+        ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
+        ds.DerivationDescription = (
+            f"{output.description} by pacs-node {__version__} pipeline {ctx.pipeline} "
+            f"version {ctx.version}. AI-generated, not for primary diagnosis."
+        )[:1024]
+        ds.SourceImageSequence = Sequence([_reference(s) for s in sources])
+        ds.InstanceCreationDate = now.strftime("%Y%m%d")
+        ds.InstanceCreationTime = now.strftime("%H%M%S")
+        ds.ContentDate = ds.InstanceCreationDate
+        ds.ContentTime = ds.InstanceCreationTime
+        if output.positions is not None:
+            ds.ImagePositionPatient = [round(float(v), 6) for v in output.positions[z]]
+            if "SliceLocation" in ds:
+                normal = volume.normal
+                ds.SliceLocation = round(float(np.dot(output.positions[z], normal)), 6)
+        if output.pixel_spacing is not None:
+            ds.PixelSpacing = [round(float(v), 8) for v in output.pixel_spacing]
+        if output.slice_thickness is not None:
+            ds.SliceThickness = round(float(output.slice_thickness), 6)
+        _fix_known_errors(ds)
+
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = ds.SOPClassUID
+        meta.MediaStorageSOPInstanceUID = sop_uid
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta = meta
+        result.append(ds)
+    return result
+
+
+def _reference(src: Dataset) -> Dataset:
+    item = Dataset()
+    item.ReferencedSOPClassUID = src.SOPClassUID
+    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    return item

@@ -1,0 +1,158 @@
+"""Volume: the pixels of one series as float32 (z, y, x) in physical units, with its geometry."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+
+from .errors import SeriesLoadError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Volume:
+    """Pixel data of one series, sorted along the slice normal.
+
+    ``array`` holds physical values (HU for CT: stored value * slope + intercept).
+    ``positions`` is the ImagePositionPatient of each slice (z, 3), so uneven gaps and
+    gantry tilt survive; ``spacing`` is (slice step, row spacing, column spacing) in mm,
+    the slice step being the median gap (0 for a single slice).
+    """
+
+    array: np.ndarray
+    positions: np.ndarray
+    row_direction: np.ndarray
+    column_direction: np.ndarray
+    pixel_spacing: tuple[float, float]
+    datasets: list[Dataset] = field(repr=False)
+    files: list[Path] = field(default_factory=list, repr=False)
+
+    @property
+    def modality(self) -> str:
+        return str(self.datasets[0].get("Modality", "")) if self.datasets else ""
+
+    @property
+    def normal(self) -> np.ndarray:
+        return np.cross(self.row_direction, self.column_direction)
+
+    @property
+    def slice_gaps(self) -> np.ndarray:
+        if len(self.positions) < 2:
+            return np.zeros(0)
+        return np.diff(self.positions @ self.normal)
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        gaps = self.slice_gaps
+        step = float(np.median(np.abs(gaps))) if gaps.size else 0.0
+        return (step, float(self.pixel_spacing[0]), float(self.pixel_spacing[1]))
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.array.shape)  # type: ignore[return-value]
+
+
+def rescale_of(ds: Dataset) -> tuple[float, float]:
+    """Slope and intercept of the modality LUT (1, 0 when absent)."""
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return slope, intercept
+
+
+def read_datasets(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
+    """Read every DICOM file among ``paths``; skip (and log) what is not DICOM image data."""
+    found: list[tuple[Path, Dataset]] = []
+    for path in paths:
+        try:
+            ds = pydicom.dcmread(path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means "not a DICOM file"
+            log.warning("skipping %s: not a readable DICOM file (%s)", path.name, type(exc).__name__)
+            continue
+        if "PixelData" not in ds:
+            log.info("skipping %s: no pixel data", path.name)
+            continue
+        found.append((path, ds))
+    return found
+
+
+def _sort_key(ds: Dataset, normal: np.ndarray | None) -> tuple[float, int]:
+    number = int(ds.get("InstanceNumber", 0) or 0)
+    ipp = ds.get("ImagePositionPatient")
+    if normal is not None and ipp is not None and len(ipp) == 3:
+        return (float(np.dot(np.asarray(ipp, dtype=float), normal)), number)
+    return (float(number), number)
+
+
+def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
+    """Build a Volume from already-read datasets of one series (any order)."""
+    if not items:
+        raise SeriesLoadError("no image instances in series")
+    first = items[0][1]
+    iop = first.get("ImageOrientationPatient")
+    if iop is not None and len(iop) == 6:
+        row_dir = np.asarray(iop[:3], dtype=float)
+        col_dir = np.asarray(iop[3:], dtype=float)
+    else:
+        row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+    normal = np.cross(row_dir, col_dir)
+    has_geometry = iop is not None and all("ImagePositionPatient" in ds for _, ds in items)
+    ordered = sorted(items, key=lambda it: _sort_key(it[1], normal if has_geometry else None))
+
+    shape = (int(first.Rows), int(first.Columns))
+    slices = []
+    for path, ds in ordered:
+        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
+            raise SeriesLoadError(f"{path.name}: multi-frame images are not supported")
+        if (int(ds.Rows), int(ds.Columns)) != shape:
+            raise SeriesLoadError(
+                f"{path.name}: matrix {ds.Rows}x{ds.Columns} differs from the series' {shape[0]}x{shape[1]}"
+            )
+        if ds.get("SamplesPerPixel", 1) != 1:
+            raise SeriesLoadError(f"{path.name}: colour images are not supported")
+        try:
+            pixels = ds.pixel_array
+        except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
+            ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
+            raise SeriesLoadError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
+        slope, intercept = rescale_of(ds)
+        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+
+    if has_geometry:
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in ordered])
+    else:
+        positions = np.zeros((len(ordered), 3))
+        positions[:, 2] = np.arange(len(ordered), dtype=float)
+    spacing = first.get("PixelSpacing") or first.get("ImagerPixelSpacing") or [1.0, 1.0]
+    return Volume(
+        array=np.stack(slices).astype(np.float32, copy=False),
+        positions=positions,
+        row_direction=row_dir,
+        column_direction=col_dir,
+        pixel_spacing=(float(spacing[0]), float(spacing[1])),
+        datasets=[ds for _, ds in ordered],
+        files=[p for p, _ in ordered],
+    )
+
+
+def load_series(paths: Iterable[Path]) -> Volume:
+    """Read files of one series and build its Volume (non-DICOM and non-image files skipped)."""
+    return volume_from_datasets(read_datasets(paths))
+
+
+def group_by_series(paths: Iterable[Path]) -> dict[str, list[tuple[Path, Dataset]]]:
+    """Read a folder's worth of files and group the image instances by SeriesInstanceUID."""
+    groups: dict[str, list[tuple[Path, Dataset]]] = {}
+    for path, ds in read_datasets(paths):
+        uid = str(ds.get("SeriesInstanceUID", "") or "")
+        if not uid:
+            log.warning("skipping %s: no SeriesInstanceUID", path.name)
+            continue
+        groups.setdefault(uid, []).append((path, ds))
+    return groups
