@@ -1,0 +1,237 @@
+"""Unsupervised anomaly maps: a denoising VAE on normal slices, scored by reconstruction error.
+
+Shared by every modality (``anomaly_mr``, ``anomaly_ct``): slice geometry (resample to a fixed
+pixel size and a fixed canvas), the network, and the turn from reconstruction error to a
+score in [0, 1]. Modality-specific parts (intensity normalisation, data, training) live in the
+modality modules.
+
+The network is a convolutional VAE with a spatial latent (16 x 16 at a 128 canvas). It is
+trained as a *denoising* VAE (Kascenas et al., MIDL 2022): the input is a normal slice plus
+coarse, low-frequency noise and the target is the clean slice, so that at inference the model
+"heals" regions it cannot explain as normal anatomy, and the residual marks them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class SliceGrid:
+    """Where a source slice sits on the model canvas (for the way back)."""
+
+    source_shape: tuple[int, int]
+    scaled_shape: tuple[int, int]
+    offset: tuple[int, int]  # top-left of the scaled slice on the canvas (may be negative: cropped)
+
+
+@dataclass
+class AnomalyConfig:
+    """Everything needed to rebuild the network and its scoring; stored beside the weights."""
+
+    canvas: int = 128
+    pixel_mm: float = 2.0
+    channels: tuple[int, ...] = (16, 32, 64, 96)
+    latent_channels: int = 8
+    kl_weight: float = 5e-4
+    noise_std: float = 0.2
+    noise_res: int = 16
+    smooth_sigma: float = 1.5
+    mask_erode_px: int = 3
+    #: reconstruction error that maps to score 1.0 (set from normal training slices)
+    error_scale: float = 0.25
+    modality: str = "MR"
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data["channels"] = list(self.channels)
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnomalyConfig":
+        data = json.loads(text)
+        data["channels"] = tuple(data["channels"])
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------- geometry
+
+
+def to_canvas(plane: np.ndarray, pixel_spacing: tuple[float, float], canvas: int, pixel_mm: float,
+              fill: float = 0.0) -> tuple[np.ndarray, SliceGrid]:
+    """Resample a slice to ``pixel_mm`` pixels and centre it on a ``canvas`` square."""
+    rows, cols = plane.shape
+    sh = (max(1, round(rows * pixel_spacing[0] / pixel_mm)), max(1, round(cols * pixel_spacing[1] / pixel_mm)))
+    t = torch.from_numpy(np.ascontiguousarray(plane, dtype=np.float32))[None, None]
+    scaled = F.interpolate(t, size=sh, mode="bilinear", align_corners=False, antialias=True)[0, 0].numpy()
+    out = np.full((canvas, canvas), fill, dtype=np.float32)
+    off = ((canvas - sh[0]) // 2, (canvas - sh[1]) // 2)
+    src_r0, src_c0 = max(0, -off[0]), max(0, -off[1])
+    dst_r0, dst_c0 = max(0, off[0]), max(0, off[1])
+    h = min(sh[0] - src_r0, canvas - dst_r0)
+    w = min(sh[1] - src_c0, canvas - dst_c0)
+    out[dst_r0:dst_r0 + h, dst_c0:dst_c0 + w] = scaled[src_r0:src_r0 + h, src_c0:src_c0 + w]
+    return out, SliceGrid(source_shape=(rows, cols), scaled_shape=sh, offset=off)
+
+
+def from_canvas(values: np.ndarray, grid: SliceGrid, fill: float = 0.0) -> np.ndarray:
+    """Inverse of ``to_canvas`` for a map computed on the canvas."""
+    canvas = values.shape[0]
+    sh, off = grid.scaled_shape, grid.offset
+    scaled = np.full(sh, fill, dtype=np.float32)
+    src_r0, src_c0 = max(0, off[0]), max(0, off[1])
+    dst_r0, dst_c0 = max(0, -off[0]), max(0, -off[1])
+    h = min(canvas - src_r0, sh[0] - dst_r0)
+    w = min(canvas - src_c0, sh[1] - dst_c0)
+    scaled[dst_r0:dst_r0 + h, dst_c0:dst_c0 + w] = values[src_r0:src_r0 + h, src_c0:src_c0 + w]
+    t = torch.from_numpy(scaled)[None, None]
+    back = F.interpolate(t, size=grid.source_shape, mode="bilinear", align_corners=False)[0, 0].numpy()
+    return back
+
+
+# ----------------------------------------------------------------------------------- network
+
+
+def _conv(cin: int, cout: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, 3, stride=stride, padding=1), nn.SiLU()]
+
+
+class SpatialVAE(nn.Module):
+    """Strided conv encoder -> spatial Gaussian latent (canvas / 8) -> upsampling conv decoder.
+
+    No skip connections (they would carry anomalies straight to the output) and no
+    normalisation layers; deliberately small so that it trains on a CPU in well under an hour.
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), latent_channels: int = 8) -> None:
+        super().__init__()
+        c = channels
+        self.encoder = nn.Sequential(
+            *_conv(1, c[0], 2), *_conv(c[0], c[1], 2), *_conv(c[1], c[1]), *_conv(c[1], c[2], 2),
+            *_conv(c[2], c[3]), nn.Conv2d(c[3], 2 * latent_channels, 1),
+        )
+        self.decoder = nn.Sequential(
+            *_conv(latent_channels, c[3]), *_conv(c[3], c[2]), nn.Upsample(scale_factor=2),
+            *_conv(c[2], c[1]), *_conv(c[1], c[1]), nn.Upsample(scale_factor=2),
+            *_conv(c[1], c[0]), nn.Upsample(scale_factor=2), *_conv(c[0], c[0]),
+            nn.Conv2d(c[0], 1, 3, padding=1),
+        )
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x).chunk(2, dim=1)
+        logvar = logvar.clamp(-12.0, 8.0)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar) if sample else mu
+        return self.decoder(z), mu, logvar
+
+
+def build_network(cfg: AnomalyConfig) -> SpatialVAE:
+    return SpatialVAE(cfg.channels, cfg.latent_channels)
+
+
+def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    return 0.5 * torch.mean(torch.sum(mu.pow(2) + logvar.exp() - 1.0 - logvar, dim=1))
+
+
+def coarse_noise(shape: tuple[int, ...], std: float, res: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Low-frequency Gaussian noise: drawn at ``res`` x ``res`` and upsampled (Kascenas et al.)."""
+    b, _, h, w = shape
+    n = torch.randn((b, 1, res, res), generator=generator) * std
+    return F.interpolate(n, size=(h, w), mode="bilinear", align_corners=False)
+
+
+# ----------------------------------------------------------------------------------- scoring
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(3 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian blur of (B, 1, H, W)."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel(sigma)
+    r = (k.numel() - 1) // 2
+    out = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
+    return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))
+
+
+def foreground_mask(images: torch.Tensor, erode_px: int, level: float = 0.08) -> torch.Tensor:
+    """Head/body mask of normalised images (B, 1, H, W): above ``level``, holes closed, eroded.
+
+    Scoring outside it is zero: the background and the outer skin edge carry reconstruction
+    error that is not anatomy.
+    """
+    m = (smooth(images, 1.0) > level).float()
+    m = F.max_pool2d(m, 5, stride=1, padding=2)  # close small holes (dark CSF, sinuses)
+    m = -F.max_pool2d(-m, 5, stride=1, padding=2)
+    if erode_px > 0:
+        m = -F.max_pool2d(-m, 2 * erode_px + 1, stride=1, padding=erode_px)
+    return m
+
+
+@torch.no_grad()
+def residual_maps(net: SpatialVAE, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions."""
+    recon, _, _ = net(images, sample=False)
+    err = (images - recon).abs()
+    err = smooth(err, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
+    return err, recon
+
+
+def to_score(err: torch.Tensor | np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
+    """Reconstruction error -> [0, 1]; 0.5 is about the 99.9th percentile of normal tissue."""
+    arr = err.numpy() if isinstance(err, torch.Tensor) else np.asarray(err)
+    return np.clip(arr / cfg.error_scale, 0.0, 1.0).astype(np.float32)
+
+
+def intensity_baseline(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """Meissen et al.'s baseline: bright or dark outliers after per-slice normalisation.
+
+    |z-score| of the intensity within the foreground, smoothed like the model's residual so
+    that the comparison is about the model, not the post-processing.
+    """
+    mask = foreground_mask(images, cfg.mask_erode_px)
+    n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    mean = (images * mask).sum(dim=(2, 3), keepdim=True) / n
+    var = (((images - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n
+    z = (images - mean).abs() / var.sqrt().clamp_min(1e-6)
+    return smooth(z, cfg.smooth_sigma) * mask
+
+
+# ------------------------------------------------------------------------------- persistence
+
+
+def save_model(net: SpatialVAE, cfg: AnomalyConfig, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    save_file(state, str(path), metadata={"config": cfg.to_json()})
+
+
+def load_model(path: Path) -> tuple[SpatialVAE, AnomalyConfig]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    if "config" not in meta:
+        raise ValueError(f"{path}: no 'config' in the safetensors metadata")
+    cfg = AnomalyConfig.from_json(meta["config"])
+    net = build_network(cfg)
+    net.load_state_dict(load_file(str(path)))
+    net.eval()
+    return net, cfg

@@ -1,0 +1,395 @@
+"""Brain MR anomaly model: data (resliced normal T1 volumes), training and evaluation.
+
+Training data: studyforrest-t1 (axial, coronal and sagittal reslices) and the UIH 3D T1
+sagittal slices outside a held-out contiguous block (``HELD_OUT``, with a gap on each side).
+Evaluation: synthetic lesions (``pacs_node.ml.lesions``) in the held-out UIH slices; pixel
+AUROC / AUPRC / best Dice of the model against the intensity-outlier baseline.
+
+    pacs-node models train anomaly-mr [--steps N] [--out models/anomaly-mr/model.safetensors]
+    pacs-node models eval anomaly-mr --data DIR [--json F] [--plot F.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models_dir import model_path
+from .anomaly import (
+    AnomalyConfig,
+    build_network,
+    coarse_noise,
+    foreground_mask,
+    intensity_baseline,
+    kl_divergence,
+    load_model,
+    residual_maps,
+    save_model,
+    to_canvas,
+)
+from .lesions import insert_lesions
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "anomaly-mr"
+TRAIN_SERIES = ("mr/studyforrest-t1", "mr/uih-t1-3d-sag")
+HOLDOUT_SERIES = "mr/uih-t1-3d-sag"
+#: held-out sagittal slice indices of the UIH volume (sorted along the slice normal) ...
+HELD_OUT = (60, 110)
+#: ... and the gap on each side that is used for neither training nor evaluation
+HOLDOUT_GAP = 5
+DEFAULT_CACHE = Path("/tmp/pacs-node-cache/anomaly-mr-slices.npz")
+
+
+# ------------------------------------------------------------------------------ intensities
+
+
+def intensity_scale(array: np.ndarray) -> float:
+    """Robust white-matter-ish level of an MR volume: the 99th percentile of its foreground."""
+    flat = array.reshape(-1)[:: max(1, array.size // 2_000_000)]
+    top = float(np.percentile(flat, 99.5))
+    fg = flat[flat > 0.1 * top]
+    return float(np.percentile(fg, 99.0)) if fg.size else max(top, 1e-6)
+
+
+def normalise(array: np.ndarray, scale: float) -> np.ndarray:
+    return np.clip(array / max(scale, 1e-6), 0.0, 1.5).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ data
+
+
+@dataclass(frozen=True)
+class SliceSet:
+    images: np.ndarray  # (N, canvas, canvas) float32, normalised
+    sources: list[str]
+
+
+def _planes(array: np.ndarray, spacing: tuple[float, float, float], axes: str, step: int):
+    """Yield (plane, (row mm, col mm)) along the requested axes; superior up for coronal/sagittal."""
+    sz, sy, sx = spacing
+    if "a" in axes:
+        for i in range(0, array.shape[0], step):
+            yield array[i], (sy, sx)
+    if "c" in axes:
+        for i in range(0, array.shape[1], step):
+            yield array[::-1, i, :], (sz, sx)
+    if "s" in axes:
+        for i in range(0, array.shape[2], step):
+            yield array[::-1, :, i], (sz, sy)
+
+
+def _canvas_slices(planes, cfg: AnomalyConfig, min_fg: float = 0.12) -> list[np.ndarray]:
+    out = []
+    for plane, mm in planes:
+        img, _ = to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)
+        if (img > 0.1).mean() >= min_fg:
+            out.append(img)
+    return out
+
+
+def load_normal_volume(name: str, data: Path):
+    from ..volume import load_series
+
+    vol = load_series(sorted((data / name).iterdir()))
+    return vol, normalise(vol.array, intensity_scale(vol.array))
+
+
+def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> SliceSet:
+    images: list[np.ndarray] = []
+    sources: list[str] = []
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data)
+    got = _canvas_slices(_planes(arr, vol.spacing, "acs", step), cfg)
+    images += got
+    sources += ["studyforrest"] * len(got)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
+    keep = [i for i in range(arr.shape[0]) if i < lo or i >= hi]
+    got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in keep), cfg)
+    images += got
+    sources += ["uih"] * len(got)
+    return SliceSet(np.stack(images).astype(np.float32), sources)
+
+
+def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> np.ndarray:
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    planes = ((arr[i], vol.spacing[1:]) for i in range(HELD_OUT[0], HELD_OUT[1], step))
+    return np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
+
+
+def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
+    if cache.exists():
+        npz = np.load(cache, allow_pickle=False)
+        return SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
+    sset = build_training_slices(data, cfg)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, images=sset.images.astype(np.float16), sources=np.array(sset.sources))
+    return sset
+
+
+# ------------------------------------------------------------------------------ augmentation
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Geometry (affine, flips), intensity (gamma, gain, bias field), blur and noise."""
+    b = batch.shape[0]
+
+    def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
+        return lo + (hi - lo) * torch.rand(n, generator=gen)
+
+    angle = u(-0.3, 0.3)
+    scale = u(0.85, 1.15)
+    flip_x = torch.where(torch.rand(b, generator=gen) < 0.5, -1.0, 1.0)
+    flip_y = torch.where(torch.rand(b, generator=gen) < 0.2, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip_x, -sin * flip_y, u(-0.12, 0.12)], dim=1),
+        torch.stack([sin * flip_x, cos * flip_y, u(-0.12, 0.12)], dim=1),
+    ], dim=1)
+    grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    x = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+    x = x.clamp_min(0.0) ** u(0.7, 1.4).view(b, 1, 1, 1)
+    x = x * u(0.8, 1.2).view(b, 1, 1, 1)
+    bias = F.interpolate(torch.randn((b, 1, 4, 4), generator=gen) * 0.12, size=x.shape[-2:], mode="bicubic",
+                         align_corners=False)
+    x = x * torch.exp(bias)
+    blur = torch.rand(b, generator=gen) < 0.25
+    if blur.any():
+        k = torch.tensor([0.25, 0.5, 0.25])
+        xb = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :]).view(1, 1, 3, 3))
+        x[blur] = xb
+    x = x + torch.randn(x.shape, generator=gen) * u(0.0, 0.04).view(b, 1, 1, 1)
+    return x.clamp(0.0, 1.5)
+
+
+# ---------------------------------------------------------------------------------- training
+
+
+def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
+          seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
+          checkpoint: Path | None = None) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    net = build_network(cfg)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
+    data = torch.from_numpy(images[:, None])
+    start = time.time()
+    net.train()
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
+        clean = augment(data[idx], gen)
+        noisy = clean + coarse_noise(clean.shape, cfg.noise_std, cfg.noise_res, gen)
+        recon, mu, logvar = net(noisy)
+        rec = (recon - clean).abs().mean()
+        loss = rec + cfg.kl_weight * kl_divergence(mu, logvar)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        if step % log_every == 0 or step == steps:
+            minutes = (time.time() - start) / 60
+            print(f"step {step}/{steps} l1 {rec.item():.4f} kl {kl_divergence(mu, logvar).item():.1f} "
+                  f"{minutes:.1f} min", flush=True)
+            if checkpoint is not None:
+                save_model(net, cfg, checkpoint)
+            if max_minutes is not None and minutes > max_minutes:
+                print(f"stopping at step {step}: time budget of {max_minutes} min spent", flush=True)
+                break
+    net.eval()
+    return net
+
+
+def calibrate(net: torch.nn.Module, images: np.ndarray, cfg: AnomalyConfig, count: int = 256) -> float:
+    """Error scale such that score 0.5 is the 99.9th percentile of normal-slice error."""
+    rng = np.random.default_rng(0)
+    pick = rng.choice(len(images), size=min(count, len(images)), replace=False)
+    errs = []
+    for chunk in np.array_split(pick, max(1, len(pick) // 32)):
+        x = torch.from_numpy(images[np.sort(chunk)][:, None])
+        err, _ = residual_maps(net, x, cfg)
+        mask = foreground_mask(x, cfg.mask_erode_px) > 0
+        errs.append(err[mask].numpy())
+    return float(2.0 * np.percentile(np.concatenate(errs), 99.9))
+
+
+def train_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"pacs-node models train {MODEL_NAME}", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=None, help="unpacked shared data (default: pacs_node.datasets)")
+    p.add_argument("--out", type=Path, default=model_path(MODEL_NAME))
+    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="precomputed training slices (.npz)")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-minutes", type=float, default=None, help="stop early after this much wall time")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = AnomalyConfig(modality="MR")
+    if args.data is None:
+        from ..datasets import data_dir
+
+        args.data = data_dir()
+    sset = cached_training_slices(args.data, cfg, args.cache)
+    images = sset.images[: args.limit] if args.limit else sset.images
+    print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
+          flush=True)
+    net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
+                log_every=max(1, min(50, args.steps // 4)))
+    cfg.error_scale = calibrate(net, images, cfg)
+    cfg.extra = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "train_slices": len(images),
+                 "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
+    save_model(net, cfg, args.out)
+    partial = args.out.with_suffix(".partial.safetensors")
+    if partial.exists():
+        partial.unlink()
+    print(f"saved {args.out} (error scale {cfg.error_scale:.4f})", flush=True)
+    return 0
+
+
+# -------------------------------------------------------------------------------- evaluation
+
+
+@dataclass
+class PixelMetrics:
+    auroc: float
+    auprc: float
+    best_dice: float
+    best_threshold: float
+
+
+def pixel_metrics(scores: np.ndarray, truth: np.ndarray) -> PixelMetrics:
+    """AUROC (rank statistic), AUPRC (average precision) and the best Dice over thresholds."""
+    s = scores.astype(np.float64).ravel()
+    t = truth.astype(bool).ravel()
+    n_pos, n_neg = int(t.sum()), int((~t).sum())
+    if n_pos == 0 or n_neg == 0:
+        return PixelMetrics(float("nan"), float("nan"), float("nan"), float("nan"))
+    order = np.argsort(-s, kind="stable")
+    s_sorted, t_sorted = s[order], t[order]
+    tp = np.cumsum(t_sorted)
+    fp = np.cumsum(~t_sorted)
+    # Keep the last index of each run of tied scores, so ties count as one threshold.
+    last = np.r_[np.nonzero(np.diff(s_sorted))[0], s.size - 1]
+    tp, fp = tp[last], fp[last]
+    tpr = np.r_[0.0, tp / n_pos]
+    fpr = np.r_[0.0, fp / n_neg]
+    auroc = float(np.trapezoid(tpr, fpr))
+    precision = tp / (tp + fp)
+    recall = tp / n_pos
+    auprc = float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    dice = 2 * tp / (tp + fp + n_pos)
+    best = int(np.argmax(dice))
+    return PixelMetrics(auroc, auprc, float(dice[best]), float(s_sorted[last][best]))
+
+
+@dataclass
+class EvalCase:
+    images: np.ndarray
+    truth: np.ndarray
+    masks: np.ndarray
+
+
+def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234) -> EvalCase:
+    rng = np.random.default_rng(seed)
+    masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
+    imgs, truths = [], []
+    for img, m in zip(normal, masks):
+        # Lesions go in the upper 55 % of the head (the brain in these sagittal slices), not
+        # in the face or neck; a crude stand-in for a brain mask.
+        rows = np.nonzero(m.any(axis=1))[0]
+        region = m.copy()
+        if rows.size:
+            region[rows[0] + int(0.55 * (rows[-1] - rows[0])):] = False
+        out, truth, _ = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
+        imgs.append(out)
+        truths.append(truth)
+    return EvalCase(np.stack(imgs), np.stack(truths), masks)
+
+
+def evaluate(net: torch.nn.Module, cfg: AnomalyConfig, case: EvalCase) -> dict:
+    x = torch.from_numpy(case.images[:, None])
+    err, recon = residual_maps(net, x, cfg)
+    base = intensity_baseline(x, cfg)
+    # Score only inside the foreground masks of the lesion-free slices (identical for both).
+    m = case.masks
+    model = pixel_metrics(err[:, 0].numpy()[m], case.truth[m])
+    baseline = pixel_metrics(base[:, 0].numpy()[m], case.truth[m])
+    return {
+        "model": asdict(model),
+        "baseline": asdict(baseline),
+        "slices": int(len(case.images)),
+        "lesion_pixels": int(case.truth.sum()),
+        "scored_pixels": int(m.sum()),
+        "_maps": (err[:, 0].numpy(), base[:, 0].numpy(), recon[:, 0].numpy()),
+    }
+
+
+def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], path: Path, cfg: AnomalyConfig,
+               rows: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    err, base, recon = maps
+    order = np.argsort(-case.truth.sum(axis=(1, 2)))
+    pick = order[np.linspace(0, max(0, len(order) // 2), rows).astype(int)]
+    fig, axes = plt.subplots(rows, 5, figsize=(12.5, 2.6 * rows))
+    titles = ("image + lesions", "reconstruction", "model map", "intensity baseline", "truth")
+    for r, i in enumerate(pick):
+        panels = (case.images[i], recon[i], np.clip(err[i] / cfg.error_scale, 0, 1), base[i], case.truth[i])
+        for c, (ax, im) in enumerate(zip(axes[r], panels)):
+            ax.imshow(im, cmap="gray" if c in (0, 1, 4) else "inferno", vmin=0 if c != 3 else None,
+                      vmax=(1.2 if c < 2 else None))
+            ax.set_axis_off()
+            if r == 0:
+                ax.set_title(titles[c], fontsize=9)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def eval_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog=f"pacs-node models eval {MODEL_NAME}")
+    p.add_argument("--data", type=Path, required=True, help="unpacked shared data (folder holding mr/)")
+    p.add_argument("--model", type=Path, default=model_path(MODEL_NAME))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    net, cfg = load_model(args.model)
+    normal = held_out_slices(args.data, cfg)
+    case = make_eval_cases(normal, cfg, seed=args.seed)
+    res = evaluate(net, cfg, case)
+    maps = res.pop("_maps")
+    res["data"] = f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} (every 2nd), synthetic lesions seed {args.seed}"
+    print(f"held-out slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
+    print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
+    for name, key in (("VAE (denoising) map", "model"), ("intensity baseline", "baseline")):
+        m = res[key]
+        print(f"{name:<22} {m['auroc']:7.4f} {m['auprc']:7.4f} {m['best_dice']:10.4f}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2))
+    if args.plot:
+        plot_panel(case, maps, args.plot, cfg)
+    return 0

@@ -1,0 +1,86 @@
+"""Synthetic lesions for evaluating anomaly maps: irregular blobs, hyper- or hypo-intense, textured.
+
+Lesions are drawn on normalised slices (tissue around 0.3-1.0) and return a ground-truth mask.
+They are for evaluation only: the anomaly model never sees them in training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+@dataclass(frozen=True)
+class LesionSpec:
+    """Ranges lesions are drawn from (radii in canvas pixels)."""
+
+    radius: tuple[float, float] = (2.5, 10.0)
+    elongation: tuple[float, float] = (0.6, 1.0)
+    hyper_factor: tuple[float, float] = (1.35, 1.9)  # lesion / local tissue intensity
+    hypo_factor: tuple[float, float] = (0.15, 0.6)
+    opacity: tuple[float, float] = (0.75, 1.0)
+    texture: tuple[float, float] = (0.0, 0.2)  # relative std of the lesion's own texture
+    margin_px: int = 8  # distance from the edge of the foreground
+
+
+@dataclass(frozen=True)
+class Lesion:
+    centre: tuple[int, int]
+    radius: float
+    hyper: bool
+    factor: float
+
+
+def _blob(shape: tuple[int, int], centre: tuple[int, int], radius: float, elong: float, angle: float,
+          rng: np.random.Generator) -> np.ndarray:
+    """Soft mask (0..1) of an ellipse whose boundary is perturbed by smooth noise."""
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    dy, dx = yy - centre[0], xx - centre[1]
+    ca, sa = np.cos(angle), np.sin(angle)
+    u = (ca * dx + sa * dy) / radius
+    v = (-sa * dx + ca * dy) / (radius * elong)
+    r = np.sqrt(u ** 2 + v ** 2)
+    wobble = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma=max(1.0, radius / 2))
+    wobble /= wobble.std() + 1e-6
+    r = r * (1.0 + 0.18 * wobble)
+    hard = (r < 1.0).astype(np.float32)
+    return ndimage.gaussian_filter(hard, sigma=0.8)
+
+
+def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator, count: int = 1,
+                   spec: LesionSpec = LesionSpec()) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+    """Add ``count`` lesions inside ``foreground`` (eroded by the margin).
+
+    Returns the new image, the truth mask (bool, soft mask > 0.5) and what was drawn.
+    """
+    out = image.astype(np.float32, copy=True)
+    truth = np.zeros(image.shape, dtype=bool)
+    inner = ndimage.binary_erosion(foreground, iterations=spec.margin_px)
+    candidates = np.argwhere(inner)
+    drawn: list[Lesion] = []
+    if candidates.size == 0:
+        return out, truth, drawn
+    tissue_level = float(np.median(image[foreground])) if foreground.any() else 0.5
+    for _ in range(count):
+        cy, cx = candidates[rng.integers(len(candidates))]
+        radius = float(rng.uniform(*spec.radius))
+        soft = _blob(image.shape, (int(cy), int(cx)), radius, float(rng.uniform(*spec.elongation)),
+                     float(rng.uniform(0, np.pi)), rng)
+        soft *= inner | ndimage.binary_dilation(inner, iterations=spec.margin_px // 2)
+        hyper = bool(rng.random() < 0.5)
+        factor = float(rng.uniform(*(spec.hyper_factor if hyper else spec.hypo_factor)))
+        local = float(np.mean(out[soft > 0.5])) if (soft > 0.5).any() else tissue_level
+        # Level relative to the local tissue, but never below the slice's tissue level for a
+        # bright lesion (a "bright" lesion in dark CSF would otherwise be grey matter).
+        base = max(local, tissue_level) if hyper else local
+        target = base * factor
+        texture = ndimage.gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), 1.0)
+        texture /= texture.std() + 1e-6
+        target_map = target * (1.0 + float(rng.uniform(*spec.texture)) * texture)
+        alpha = soft * float(rng.uniform(*spec.opacity))
+        out = out * (1.0 - alpha) + target_map * alpha
+        truth |= soft > 0.5
+        drawn.append(Lesion((int(cy), int(cx)), radius, hyper, factor))
+    return np.clip(out, 0.0, None), truth, drawn
