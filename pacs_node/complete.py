@@ -1,0 +1,105 @@
+"""Series completion: quiet time after the delivering associations end, expected count, hard bound.
+
+A series is complete when
+  * no association that delivered it is still open and no instance arrived for quiet_seconds, or
+  * its expected instance count (ImagesInAcquisition, when trusted) has arrived, or
+  * max_wait_seconds passed since its first instance (a sender that never releases).
+Which associations are open is kept in memory: after a restart none is, and the quiet time
+alone decides, so a crash never strands a series.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from typing import Callable
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from .config import CompletionSettings
+from .store.index import Database, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+OnComplete = Callable[[Session, Series], None]
+
+
+class CompletionTracker:
+    def __init__(self, db: Database, settings: CompletionSettings, on_complete: OnComplete) -> None:
+        self.db = db
+        self.settings = settings
+        self.on_complete = on_complete
+        self._lock = threading.Lock()
+        self._open: dict[int, set[str]] = {}
+        self.wake = threading.Event()
+
+    def association_started(self, assoc_id: int) -> None:
+        with self._lock:
+            self._open.setdefault(assoc_id, set())
+
+    def instance_received(self, assoc_id: int, series_uid: str, count_reached: bool = False) -> None:
+        with self._lock:
+            self._open.setdefault(assoc_id, set()).add(series_uid)
+        if count_reached:
+            self.wake.set()
+
+    def association_ended(self, assoc_id: int) -> None:
+        with self._lock:
+            delivered = self._open.pop(assoc_id, set())
+        if delivered:
+            self.wake.set()
+
+    def _busy(self) -> set[str]:
+        with self._lock:
+            return set().union(*self._open.values()) if self._open else set()
+
+    def reason_to_complete(self, series: Series, busy: bool, now: dt.datetime) -> str | None:
+        if series.expected_count and series.instance_count >= series.expected_count:
+            return "expected-count"
+        if now - series.first_received_at >= dt.timedelta(seconds=self.settings.max_wait_seconds):
+            return "max-wait"
+        if not busy and now - series.last_received_at >= dt.timedelta(seconds=self.settings.quiet_seconds):
+            return "quiet"
+        return None
+
+    def tick(self) -> list[str]:
+        """Complete every series that is due; return their UIDs."""
+        busy = self._busy()
+        now = utcnow()
+        candidates = self.db.run(
+            lambda s: [(r.id, r.series_uid, r.last_received_at) for r in s.execute(select(Series).where(Series.state == "receiving")).scalars()]
+        )
+        done: list[str] = []
+        for series_id, series_uid, seen_last in candidates:
+            def complete(session: Session) -> str | None:
+                series = session.get(Series, series_id)
+                # Re-read inside the transaction: an instance may have arrived since the scan.
+                if series is None or series.state != "receiving" or series.last_received_at != seen_last:
+                    return None
+                reason = self.reason_to_complete(series, series_uid in busy, now)
+                if reason is None:
+                    return None
+                series.state = "complete"
+                series.completed_at = utcnow()
+                series.completed_by = reason
+                self.on_complete(session, series)
+                return reason
+
+            reason = self.db.run(complete)
+            if reason:
+                if reason == "max-wait":
+                    log.warning("series %s completed by max_wait_seconds=%s (sender kept the association open or kept sending)",
+                                series_uid, self.settings.max_wait_seconds)
+                done.append(series_uid)
+        return done
+
+    def run(self, stop: threading.Event, interval: float = 0.1) -> None:
+        while not stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # noqa: BLE001 - the loop must survive a bad series; the next tick retries
+                log.exception("completion check failed; will retry")
+            self.wake.wait(interval)
+            self.wake.clear()

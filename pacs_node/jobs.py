@@ -1,0 +1,402 @@
+"""Job state machine (queued -> running -> sending -> done | failed), the worker and the sender.
+
+Every transition is a committed DB row, so a crash anywhere resumes from the last state:
+running jobs whose lease ran out go back to the queue, deliveries in flight are retried, and
+result UIDs are deterministic, so a resend replaces rather than duplicates.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.orm import Session
+
+from . import audit
+from .config import Rule, SendSettings, Settings
+from .net.scu import SendError, send_files
+from .process import process_series
+from .store.files import FileStore, write_atomic
+from .store.index import Database, Delivery, Instance, Job, Series, utcnow
+
+log = logging.getLogger(__name__)
+
+PRIORITY = {"stat": 0, "routine": 1, "research": 2}
+LEASE_SECONDS = 60.0
+
+
+def new_owner() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def create_jobs(session: Session, series: Series, rules: list[Rule]) -> list[Job]:
+    """One job per matching rule for this completion of the series (idempotent per generation)."""
+    jobs = []
+    for rule in rules:
+        exists = session.execute(
+            select(Job).where(Job.series_id == series.id, Job.rule == rule.name, Job.generation == series.generation)
+        ).scalar_one_or_none()
+        if exists is not None:
+            continue
+        job = Job(series_id=series.id, generation=series.generation, rule=rule.name, pipeline=rule.pipeline,
+                  priority=PRIORITY[rule.priority], state="queued", destinations=",".join(rule.destinations),
+                  params=json.dumps(rule.params, sort_keys=True), outputs=",".join(rule.outputs),
+                  last_instance_at=series.last_received_at, series_completed_at=series.completed_at,
+                  created_at=utcnow())
+        session.add(job)
+        jobs.append(job)
+    session.flush()
+    return jobs
+
+
+def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
+    return (b - a).total_seconds() if a and b else None
+
+
+def recover(db: Database, single_process: bool) -> None:
+    """Put interrupted work back in line after a restart.
+
+    In the single-process mode every running job belonged to the previous run of this
+    process; with several workers only jobs whose lease expired are taken back.
+    """
+    now = utcnow()
+
+    def fix(session: Session) -> tuple[int, int]:
+        cond = Job.state == "running"
+        if not single_process:
+            cond = and_(cond, or_(Job.lease_until.is_(None), Job.lease_until < now))
+        jobs = session.execute(update(Job).where(cond).values(state="queued", lease_owner=None, lease_until=None)).rowcount
+        deliveries = 0
+        if single_process:
+            deliveries = session.execute(
+                update(Delivery).where(Delivery.state == "sending").values(state="pending", next_attempt_at=now)
+            ).rowcount
+        return jobs, deliveries
+
+    jobs, deliveries = db.run(fix)
+    if jobs or deliveries:
+        log.info("recovered %d interrupted job(s) and %d interrupted deliver(y/ies)", jobs, deliveries)
+
+
+def retry(db: Database, job_id: int) -> str:
+    """Retry a failed job: resend if its results exist, else run it again. Returns what was done."""
+    def go(session: Session) -> str:
+        job = session.get(Job, job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} does not exist")
+        if job.state not in ("failed", "done"):
+            raise ValueError(f"job {job_id} is {job.state}; only failed or done jobs can be retried")
+        deliveries = session.execute(select(Delivery).where(Delivery.job_id == job.id)).scalars().all()
+        if job.encoded_at is not None and deliveries:
+            again = [d for d in deliveries if d.state == "failed"] or list(deliveries)
+            for d in again:
+                d.state, d.attempts, d.next_attempt_at, d.last_error, d.finished_at = "pending", 0, utcnow(), None, None
+            job.state, job.error, job.finished_at = "sending", None, None
+            return f"job {job_id}: resending to {', '.join(d.destination for d in again)}"
+        for d in deliveries:
+            session.delete(d)
+        job.state, job.error, job.finished_at, job.encoded_at = "queued", None, None, None
+        job.lease_owner = job.lease_until = None
+        return f"job {job_id}: queued to run again"
+
+    message = db.run(go)
+    audit.record(db, "job-retry", job_id=job_id, detail=message)
+    return message
+
+
+@dataclass
+class JobInput:
+    job_id: int
+    pipeline: str
+    params: dict
+    outputs: tuple[str, ...]
+    rule: str
+    series_uid: str
+    files: list[Path]
+
+
+class Worker:
+    """Claims queued jobs, runs the pipeline, encodes and writes results, hands over to the sender."""
+
+    def __init__(self, db: Database, files: FileStore, settings: Settings, pipelines: list[str] | None = None) -> None:
+        self.db = db
+        self.files = files
+        self.settings = settings
+        self.pipelines = pipelines
+        self.owner = new_owner()
+        self.wake = threading.Event()
+
+    def claim(self) -> JobInput | None:
+        now = utcnow()
+
+        def go(session: Session) -> JobInput | None:
+            q = select(Job).where(Job.state == "queued")
+            if self.pipelines:
+                q = q.where(Job.pipeline.in_(self.pipelines))
+            q = q.order_by(Job.priority, Job.created_at, Job.id).limit(1)
+            if not self.db.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            job = session.execute(q).scalar_one_or_none()
+            if job is None:
+                return None
+            claimed = session.execute(
+                update(Job).where(Job.id == job.id, Job.state == "queued").values(
+                    state="running", lease_owner=self.owner, lease_until=now + dt.timedelta(seconds=LEASE_SECONDS),
+                    started_at=now, attempts=Job.attempts + 1)
+            ).rowcount
+            if claimed != 1:
+                return None
+            series = session.get(Series, job.series_id)
+            rows = session.execute(select(Instance.path).where(Instance.series_id == job.series_id)).scalars().all()
+            return JobInput(job.id, job.pipeline, json.loads(job.params or "{}"),
+                            tuple(o for o in (job.outputs or "").split(",") if o), job.rule,
+                            series.series_uid if series else "", [self.files.absolute(p) for p in rows])
+
+        return self.db.run(go)
+
+    def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
+        while not stop.wait(LEASE_SECONDS / 3):
+            self.db.run(lambda s: s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == self.owner).values(
+                lease_until=utcnow() + dt.timedelta(seconds=LEASE_SECONDS))))
+
+    def process(self, item: JobInput) -> None:
+        stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(item.job_id, stop), daemon=True)
+        beat.start()
+        timings: dict[str, float] = {}
+        try:
+            datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule)
+            t0 = time.perf_counter()
+            out_dir = self.files.result_dir(item.job_id)
+            if out_dir.exists():
+                shutil.rmtree(out_dir)  # left by an interrupted earlier attempt
+            for ds in datasets:
+                buf = io.BytesIO()
+                ds.save_as(buf, enforce_file_format=True)
+                write_atomic(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getvalue())
+            timings["write"] = time.perf_counter() - t0
+        except Exception as exc:  # noqa: BLE001 - any pipeline failure fails this job only
+            stop.set()
+            message = f"{type(exc).__name__}: {exc}"[:1000]
+            log.error("job %d (%s, series %s) failed: %s", item.job_id, item.pipeline, item.series_uid, message)
+            self._finish_failed(item.job_id, message, timings)
+            return
+        finally:
+            stop.set()
+        self._hand_over(item, len(datasets), timings)
+
+    def _finish_failed(self, job_id: int, message: str, timings: dict[str, float]) -> None:
+        def go(session: Session) -> None:
+            job = session.get(Job, job_id)
+            if job is None or job.lease_owner != self.owner:
+                return
+            job.state, job.error, job.finished_at = "failed", message, utcnow()
+            job.timings = _fmt(timings)
+            job.lease_owner = job.lease_until = None
+        self.db.run(go)
+        audit.record(self.db, "job-failed", job_id=job_id, detail=message[:200])
+
+    def _hand_over(self, item: JobInput, count: int, timings: dict[str, float]) -> None:
+        def go(session: Session) -> str:
+            job = session.get(Job, item.job_id)
+            if job is None or job.lease_owner != self.owner or job.state != "running":
+                return "lost-lease"
+            series = session.get(Series, job.series_id)
+            job.result_count = count
+            job.encoded_at = utcnow()
+            job.timings = _fmt(timings)
+            job.lease_owner = job.lease_until = None
+            targets = [d for d in (job.destinations or "").split(",") if d]
+            for name in targets:
+                session.add(_delivery_for(job, name, series, self.settings))
+            job.state = "sending" if targets else "done"
+            if not targets:
+                job.finished_at = utcnow()
+            return job.state
+
+        state = self.db.run(go)
+        if state == "lost-lease":
+            log.warning("job %d: lease lost while running (another worker took it); results discarded", item.job_id)
+            return
+        log.info("job %d (%s, series %s): %d result instance(s) encoded [%s]", item.job_id, item.pipeline,
+                 item.series_uid, count, _fmt(timings))
+        if state == "done":
+            log.info("job %d done: no destinations", item.job_id)
+
+    def run_once(self) -> bool:
+        item = self.claim()
+        if item is None:
+            return False
+        log.info("job %d claimed: pipeline %s, rule %s, series %s, %d instance(s)", item.job_id, item.pipeline,
+                 item.rule, item.series_uid, len(item.files))
+        self.process(item)
+        return True
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001 - a DB hiccup must not kill the worker
+                log.exception("worker loop error; retrying")
+                busy = False
+            if not busy:
+                self.wake.wait(self.settings.worker.poll_seconds)
+                self.wake.clear()
+
+
+def _fmt(timings: dict[str, float]) -> str:
+    return " ".join(f"{k}={v:.2f}" for k, v in timings.items())
+
+
+def _delivery_for(job: Job, name: str, series: Series | None, settings: Settings) -> Delivery:
+    if name == "sender":
+        calling = series.calling_ae if series else ""
+        peer = settings.peer_by_ae(calling)
+        if peer is None or peer.host is None or peer.port is None:
+            return Delivery(job_id=job.id, destination="sender", ae_title=calling, state="failed",
+                            last_error=f"destination 'sender': calling AE {calling!r} is not a [[peers]] entry with host and port",
+                            finished_at=utcnow())
+        return Delivery(job_id=job.id, destination=f"sender:{peer.name}", ae_title=peer.ae_title, host=peer.host, port=peer.port)
+    peer = settings.peer_by_name(name)
+    if peer is None or peer.host is None or peer.port is None:
+        return Delivery(job_id=job.id, destination=name, state="failed",
+                        last_error=f"destination {name!r} is not a configured peer with host and port", finished_at=utcnow())
+    return Delivery(job_id=job.id, destination=name, ae_title=peer.ae_title, host=peer.host, port=peer.port)
+
+
+def backoff(settings: SendSettings, attempts: int) -> float:
+    return min(settings.backoff_seconds * (2 ** max(0, attempts - 1)), settings.backoff_max_seconds)
+
+
+class Sender:
+    """Delivers encoded results: retries with exponential backoff, then marks the job failed."""
+
+    def __init__(self, db: Database, files: FileStore, settings: Settings) -> None:
+        self.db = db
+        self.files = files
+        self.settings = settings
+        self.wake = threading.Event()
+
+    def _claim(self) -> Delivery | None:
+        now = utcnow()
+
+        def go(session: Session) -> Delivery | None:
+            q = (select(Delivery).join(Job, Job.id == Delivery.job_id)
+                 .where(Delivery.state == "pending", Delivery.next_attempt_at <= now, Job.state == "sending")
+                 .order_by(Job.priority, Delivery.next_attempt_at, Delivery.id).limit(1))
+            if not self.db.is_sqlite:
+                q = q.with_for_update(skip_locked=True, of=Delivery)
+            d = session.execute(q).scalar_one_or_none()
+            if d is None:
+                return None
+            n = session.execute(update(Delivery).where(Delivery.id == d.id, Delivery.state == "pending")
+                                .values(state="sending", attempts=Delivery.attempts + 1)).rowcount
+            if n != 1:
+                return None
+            session.refresh(d)
+            return d
+
+        return self.db.run(go)
+
+    def run_once(self) -> bool:
+        d = self._claim()
+        if d is None:
+            self._finish_jobs()
+            return False
+        files = sorted(self.files.result_dir(d.job_id).glob("*.dcm"))
+        send = self.settings.send
+        state, error, status, sent, failed = "done", None, None, 0, 0
+        t0 = time.perf_counter()
+        try:
+            report = send_files(files, self.settings.node.ae_title, d.ae_title, d.host, d.port, send.timeout_seconds)
+            sent, failed = len(report.ok), len(report.rejected)
+            if report.rejected:
+                status = report.rejected[0][1]
+                error = f"{failed} of {len(files)} instance(s) rejected by {d.ae_title}, first status {status}"
+                # Out of resources (0xA7xx) is worth another try; other failures are the peer's answer.
+                retryable = all(code.upper().startswith("0XA7") for _, code in report.rejected)
+                state = "pending" if retryable and d.attempts < send.max_attempts else "failed"
+        except (SendError, OSError, RuntimeError) as exc:
+            error = str(exc)
+            state = "pending" if d.attempts < send.max_attempts else "failed"
+        elapsed = time.perf_counter() - t0
+
+        def go(session: Session) -> None:
+            row = session.get(Delivery, d.id)
+            if row is None:
+                return
+            row.state, row.last_error, row.last_status = state, error, status
+            row.sent_count, row.failed_count = sent, failed
+            if state == "pending":
+                row.next_attempt_at = utcnow() + dt.timedelta(seconds=backoff(send, row.attempts))
+            else:
+                row.finished_at = utcnow()
+
+        self.db.run(go)
+        if state == "done":
+            log.info("job %d: %d instance(s) delivered to %s (%s@%s:%d) in %.2f s", d.job_id, sent, d.destination,
+                     d.ae_title, d.host, d.port, elapsed)
+            audit.record(self.db, "results-sent", job_id=d.job_id, called_ae=d.ae_title, count=sent, seconds=elapsed,
+                         detail=d.destination)
+        elif state == "pending":
+            log.warning("job %d: delivery to %s failed (attempt %d/%d): %s; next try in %.1f s", d.job_id,
+                        d.destination, d.attempts, send.max_attempts, error, backoff(send, d.attempts))
+        else:
+            log.error("job %d: delivery to %s failed after %d attempt(s): %s", d.job_id, d.destination, d.attempts, error)
+            audit.record(self.db, "send-failed", job_id=d.job_id, called_ae=d.ae_title, count=failed, detail=error or "")
+        self._finish_jobs()
+        return True
+
+    def _finish_jobs(self) -> None:
+        """Close every sending job whose deliveries have all ended; log its latency."""
+        def go(session: Session) -> list[Job]:
+            closed = []
+            for job in session.execute(select(Job).where(Job.state == "sending")).scalars():
+                ds = session.execute(select(Delivery).where(Delivery.job_id == job.id)).scalars().all()
+                if any(d.state in ("pending", "sending") for d in ds):
+                    continue
+                bad = [d for d in ds if d.state == "failed"]
+                job.finished_at = utcnow()
+                job.state = "failed" if bad else "done"
+                job.error = "; ".join(f"{d.destination}: {d.last_error}" for d in bad)[:1000] or None
+                closed.append(job)
+            return closed
+
+        for job in self.db.run(go):
+            latency = _seconds(job.last_instance_at, job.finished_at)
+            stages = [
+                ("completion", _seconds(job.last_instance_at, job.series_completed_at)),
+                ("queue", _seconds(job.series_completed_at, job.started_at)),
+            ]
+            parts = [f"{k}={v:.2f}" for k, v in stages if v is not None] + (job.timings.split() if job.timings else [])
+            send_s = _seconds(job.encoded_at, job.finished_at)
+            if send_s is not None:
+                parts.append(f"send={send_s:.2f}")
+            if job.state == "done":
+                log.info("job %d done: last instance received -> last result acknowledged %.2f s [%s]",
+                         job.id, latency or 0.0, " ".join(parts))
+                audit.record(self.db, "job-done", job_id=job.id, seconds=latency, count=job.result_count)
+            else:
+                log.error("job %d failed: %s", job.id, job.error)
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                busy = self.run_once()
+            except Exception:  # noqa: BLE001
+                log.exception("sender loop error; retrying")
+                busy = False
+            if not busy:
+                self.wake.wait(0.2)
+                self.wake.clear()

@@ -1,0 +1,181 @@
+"""DICOM SCP: C-ECHO and C-STORE for every storage SOP class; thin handlers over Ingest.
+
+Access control happens at association time (EVT_REQUESTED): the calling AE title must be a
+configured peer (unless allow_any_caller), calling from one of its allowed hosts if any are
+listed. An instance is acknowledged only after Ingest wrote it and indexed it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from .. import audit
+from ..config import Settings
+from ..errors import InvalidInstance
+from ..store.index import Database
+from ..store.ingest import Ingest, OutOfResources
+from .scu import set_nodelay
+
+log = logging.getLogger(__name__)
+
+STATUS_OUT_OF_RESOURCES = 0xA700
+STATUS_CANNOT_UNDERSTAND = 0xC000
+STATUS_PROCESSING_FAILURE = 0x0110
+
+
+@dataclass
+class _AssocStats:
+    calling_ae: str
+    address: str
+    started: float = field(default_factory=time.monotonic)
+    stored: int = 0
+    failed: int = 0
+    bytes: int = 0
+    series: set[str] = field(default_factory=set)
+
+
+def _failure(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+class StorageSCP:
+    def __init__(self, settings: Settings, db: Database, ingest: Ingest,
+                 on_instance: Callable[[int, str], None], on_association_end: Callable[[int], None]) -> None:
+        self.settings = settings
+        self.db = db
+        self.ingest = ingest
+        self.on_instance = on_instance
+        self.on_association_end = on_association_end
+        self._stats: dict[int, _AssocStats] = {}
+        self._lock = threading.Lock()
+        self.server = None
+
+    # -- association life cycle -------------------------------------------------------------
+    def _requested(self, event) -> None:  # type: ignore[no-untyped-def]
+        requestor = event.assoc.requestor
+        # ae_title is filled in only after negotiation; the request primitive has it now
+        calling = str(requestor.primitive.calling_ae_title or "").strip()
+        address = str(requestor.address)
+        peer = self.settings.peer_by_ae(calling)
+        reason = None
+        if peer is None and not self.settings.node.allow_any_caller:
+            reason = "calling AE title not recognized"
+        elif peer is not None and peer.allowed_hosts and address not in peer.allowed_hosts:
+            reason = f"calling AE title not recognized from host {address}"
+        if reason:
+            log.warning("association from %s@%s rejected: %s", calling, address, reason)
+            audit.record(self.db, "association-rejected", calling_ae=calling[:16], address=address, detail=reason)
+            # permanent, by the service user, reason 3: calling AE title not recognized
+            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+            # as pynetdicom's own ACSE does after a reject: stop the DUL, else the socket
+            # lingers until the network timeout
+            event.assoc.kill()
+
+    def _accepted(self, event) -> None:  # type: ignore[no-untyped-def]
+        requestor = event.assoc.requestor
+        stats = _AssocStats(requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}")
+        with self._lock:
+            self._stats[id(event.assoc)] = stats
+        audit.record(self.db, "association-accepted", calling_ae=stats.calling_ae[:16],
+                     called_ae=self.settings.node.ae_title, address=str(requestor.address))
+
+    def _ended(self, event) -> None:  # type: ignore[no-untyped-def]
+        with self._lock:
+            stats = self._stats.pop(id(event.assoc), None)
+        self.on_association_end(id(event.assoc))
+        if stats is None:
+            return
+        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        if stats.stored or stats.failed:
+            log.info("association from %s@%s %s: %d instance(s) stored, %d failed, %.1f MB in %.2f s, %d series",
+                     stats.calling_ae, stats.address, how, stats.stored, stats.failed, stats.bytes / 1e6,
+                     time.monotonic() - stats.started, len(stats.series))
+            audit.record(self.db, "instances-received", calling_ae=stats.calling_ae[:16],
+                         called_ae=self.settings.node.ae_title, address=stats.address.split(":")[0],
+                         count=stats.stored, seconds=time.monotonic() - stats.started,
+                         detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
+
+    # -- services ---------------------------------------------------------------------------
+    def _echo(self, event) -> int:  # type: ignore[no-untyped-def]
+        return 0x0000
+
+    def _store(self, event) -> int | Dataset:  # type: ignore[no-untyped-def]
+        stats = self._stats.get(id(event.assoc))
+        calling = event.assoc.requestor.ae_title.strip()
+        try:
+            ds = event.dataset
+            ds.file_meta = event.file_meta
+            encoded = event.encoded_dataset(include_meta=True)
+            affected = str(event.request.AffectedSOPInstanceUID or "")
+            stored = self.ingest.store(ds, encoded, calling, str(event.context.transfer_syntax), affected)
+        except InvalidInstance as exc:
+            log.warning("C-STORE from %s refused: %s", calling, exc)
+            self._count(stats, ok=False)
+            return _failure(STATUS_CANNOT_UNDERSTAND, str(exc))
+        except OutOfResources as exc:
+            log.error("C-STORE from %s refused: %s", calling, exc)
+            self._count(stats, ok=False)
+            return _failure(STATUS_OUT_OF_RESOURCES, str(exc))
+        except Exception as exc:  # noqa: BLE001 - a bad dataset must not take the node down
+            log.warning("C-STORE from %s refused: dataset could not be read or stored (%s)", calling, type(exc).__name__)
+            log.debug("C-STORE failure detail", exc_info=True)
+            self._count(stats, ok=False)
+            return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
+        self._count(stats, ok=True, size=len(encoded), series=stored.series_uid)
+        self.on_instance(id(event.assoc), stored.series_uid)
+        return 0x0000
+
+    @staticmethod
+    def _count(stats: _AssocStats | None, ok: bool, size: int = 0, series: str | None = None) -> None:
+        if stats is None:
+            return
+        if ok:
+            stats.stored += 1
+            stats.bytes += size
+            if series:
+                stats.series.add(series)
+        else:
+            stats.failed += 1
+
+    def start(self) -> None:
+        node = self.settings.node
+        ae = AE(ae_title=node.ae_title)
+        ae.add_supported_context(Verification)
+        for context in AllStoragePresentationContexts:
+            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.maximum_associations = 32
+        ae.network_timeout = 60
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        handlers = [
+            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_REQUESTED, self._requested),
+            (evt.EVT_ACCEPTED, self._accepted),
+            (evt.EVT_RELEASED, self._ended),
+            (evt.EVT_ABORTED, self._ended),
+            (evt.EVT_C_ECHO, self._echo),
+            (evt.EVT_C_STORE, self._store),
+        ]
+        self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        log.info("listening for DICOM on %s:%d as AE %s (%s)", node.host, self.server.server_address[1], node.ae_title,
+                 "any caller" if node.allow_any_caller else f"{len(self.settings.peers)} known peer(s)")
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1]) if self.server else 0
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None

@@ -1,0 +1,102 @@
+"""The node in one process: SCP, completion, routing, worker and sender over one database."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+
+import pydicom
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from . import audit
+from .complete import CompletionTracker
+from .config import Settings
+from .jobs import Sender, Worker, create_jobs, recover
+from .net.scp import StorageSCP
+from .route import Router
+from .store.files import FileStore
+from .store.index import Database, Instance, Series, Study
+from .store.ingest import Ingest
+
+log = logging.getLogger(__name__)
+
+
+class Node:
+    def __init__(self, settings: Settings, run_worker: bool | None = None) -> None:
+        self.settings = settings
+        self.run_worker = settings.worker.enabled if run_worker is None else run_worker
+        self.db = Database(settings.node.database_url)
+        self.files = FileStore(settings.node.storage_dir)
+        self.router = Router(settings.rules)
+        self.ingest = Ingest(self.db, self.files, settings.completion.use_images_in_acquisition)
+        self.worker = Worker(self.db, self.files, settings)
+        self.sender = Sender(self.db, self.files, settings)
+        self.tracker = CompletionTracker(self.db, settings.completion, self._route)
+        self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def _route(self, session: Session, series: Series) -> None:
+        """Called in the completion transaction: decide the rules and queue their jobs."""
+        path = session.execute(
+            select(Instance.path).where(Instance.series_id == series.id).order_by(Instance.id).limit(1)
+        ).scalar_one_or_none()
+        if path is None:
+            return
+        first = pydicom.dcmread(self.files.absolute(path), stop_before_pixels=True)
+        decisions = self.router.decide(first, series.calling_ae)
+        matched = [d.rule for d in decisions if d.matched]
+        jobs = create_jobs(session, series, matched)
+        study = session.get(Study, series.study_id)
+        log.info("series %s complete (%s): %d instance(s) from %s; %s", series.series_uid, series.completed_by,
+                 series.instance_count, series.calling_ae,
+                 f"{len(jobs)} job(s): " + ", ".join(f"{j.rule}->{j.pipeline}" for j in jobs) if jobs else "no rule matched")
+        for d in decisions:
+            log.debug("  rule %s: %s", d.rule.name, d.reason)
+        audit.add(session, "series-complete", series_uid=series.series_uid,
+                     study_uid=study.study_uid if study else None, calling_ae=series.calling_ae,
+                     count=series.instance_count,
+                     detail="; ".join(f"{d.rule.name}: {'match' if d.matched else 'no match'}" for d in decisions)[:2000])
+        if jobs:
+            self.worker.wake.set()
+
+    def start(self) -> None:
+        self.files.remove_temp_files()
+        recover(self.db, single_process=self.db.is_sqlite)
+        self.scp.start()
+        loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
+        if self.run_worker:
+            loops.append(("worker", self.worker.run))
+        for name, target in loops:
+            thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("node started: storage %s, database %s, worker %s, %d rule(s)", self.settings.node.storage_dir,
+                 self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
+                 len(self.settings.rules))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.tracker.wake.set()
+        self.worker.wake.set()
+        self.sender.wake.set()
+        self.scp.stop()
+        for thread in self._threads:
+            thread.join(timeout=30)
+        self.db.dispose()
+        log.info("node stopped")
+
+    def serve_forever(self) -> None:
+        done = threading.Event()
+
+        def on_signal(signum, _frame) -> None:  # type: ignore[no-untyped-def]
+            log.info("signal %s received, stopping", signal.Signals(signum).name)
+            done.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        done.wait()
+        self.stop()
