@@ -7,7 +7,6 @@ image per source slice, each referencing its source image; the warning text is b
 
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import math
 from functools import lru_cache
@@ -28,6 +27,7 @@ from .parametric import (
     checked_scores,
     copy_type2_study_attributes,
     derivation_text,
+    sanitised_source,
     series_description,
     series_number,
 )
@@ -139,7 +139,7 @@ def encode_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContex
     result: list[Dataset] = []
     for z, src in enumerate(volume.datasets):
         pixels = render_overlay(volume.array[z], scores[z], window)
-        ref = copy.copy(src)  # highdicom reads patient/study from it; never written
+        ref = sanitised_source(src)  # highdicom reads patient and study from it
         try:
             sc = hd.sc.SCImage.from_ref_dataset(
                 ref_dataset=ref,
@@ -166,7 +166,7 @@ def encode_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContex
         item.ReferencedSOPClassUID = src.SOPClassUID
         item.ReferencedSOPInstanceUID = src.SOPInstanceUID
         sc.SourceImageSequence = Sequence([item])
-        sc.ImageComments = WARNING_TEXT
+        sc.ImageComments = WARNING_TEXT.replace("\u2014", "-")  # no character set declared: ASCII
         sc.ContentDate = now.strftime("%Y%m%d")
         sc.ContentTime = now.strftime("%H%M%S")
         copy_type2_study_attributes(sc, src)

@@ -50,6 +50,28 @@ def derivation_text(output: ScoreMap, ctx: EncodeContext) -> str:
 
 
 _AGE = re.compile(r"^\d{3}[DWMY]$")
+_DATE = re.compile(r"^\d{8}$")
+_TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
+_CHECKED = {"StudyDate": _DATE, "SeriesDate": _DATE, "ContentDate": _DATE, "PatientBirthDate": _DATE,
+            "StudyTime": _TIME, "SeriesTime": _TIME, "ContentTime": _TIME}
+
+
+def sanitised_source(src: Dataset) -> Dataset:
+    """A copy of a source header that highdicom can read: malformed dates and times become empty.
+
+    De-identification tools write values such as "***" into DA/TM attributes; copying them
+    would make highdicom raise (and the output invalid). Only the copy changes; the elements
+    are shared with the source, so replaced ones are deleted first, never edited in place.
+    """
+    clone = Dataset()
+    for element in src:  # a new element dict: Dataset(src) and copy.copy share the source's
+        clone.add(element)
+    for keyword, pattern in _CHECKED.items():
+        value = src.get(keyword)
+        if value is not None and str(value) and not pattern.match(str(value).strip()):
+            delattr(clone, keyword)
+            setattr(clone, keyword, "")
+    return clone
 
 
 def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bool = True) -> None:
@@ -90,7 +112,7 @@ def encode_parametric_map(volume: Volume, output: ScoreMap, ctx: EncodeContext) 
     )
     try:
         pm = hd.pm.ParametricMap(
-            source_images=volume.datasets,
+            source_images=[sanitised_source(ds) for ds in volume.datasets],
             pixel_array=stored,
             series_instance_uid=ctx.uid(source_series, "series"),
             series_number=series_number(volume, "parametric_map"),

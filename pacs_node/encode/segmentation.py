@@ -18,6 +18,7 @@ from .parametric import (
     checked_scores,
     copy_type2_study_attributes,
     derivation_text,
+    sanitised_source,
     series_description,
     series_number,
 )
@@ -42,7 +43,7 @@ def encode_segmentation(volume: Volume, output: ScoreMap, ctx: EncodeContext) ->
     )
     try:
         seg = hd.seg.Segmentation(
-            source_images=volume.datasets,
+            source_images=[sanitised_source(ds) for ds in volume.datasets],
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
