@@ -1,0 +1,99 @@
+"""Anomaly-map pipelines: per-slice denoising-VAE reconstruction error as a score map in [0, 1]."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Mapping
+
+import numpy as np
+import torch
+
+from ..errors import PacsNodeError, UnsupportedInput
+from ..ml.anomaly import AnomalyConfig, from_canvas, load_model, residual_maps, to_canvas, to_score
+from ..models_dir import model_path
+from ..volume import Volume
+from .base import Output, Pipeline, Requirements, ScoreMap
+
+
+class ModelNotAvailable(PacsNodeError):
+    def __init__(self, name: str, path: str) -> None:
+        super().__init__(f"model {name}: no weights at {path} (train it with 'pacs-node models train {name}')")
+
+
+class AnomalyPipeline(Pipeline):
+    """Shared by the modalities: load the weights once, score slice by slice on the model canvas.
+
+    Each slice is resampled to the model's pixel size (2 mm) on a 128 x 128 canvas (256 mm), so
+    anatomy beyond 256 mm from the slice centre gets score 0. Scores are 2D per slice: the model
+    has never seen the slice's neighbours.
+    """
+
+    model_name: ClassVar[str]
+    default_outputs = ("secondary_capture", "parametric_map")
+    normalise: ClassVar[Callable[[np.ndarray], np.ndarray]]
+
+    def __init__(self) -> None:
+        path = model_path(self.model_name)
+        if not path.exists():
+            raise ModelNotAvailable(self.model_name, str(path))
+        self.net, self.cfg = load_model(path)
+        self.net.eval()
+
+    def scores(self, volume: Volume, batch_size: int = 16) -> np.ndarray:
+        cfg: AnomalyConfig = self.cfg
+        images = type(self).normalise(volume.array)
+        out = np.zeros(volume.shape, dtype=np.float32)
+        for start in range(0, volume.shape[0], batch_size):
+            planes, grids = [], []
+            for plane in images[start:start + batch_size]:
+                canvas, grid = to_canvas(plane, volume.pixel_spacing, cfg.canvas, cfg.pixel_mm)
+                planes.append(canvas)
+                grids.append(grid)
+            with torch.inference_mode():
+                err, _ = residual_maps(self.net, torch.from_numpy(np.stack(planes)[:, None]), cfg)
+            score = to_score(err[:, 0], cfg)
+            for i, grid in enumerate(grids):
+                out[start + i] = from_canvas(score[i], grid)
+        return np.clip(out, 0.0, 1.0)
+
+    def run(self, volume: Volume, params: Mapping[str, Any]) -> list[Output]:
+        self.check(volume)
+        threshold = float(params.get("threshold", 0.5))
+        if not 0.0 < threshold <= 1.0:
+            raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
+        scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
+        return [ScoreMap(
+            array=scores,
+            description=f"Anomaly map (reconstruction error of a denoising VAE, {self.model_name})",
+            threshold=threshold,
+            extra={"max_score": float(scores.max()) if scores.size else 0.0,
+                   "fraction_above_threshold": float((scores >= threshold).mean()) if scores.size else 0.0},
+        )]
+
+
+def _normalise_mr(array: np.ndarray) -> np.ndarray:
+    from ..ml.anomaly_mr import intensity_scale, normalise
+
+    return normalise(array, intensity_scale(array))
+
+
+class AnomalyMr(AnomalyPipeline):
+    name = "anomaly-mr"
+    version = "0.1.0"
+    model_name = "anomaly-mr"
+    requires = Requirements(modalities=("MR",), min_slices=1)
+    normalise = staticmethod(_normalise_mr)
+
+
+def _normalise_ct(array: np.ndarray) -> np.ndarray:
+    # Brain window (0..80 HU) stretched to the 0..1 range the network was trained on.
+    return np.clip(array / 80.0, 0.0, 1.5).astype(np.float32)
+
+
+class AnomalyCt(AnomalyPipeline):
+    """CT head variant: the pipeline is wired, but no CT model is trained yet (see model card)."""
+
+    name = "anomaly-ct"
+    version = "0.1.0"
+    model_name = "anomaly-ct"
+    requires = Requirements(modalities=("CT",), min_slices=1)
+    normalise = staticmethod(_normalise_ct)

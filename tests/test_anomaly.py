@@ -1,0 +1,145 @@
+"""Anomaly maps: geometry round trip, synthetic lesions, metrics, a CPU smoke training run, the
+pipeline on a real MR series with the committed weights, and the eval command."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pacs_node.ml.anomaly import AnomalyConfig, from_canvas, load_model, to_canvas
+from pacs_node.ml.anomaly_mr import eval_main, pixel_metrics, train_main
+from pacs_node.ml.lesions import insert_lesions
+from pacs_node.models_dir import model_path
+
+WEIGHTS = model_path("anomaly-mr")
+needs_weights = pytest.mark.skipif(not WEIGHTS.exists(), reason=f"{WEIGHTS} not trained yet")
+
+
+def _data_dir() -> Path:
+    from pacs_node.datasets import data_dir
+
+    try:
+        return data_dir()
+    except FileNotFoundError as exc:
+        pytest.skip(f"shared data not available: {exc}")
+
+
+def test_canvas_round_trip_keeps_geometry() -> None:
+    rng = np.random.default_rng(0)
+    plane = np.zeros((300, 200), np.float32)
+    plane[100:140, 60:90] = 1.0  # a 40 x 30 pixel block at 0.8 x 1.2 mm
+    canvas, grid = to_canvas(plane + 0.01 * rng.random(plane.shape, dtype=np.float32), (0.8, 1.2), 128, 2.0)
+    assert canvas.shape == (128, 128)
+    assert grid.scaled_shape == (120, 120)
+    back = from_canvas(canvas, grid)
+    assert back.shape == plane.shape
+    inside = back[105:135, 65:85].mean()
+    outside = back[200:, :].mean()
+    assert inside > 0.8 and outside < 0.05
+
+
+def test_canvas_crops_a_large_field_of_view_and_pads_it_back() -> None:
+    plane = np.ones((600, 600), np.float32)  # 600 mm at 1 mm: larger than the 256 mm canvas
+    canvas, grid = to_canvas(plane, (1.0, 1.0), 128, 2.0)
+    assert canvas.min() > 0.9
+    back = from_canvas(canvas, grid)
+    assert back[300, 300] > 0.9 and back[5, 5] == 0.0
+
+
+def test_lesions_are_inside_the_foreground_and_change_the_image() -> None:
+    rng = np.random.default_rng(3)
+    image = np.full((128, 128), 0.6, np.float32)
+    fg = np.zeros((128, 128), bool)
+    fg[20:110, 30:100] = True
+    out, truth, drawn = insert_lesions(image, fg, rng, count=3)
+    assert len(drawn) == 3 and truth.any()
+    assert not (truth & ~fg).any()
+    assert {d.hyper for d in drawn} <= {True, False}
+    changed = np.abs(out - image) > 0.05
+    assert (changed & truth).sum() > 0.8 * truth.sum()
+
+
+def test_pixel_metrics_on_known_scores() -> None:
+    truth = np.zeros(1000, bool)
+    truth[:100] = True
+    perfect = pixel_metrics(truth.astype(float), truth)
+    assert perfect.auroc == pytest.approx(1.0) and perfect.auprc == pytest.approx(1.0)
+    assert perfect.best_dice == pytest.approx(1.0)
+    rng = np.random.default_rng(0)
+    chance = pixel_metrics(rng.random(1000), truth)
+    assert 0.4 < chance.auroc < 0.6 and chance.auprc < 0.2
+    inverted = pixel_metrics(-truth.astype(float), truth)
+    assert inverted.auroc == pytest.approx(0.0)
+
+
+def test_smoke_training_writes_loadable_weights(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:128, :128]
+    heads = [((yy - 64) ** 2 / (45 + i) ** 2 + (xx - 64) ** 2 / 38 ** 2 < 1).astype(np.float16) * 0.7 for i in range(8)]
+    images = np.stack(heads) + rng.random((8, 128, 128)).astype(np.float16) * 0.05
+    cache = tmp_path / "slices.npz"
+    np.savez(cache, images=images.astype(np.float16), sources=np.array(["synthetic"] * 8))
+    out = tmp_path / "model.safetensors"
+    rc = train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "4",
+                     "--out", str(out)])
+    assert rc == 0 and out.exists()
+    net, cfg = load_model(out)
+    assert isinstance(cfg, AnomalyConfig) and cfg.error_scale > 0
+    with torch.no_grad():
+        recon, mu, _ = net(torch.zeros(1, 1, 128, 128), sample=False)
+    assert recon.shape == (1, 1, 128, 128) and mu.shape[-1] == 16
+    assert not out.with_suffix(".partial.safetensors").exists()
+
+
+@needs_weights
+def test_pipeline_scores_a_real_mr_series_and_encodes_default_outputs() -> None:
+    from pacs_node.encode import EncodeContext, encode_outputs
+    from pacs_node.pipelines import get_pipeline
+    from pacs_node.volume import load_series
+
+    files = sorted((_data_dir() / "mr/uih-t1-3d-sag").iterdir())
+    volume = load_series(files[78:82])
+    pipeline = get_pipeline("anomaly-mr")
+    assert pipeline.default_outputs == ("secondary_capture", "parametric_map")
+    (score,) = pipeline.run(volume, {"threshold": 0.6})
+    assert score.array.shape == volume.shape
+    assert score.array.min() >= 0.0 and score.array.max() <= 1.0
+    assert score.threshold == 0.6
+    # normal anatomy: the map is mostly quiet
+    assert (score.array >= 0.5).mean() < 0.05
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = encode_outputs(volume, [score], pipeline.default_outputs,
+                                 EncodeContext(pipeline.name, pipeline.version))
+    assert [ds.Modality for ds in outputs].count("OT") == len(volume.datasets) + 1  # SC slices + PM
+
+
+@needs_weights
+def test_pipeline_marks_an_inserted_lesion() -> None:
+    from pacs_node.pipelines import get_pipeline
+    from pacs_node.volume import load_series
+
+    files = sorted((_data_dir() / "mr/uih-t1-3d-sag").iterdir())
+    volume = load_series(files[84:85])
+    plane = volume.array[0]
+    yy, xx = np.mgrid[: plane.shape[0], : plane.shape[1]]
+    blob = (yy - 180) ** 2 + (xx - 250) ** 2 < 18 ** 2  # 9 mm radius, in the brain
+    volume.array[0] = np.where(blob, np.percentile(plane, 99.9) * 1.6, plane)
+    (score,) = get_pipeline("anomaly-mr").run(volume, {})
+    assert score.array[0][blob].mean() > 3 * score.array[0][~blob].mean()
+
+
+@needs_weights
+def test_eval_command_reports_model_and_baseline(tmp_path: Path) -> None:
+    out_json, out_png = tmp_path / "eval.json", tmp_path / "panel.png"
+    assert eval_main(["--data", str(_data_dir()), "--json", str(out_json), "--plot", str(out_png)]) == 0
+    result = json.loads(out_json.read_text())
+    for method in ("model", "baseline"):
+        assert set(result[method]) >= {"auroc", "auprc", "best_dice"}
+        assert 0.0 <= result[method]["auroc"] <= 1.0
+    assert result["slices"] > 10 and out_png.stat().st_size > 10_000
