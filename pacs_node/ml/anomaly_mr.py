@@ -237,6 +237,18 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--config", type=Path, default=None,
+                   help="TOML with any of: steps, batch, lr, seed, max_minutes, threads (flags override it)")
+    known, _ = p.parse_known_args(argv)
+    if known.config is not None:
+        import tomllib
+
+        settings = tomllib.loads(known.config.read_text())
+        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "version"}
+        if unknown:
+            p.error(f"{known.config}: unknown keys {sorted(unknown)}")
+        settings.pop("version", None)
+        p.set_defaults(**settings)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = AnomalyConfig(modality="MR")
