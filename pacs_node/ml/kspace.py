@@ -11,12 +11,13 @@ s thin slices centred on thin slice s*j (trapezoid weights [1/2, 1, ..., 1, 1/2]
 same rule holds: thick slice j sits on thin slice s*j.
 
 All functions work on the last two axes of numpy arrays (any leading batch axes), in float.
-Transforms use ``norm="forward"`` so pixel values are preserved by a crop or a pad.
+Transforms (scipy.fft, single precision) use ``norm="forward"`` so pixel values are preserved by a crop or a pad.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import scipy.fft as sfft
 
 
 def _crop_or_pad_centered(spec: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -38,23 +39,23 @@ def kspace_resize(img: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
     Same field of view; pixel 0 stays on pixel 0. Returns the real part, float32.
     """
-    img = np.asarray(img, dtype=np.float64)
-    spec = np.fft.fftshift(np.fft.fft2(img, norm="forward"), axes=(-2, -1))
+    img = np.asarray(img, dtype=np.float32)
+    spec = sfft.fftshift(sfft.fft2(img, norm="forward"), axes=(-2, -1))
     spec = _crop_or_pad_centered(spec, (int(shape[0]), int(shape[1])))
-    out = np.fft.ifft2(np.fft.ifftshift(spec, axes=(-2, -1)), norm="forward")
+    out = sfft.ifft2(sfft.ifftshift(spec, axes=(-2, -1)), norm="forward")
     return out.real.astype(np.float32)
 
 
 def kspace_resize_axis(img: np.ndarray, size: int, axis: int) -> np.ndarray:
     """1-D version of :func:`kspace_resize` along one axis."""
-    img = np.moveaxis(np.asarray(img, dtype=np.float64), axis, -1)
-    spec = np.fft.fftshift(np.fft.fft(img, norm="forward"), axes=-1)
+    img = np.moveaxis(np.asarray(img, dtype=np.float32), axis, -1)
+    spec = sfft.fftshift(sfft.fft(img, norm="forward"), axes=-1)
     n_in = spec.shape[-1]
     out_spec = np.zeros(spec.shape[:-1] + (size,), dtype=spec.dtype)
     n = min(n_in, size)
     c = n // 2
     out_spec[..., size // 2 - c: size // 2 - c + n] = spec[..., n_in // 2 - c: n_in // 2 - c + n]
-    out = np.fft.ifft(np.fft.ifftshift(out_spec, axes=-1), norm="forward").real
+    out = sfft.ifft(sfft.ifftshift(out_spec, axes=-1), norm="forward").real
     return np.moveaxis(out, -1, axis).astype(np.float32)
 
 

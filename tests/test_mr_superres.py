@@ -1,0 +1,171 @@
+"""k-space degradation, true-grid baselines, a CPU smoke training run and the pipeline contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+
+from pacs_node.errors import UnsupportedInput
+from pacs_node.ml import kspace
+
+
+def _bandlimited(shape, rng, keep=0.5):
+    x = rng.normal(size=shape).astype(np.float32)
+    # odd sizes: no Nyquist bin, so truncation and zero-fill round-trip exactly
+    small = (int(shape[-2] * keep) // 2 * 2 - 1, int(shape[-1] * keep) // 2 * 2 - 1)
+    return kspace.kspace_resize(kspace.kspace_resize(x, small), shape[-2:])
+
+
+@pytest.mark.parametrize("scale", [2, 4])
+def test_kspace_crop_samples_hr_pixel_s_times_m(scale):
+    rng = np.random.default_rng(0)
+    hr = rng.normal(size=(64, 48)).astype(np.float32)
+    lr = kspace.degrade_inplane(hr, scale)
+    assert lr.shape == (64 // scale, 48 // scale)
+    # LR pixel m equals the low-passed HR image at HR pixel s*m (no half-pixel shift)
+    low = kspace.zerofill_upsample(lr, scale)
+    np.testing.assert_allclose(low[::scale, ::scale], lr, atol=1e-5)
+    # a band-limited image survives truncation + zero-fill exactly
+    smooth = _bandlimited((64, 48), rng, keep=1 / scale)
+    np.testing.assert_allclose(kspace.zerofill_upsample(kspace.degrade_inplane(smooth, scale), scale), smooth,
+                               atol=1e-4)
+    # the mean intensity is preserved
+    assert abs(float(lr.mean()) - float(hr.mean())) < 1e-5
+
+
+@pytest.mark.parametrize("kernel", ["bicubic", "lanczos"])
+def test_true_grid_baselines_keep_input_samples(kernel):
+    rng = np.random.default_rng(1)
+    lr = rng.normal(size=(2, 20, 17)).astype(np.float32)
+    up = kspace.kernel_upsample(lr, 2, kernel)
+    assert up.shape == (2, 40, 34)
+    np.testing.assert_allclose(up[:, ::2, ::2], lr, atol=1e-5)
+    ramp = np.tile(np.arange(20, dtype=np.float32), (20, 1))
+    up = kspace.kernel_upsample(ramp, 2, kernel)
+    tol = 1e-4 if kernel == "bicubic" else 0.03  # Keys cubic reproduces a ramp, Lanczos nearly
+    np.testing.assert_allclose(up[:, 2:-4], np.tile(np.arange(2, 36) / 2, (40, 1)), atol=tol)
+
+
+def test_through_plane_profile_is_centred_on_thin_slice_s_times_j():
+    ramp = np.arange(17, dtype=np.float32)[:, None, None] * np.ones((1, 3, 2), np.float32)
+    for scale in (2, 4):
+        thick = kspace.degrade_through(ramp, scale)
+        inner = thick[1:-1, 0, 0]
+        np.testing.assert_allclose(inner, np.arange(scale, 17 - scale, scale)[: len(inner)], atol=1e-5)
+        up = kspace.linear_upsample_axis(thick, scale)
+        assert up.shape[0] == (thick.shape[0] - 1) * scale + 1
+        np.testing.assert_allclose(up[::scale], thick, atol=1e-6)
+    const = np.full((9, 4, 4), 3.0, np.float32)
+    np.testing.assert_allclose(kspace.degrade_through(const, 2), 3.0)
+
+
+def test_acquired_resolution_from_acquisition_matrix():
+    ds = Dataset()
+    ds.AcquisitionMatrix = [0, 256, 230, 0]
+    ds.InPlanePhaseEncodingDirection = "ROW"
+    assert kspace.acquisition_shape(ds) == (256, 230)
+    rng = np.random.default_rng(2)
+    small = _bandlimited((1, 256, 230), rng, keep=0.9)
+    big = kspace.kspace_resize(small, (512, 460))  # scanner 2x interpolation
+    back, spacing = kspace.to_acquired_resolution(big, ds, (0.5, 0.5))
+    assert back.shape == (1, 256, 230) and spacing == (1.0, 1.0)
+    np.testing.assert_allclose(back, small, atol=1e-4)
+    ds.AcquisitionMatrix = [0, 512, 460, 0]  # not interpolated: unchanged
+    same, spacing = kspace.to_acquired_resolution(big, ds, (0.5, 0.5))
+    assert same is big and spacing == (0.5, 0.5)
+
+
+def _phantom_bank(n=6, size=128, seed=0):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size] / size - 0.5
+    bank = []
+    for _ in range(n):
+        img = np.zeros((size, size), np.float32)
+        for _ in range(6):
+            cy, cx, r = rng.uniform(-0.3, 0.3, 2).tolist() + [rng.uniform(0.05, 0.2)]
+            img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] += rng.uniform(0.2, 0.6)
+        bank.append(img)
+    return bank
+
+
+@pytest.fixture(scope="module")
+def smoke_weights(tmp_path_factory):
+    """A few CPU training steps of every task on phantom slices (the real data path is the same)."""
+    import pacs_node.ml.mr_superres as srs
+
+    out = tmp_path_factory.mktemp("srs")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(srs, "build_bank", lambda data, cache, cfg: _phantom_bank())
+    try:
+        rc = srs.train_main(["--out", str(out), "--max-steps", "2", "--cache", str(out / "cache")])
+    finally:
+        mp.undo()
+    assert rc == 0
+    return out
+
+
+def test_smoke_train_writes_loadable_weights(smoke_weights):
+    from pacs_node.ml.mr_superres_net import TASKS, load_generators
+
+    ms = load_generators(smoke_weights / "model.safetensors")
+    assert sorted(ms.generators) == sorted(TASKS)
+    n_params = sum(p.numel() for p in ms.generators["inplane2"].parameters())
+    assert 50_000 < n_params < 1_000_000
+    assert ms.version == "1.0.0"
+    baseline = load_generators(smoke_weights / "l1_baseline.safetensors")
+    assert {"inplane2", "inplane4"} <= set(baseline.generators)
+    assert (smoke_weights / "train_history.json").exists()
+
+
+def _mr_volume(nz=3, ny=40, nx=36):
+    from pacs_node.volume import Volume
+
+    rng = np.random.default_rng(3)
+    arr = np.clip(_bandlimited((nz, ny, nx), rng) * 100 + 300, 0, None).astype(np.float32)
+    datasets = []
+    for _ in range(nz):
+        ds = Dataset()
+        ds.Modality = "MR"
+        ds.SliceThickness = 3.0
+        datasets.append(ds)
+    positions = np.array([[10.0, 20.0, 30.0 + 3 * k] for k in range(nz)])
+    return Volume(array=arr, positions=positions, row_direction=np.array([1.0, 0, 0]),
+                  column_direction=np.array([0, 1.0, 0]), pixel_spacing=(0.8, 0.9), datasets=datasets)
+
+
+def test_pipeline_geometry_fields(smoke_weights):
+    from pacs_node.pipelines.mr_superres import MrSuperres
+
+    pipe = MrSuperres(weights=smoke_weights / "model.safetensors")
+    vol = _mr_volume()
+    out = pipe.run(vol, {})[0]  # default: x2 in-plane
+    assert out.array.shape == (3, 80, 72)
+    assert out.pixel_spacing == pytest.approx((0.4, 0.45))
+    np.testing.assert_allclose(out.positions, vol.positions)
+    assert out.source_slices is None and out.slice_thickness is None
+    out4 = pipe.run(vol, {"scale": 4})[0]
+    assert out4.array.shape == (3, 160, 144)
+
+    thr = pipe.run(vol, {"scale": 2, "axis": "through"})[0]
+    assert thr.array.shape == (5, 40, 36)
+    np.testing.assert_allclose(thr.positions[:, 2], [30, 31.5, 33, 34.5, 36])
+    assert thr.slice_thickness == pytest.approx(1.5)
+    assert thr.source_slices == [[0], [0, 1], [1], [1, 2], [2]]
+    assert thr.pixel_spacing == (0.8, 0.9)
+    # an untrained correction leaves the input samples where they were
+    np.testing.assert_allclose(thr.array[::2], vol.array, rtol=0.05, atol=5)
+
+
+def test_pipeline_rejects_bad_params(smoke_weights):
+    from pacs_node.pipelines.mr_superres import MrSuperres
+
+    pipe = MrSuperres(weights=smoke_weights / "model.safetensors")
+    vol = _mr_volume()
+    with pytest.raises(UnsupportedInput):
+        pipe.run(vol, {"scale": 3})
+    with pytest.raises(UnsupportedInput):
+        pipe.run(vol, {"axis": "diagonal"})
+    vol.datasets[0].Modality = "CT"
+    with pytest.raises(UnsupportedInput):
+        pipe.run(vol, {})
