@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from pydicom.dataset import Dataset
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
@@ -25,6 +26,14 @@ from ..store.ingest import Ingest, OutOfResources
 from .scu import set_nodelay
 
 log = logging.getLogger(__name__)
+
+# pynetdicom picks, per context, the first of OUR syntaxes that the sender proposed. Compressed
+# first: the instance is stored as it arrives (no transcoding), and a sender that proposes
+# both its native JPEG syntax and an uncompressed one often cannot decompress (DCMTK cannot
+# for JPEG-LS or JPEG 2000), so choosing uncompressed would fail the transfer.
+_UNCOMPRESSED = [ExplicitVRLittleEndian, ImplicitVRLittleEndian]
+ACCEPT_ORDER = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_compressed] + _UNCOMPRESSED + [
+    ts for ts in ALL_TRANSFER_SYNTAXES if not UID(ts).is_compressed and ts not in _UNCOMPRESSED]
 
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
@@ -153,7 +162,7 @@ class StorageSCP:
         ae = AE(ae_title=node.ae_title)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            ae.add_supported_context(context.abstract_syntax, ACCEPT_ORDER)
         ae.maximum_associations = 32
         ae.network_timeout = 60
         ae.acse_timeout = 30

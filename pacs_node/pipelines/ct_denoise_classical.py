@@ -11,6 +11,22 @@ from ..volume import Volume
 from .base import DerivedVolume, Output, Pipeline, Requirements
 
 
+def noise_sigma(plane: np.ndarray) -> float:
+    """Noise std in HU from horizontal neighbour differences inside soft tissue.
+
+    A wavelet estimate over the whole slice is dominated by air and bone plateaus (and is ~0
+    after clipping), so use a robust (MAD) estimate on pixel pairs that both lie in
+    [-100, 200] HU; fall back to skimage's estimate when a slice has too little tissue.
+    """
+    left, right = plane[:, :-1], plane[:, 1:]
+    inside = (left > -100) & (left < 200) & (right > -100) & (right < 200)
+    diffs = (right - left)[inside]
+    if diffs.size < 1000:
+        return float(estimate_sigma(plane))
+    mad = float(np.median(np.abs(diffs - np.median(diffs))))
+    return 1.4826 * mad / np.sqrt(2.0)
+
+
 class CtDenoiseClassical(Pipeline):
     name = "ct-denoise-classical"
     version = "1.0.0"
@@ -25,8 +41,7 @@ class CtDenoiseClassical(Pipeline):
         patch_distance = int(params.get("patch_distance", 5))
         out = np.empty_like(volume.array)
         for z, plane in enumerate(volume.array):
-            clipped = np.clip(plane, -200.0, 300.0)
-            sigma = float(estimate_sigma(clipped))
+            sigma = noise_sigma(plane)
             if sigma <= 0:
                 out[z] = plane
                 continue
