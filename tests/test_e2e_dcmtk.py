@@ -126,7 +126,7 @@ def test_unknown_caller_rejected_and_bad_dataset_refused_while_node_keeps_servin
     assert status.Status == 0xC000
     assert "InstanceUID is missing or empty" in str(status.get("ErrorComment", ""))
 
-    # garbage bytes where a dataset should be: failure status, not a crash
+    # a UID that tries to climb out of the storage folder: failure status, nothing written
     ae = AE(ae_title="STORESCU")
     ae.add_requested_context(CTImageStorage, [ExplicitVRLittleEndian])
     assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
@@ -135,6 +135,8 @@ def test_unknown_caller_rejected_and_bad_dataset_refused_while_node_keeps_servin
     bad.SOPInstanceUID = "1.2.3.4"
     bad.StudyInstanceUID = "1.2.3"
     bad.SeriesInstanceUID = "../../etc"
+    bad.file_meta = pydicom.dataset.FileMetaDataset()
+    bad.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     status = assoc.send_c_store(bad)
     assoc.release()
     assert status.Status == 0xC000
