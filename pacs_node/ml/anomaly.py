@@ -37,6 +37,8 @@ class SliceGrid:
 class AnomalyConfig:
     """Everything needed to rebuild the network and its scoring; stored beside the weights."""
 
+    #: "vae" (SpatialVAE, reconstruction through a spatial latent) or "dae-unet" (DenoisingUNet)
+    arch: str = "vae"
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -133,11 +135,48 @@ class SpatialVAE(nn.Module):
         return self.decoder(z), mu, logvar
 
 
-def build_network(cfg: AnomalyConfig) -> SpatialVAE:
+class DenoisingUNet(nn.Module):
+    """Small U-Net trained to remove coarse noise (Kascenas et al.): skips keep normal detail
+    sharp, and what it cannot explain as normal anatomy plus noise it "heals" away.
+
+    Same call signature as SpatialVAE (returns mu/logvar as empty tensors: no latent prior).
+    """
+
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96)) -> None:
+        super().__init__()
+        c = channels
+        self.inc = nn.Sequential(*_conv(1, c[0]), *_conv(c[0], c[0]))
+        self.downs = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.SiLU(), *_conv(c[i + 1], c[i + 1]))
+            for i in range(len(c) - 1)
+        )
+        self.ups = nn.ModuleList(
+            nn.Sequential(*_conv(c[i + 1] + c[i], c[i]), *_conv(c[i], c[i]))
+            for i in reversed(range(len(c) - 1))
+        )
+        self.out = nn.Conv2d(c[0], 1, 1)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        h = skips.pop()
+        for up in self.ups:
+            skip = skips.pop()
+            h = up(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
+        empty = x.new_zeros((x.shape[0], 0, 1, 1))
+        return self.out(h), empty, empty
+
+
+def build_network(cfg: AnomalyConfig) -> nn.Module:
+    if cfg.arch == "dae-unet":
+        return DenoisingUNet(cfg.channels)
     return SpatialVAE(cfg.channels, cfg.latent_channels)
 
 
 def kl_divergence(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    if mu.numel() == 0:
+        return mu.new_zeros(())
     return 0.5 * torch.mean(torch.sum(mu.pow(2) + logvar.exp() - 1.0 - logvar, dim=1))
 
 

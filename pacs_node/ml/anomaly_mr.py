@@ -237,6 +237,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--arch", choices=("dae-unet", "vae"), default="dae-unet",
+                   help="dae-unet: denoising U-Net (served); vae: spatial-latent VAE")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML with any of: steps, batch, lr, seed, max_minutes, threads (flags override it)")
     known, _ = p.parse_known_args(argv)
@@ -244,14 +246,14 @@ def train_main(argv: list[str]) -> int:
         import tomllib
 
         settings = tomllib.loads(known.config.read_text())
-        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "version"}
+        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "version"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
         p.set_defaults(**settings)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = AnomalyConfig(modality="MR")
+    cfg = AnomalyConfig(modality="MR", arch=args.arch)
     if args.data is None:
         from ..datasets import data_dir
 
@@ -314,31 +316,37 @@ def pixel_metrics(scores: np.ndarray, truth: np.ndarray) -> PixelMetrics:
 class EvalCase:
     images: np.ndarray
     truth: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray  # scored pixels: brain region of each lesion-free slice
 
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234) -> EvalCase:
     rng = np.random.default_rng(seed)
     masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
-    imgs, truths = [], []
+    imgs, truths, regions = [], [], []
     for img, m in zip(normal, masks):
-        # Lesions go in the upper 55 % of the head (the brain in these sagittal slices), not
-        # in the face or neck; a crude stand-in for a brain mask.
-        rows = np.nonzero(m.any(axis=1))[0]
-        region = m.copy()
-        if rows.size:
-            region[rows[0] + int(0.55 * (rows[-1] - rows[0])):] = False
+        region = brain_region(m)
         out, truth, _ = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
         imgs.append(out)
         truths.append(truth)
-    return EvalCase(np.stack(imgs), np.stack(truths), masks)
+        regions.append(region)
+    return EvalCase(np.stack(imgs), np.stack(truths), np.stack(regions))
+
+
+def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
+    """The upper ``fraction`` of the head in a sagittal slice: a crude stand-in for a brain
+    mask (no skull stripping here). Lesions are drawn, and both methods scored, only there."""
+    rows = np.nonzero(foreground.any(axis=1))[0]
+    region = foreground.copy()
+    if rows.size:
+        region[rows[0] + int(fraction * (rows[-1] - rows[0])):] = False
+    return region
 
 
 def evaluate(net: torch.nn.Module, cfg: AnomalyConfig, case: EvalCase) -> dict:
     x = torch.from_numpy(case.images[:, None])
     err, recon = residual_maps(net, x, cfg)
     base = intensity_baseline(x, cfg)
-    # Score only inside the foreground masks of the lesion-free slices (identical for both).
+    # Score only inside the brain regions of the lesion-free slices (identical for both).
     m = case.masks
     model = pixel_metrics(err[:, 0].numpy()[m], case.truth[m])
     baseline = pixel_metrics(base[:, 0].numpy()[m], case.truth[m])
@@ -396,7 +404,7 @@ def eval_main(argv: list[str]) -> int:
     res["data"] = f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} (every 2nd), synthetic lesions seed {args.seed}"
     print(f"held-out slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
     print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
-    for name, key in (("VAE (denoising) map", "model"), ("intensity baseline", "baseline")):
+    for name, key in ((f"model ({cfg.arch})", "model"), ("intensity baseline", "baseline")):
         m = res[key]
         print(f"{name:<22} {m['auroc']:7.4f} {m['auprc']:7.4f} {m['best_dice']:10.4f}")
     if args.json:
