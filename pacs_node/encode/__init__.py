@@ -11,19 +11,18 @@ Writers build valid objects or raise EncodeError; nothing half-written leaves he
 from __future__ import annotations
 
 import importlib
+import uuid
 from dataclasses import dataclass
 from typing import Callable
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 from ..errors import EncodeError
 from ..pipelines.base import DerivedVolume, Output, ScoreMap
 from ..volume import Volume
 
-#: prefix of every derived UID: 2.25 (UUID-derived) with a hash of the inputs, so that the
-#: same (source series, pipeline, version, output) always gives the same UIDs
-_UID_PREFIX = None
+#: name-based (UUID version 5) namespace of pacs-node's derived UIDs
+_UID_NAMESPACE = uuid.UUID("6f1c7d1e-2f8e-5b8a-9c33-2a1d5e0b7c41")
 
 
 @dataclass(frozen=True)
@@ -35,7 +34,10 @@ class EncodeContext:
 
     def uid(self, *parts: str) -> str:
         """Deterministic UID from the context and ``parts`` (rerun replaces, never duplicates)."""
-        return generate_uid(prefix=_UID_PREFIX, entropy_srcs=[self.pipeline, self.version, self.params_key, *parts])
+        # 2.25.<UUID as integer> (PS3.5 B.2), the UUID a hash of the inputs, so the same
+        # (source series, pipeline, version, params, output) always yields the same UID
+        name = "\x1f".join([self.pipeline, self.version, self.params_key, *parts])
+        return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
 Writer = Callable[[Volume, Output, EncodeContext], list[Dataset]]
