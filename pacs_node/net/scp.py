@@ -24,6 +24,7 @@ from ..errors import InvalidInstance
 from ..store.index import Database
 from ..store.ingest import Ingest, OutOfResources
 from .scu import set_nodelay
+from .tls import server_context
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,64 @@ ACCEPT_ORDER = [ts for ts in ALL_TRANSFER_SYNTAXES if UID(ts).is_compressed] + _
 STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
+
+#: Our maximum PDU length, advertised to callers. pynetdicom reads a whole PDU into memory
+#: at the length its header claims, so a PDU longer than MAX_PDU_BYTES (ours plus room for an
+#: association request with many contexts) closes the connection instead of growing memory.
+MAX_PDU = 65536
+MAX_PDU_BYTES = 4 * 1024 * 1024
+
+
+def _bounded_recv(recv: Callable[[int], bytearray]) -> Callable[[int], bytearray]:
+    def recv_at_most(nr_bytes: int) -> bytearray:
+        if nr_bytes > MAX_PDU_BYTES:
+            raise OSError(f"PDU of {nr_bytes} bytes exceeds the {MAX_PDU_BYTES}-byte limit")
+        return recv(nr_bytes)
+    return recv_at_most
+
+
+def _conn_open(event) -> None:  # type: ignore[no-untyped-def]
+    set_nodelay(event)
+    sock = getattr(event.assoc.dul, "socket", None)
+    if sock is not None and not event.assoc.is_requestor:
+        # raised OSError = "connection closed" to the DUL (Evt17): the association just ends
+        sock.recv = _bounded_recv(sock.recv)
+
+
+def _tls_accept_lazily(server, timeout: float) -> None:  # type: ignore[no-untyped-def]
+    """Do the TLS handshake in the association's thread, not in the accept loop.
+
+    pynetdicom wraps accepted sockets with a handshake on connect inside the one thread that
+    accepts connections: a caller that connects and stays silent would block every other
+    caller. Wrapped lazily, the handshake runs on the association's first read, under the
+    network timeout.
+    """
+    accept = server.socket.accept
+    context = server.ssl_context
+
+    def get_request():  # type: ignore[no-untyped-def]
+        client, address = accept()
+        client.settimeout(timeout)
+        return context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
+
+    server.get_request = get_request
+
+
+def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
+    """Refuse native pixel data shorter than its Rows x Columns x samples x frames x bits says."""
+    if "PixelData" not in ds or UID(transfer_syntax).is_encapsulated:
+        return
+    try:
+        rows, columns = int(ds.Rows), int(ds.Columns)
+        samples = int(ds.get("SamplesPerPixel", 1) or 1)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        bits = int(ds.BitsAllocated)
+    except (AttributeError, TypeError, ValueError):
+        raise InvalidInstance("PixelData without valid Rows, Columns and BitsAllocated") from None
+    expected = (rows * columns * samples * frames * bits + 7) // 8
+    have = len(ds.PixelData or b"")
+    if have < expected:
+        raise InvalidInstance(f"PixelData has {have} bytes, Rows x Columns x frames needs {expected}")
 
 
 @dataclass
@@ -69,6 +128,8 @@ class StorageSCP:
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.server = None
+        #: the extra TLS listener when [tls] port is set
+        self.tls_server = None
 
     # -- association life cycle -------------------------------------------------------------
     def _requested(self, event) -> None:  # type: ignore[no-untyped-def]
@@ -125,6 +186,11 @@ class StorageSCP:
         try:
             ds = event.dataset
             ds.file_meta = event.file_meta
+            # read every element now (pydicom defers it): a truncated or garbled dataset is
+            # refused here instead of failing later in a job
+            for _ in ds.iterall():
+                pass
+            check_pixel_data(ds, str(event.context.transfer_syntax))
             encoded = event.encoded_dataset(include_meta=True)
             affected = str(event.request.AffectedSOPInstanceUID or "")
             stored = self.ingest.store(ds, encoded, calling, str(event.context.transfer_syntax), affected)
@@ -164,11 +230,12 @@ class StorageSCP:
         for context in AllStoragePresentationContexts:
             ae.add_supported_context(context.abstract_syntax, ACCEPT_ORDER)
         ae.maximum_associations = 32
+        ae.maximum_pdu_size = MAX_PDU
         ae.network_timeout = 60
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         handlers = [
-            (evt.EVT_CONN_OPEN, set_nodelay),
+            (evt.EVT_CONN_OPEN, _conn_open),
             (evt.EVT_REQUESTED, self._requested),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_RELEASED, self._ended),
@@ -176,15 +243,41 @@ class StorageSCP:
             (evt.EVT_C_ECHO, self._echo),
             (evt.EVT_C_STORE, self._store),
         ]
-        self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
-        log.info("listening for DICOM on %s:%d as AE %s (%s)", node.host, self.server.server_address[1], node.ae_title,
-                 "any caller" if node.allow_any_caller else f"{len(self.settings.peers)} known peer(s)")
+        tls = self.settings.tls
+        context = server_context(tls) if tls.listening else None
+        # [tls] without a port: node.port speaks TLS only; with one: plain on node.port, TLS there
+        plain = context is None or tls.port is not None
+        if plain:
+            self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+        if context is not None:
+            secure = ae.start_server((node.host, tls.port if tls.port is not None else node.port), block=False,
+                                     evt_handlers=handlers, ssl_context=context)
+            _tls_accept_lazily(secure, ae.network_timeout)
+            if plain:
+                self.tls_server = secure
+            else:
+                self.server = secure
+        callers = "any caller" if node.allow_any_caller else f"{len(self.settings.peers)} known peer(s)"
+        if plain:
+            log.info("listening for DICOM on %s:%d as AE %s (%s)", node.host, self.port, node.ae_title, callers)
+        if context is not None:
+            log.info("listening for DICOM TLS on %s:%d as AE %s (%s, client certificate %s)", node.host,
+                     self.tls_port, node.ae_title, callers,
+                     "required" if tls.require_client_certificate else "not required")
 
     @property
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server else 0
 
+    @property
+    def tls_port(self) -> int:
+        """The TLS listener's port (node.port when it is TLS only); 0 without TLS."""
+        if self.tls_server is not None:
+            return int(self.tls_server.server_address[1])
+        return self.port if self.settings.tls.listening else 0
+
     def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server = None
+        for server in (self.server, self.tls_server):
+            if server is not None:
+                server.shutdown()
+        self.server = self.tls_server = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +37,8 @@ def set_nodelay(event) -> None:  # type: ignore[no-untyped-def]
 
 
 def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, port: int,
-               timeout: float = 30.0) -> SendReport:
-    """Send ``files`` in one association; raise SendError if it cannot be made or is lost."""
+               timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> SendReport:
+    """Send ``files`` in one association (over TLS with ``tls``); raise SendError if it cannot be made or is lost."""
     metas = []
     for path in files:
         meta = read_file_meta_info(path)
@@ -54,7 +55,8 @@ def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, po
     if len(contexts) > 128:
         raise SendError(f"{len(contexts)} presentation contexts needed, at most 128 per association")
     ae.requested_contexts = contexts
-    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)])
+    assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
+                         tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
         reason = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
         raise SendError(f"association to {called_ae}@{host}:{port} failed ({reason})")
