@@ -53,6 +53,29 @@ class Peer:
     port: int | None = None
     #: hosts/IPs a peer may call from (empty: any host, the AE title alone identifies it)
     allowed_hosts: tuple[str, ...] = ()
+    #: send results to this peer over DICOM TLS (needs [tls] ca_certificates to verify it)
+    tls: bool = False
+
+
+@dataclass(frozen=True)
+class TlsSettings:
+    """DICOM TLS (PS3.15 B.1): our certificate, the CAs we trust, and whether callers need a certificate."""
+
+    #: our certificate chain and key (PEM); shown to callers and, for mutual TLS, to peers we call
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: CA bundle (PEM) that verifies peers we call and, with mutual TLS, callers' certificates
+    ca_certificates: Path | None = None
+    #: TLS listener port; absent: node.port itself speaks TLS only
+    port: int | None = None
+    #: mutual TLS: a caller without a certificate signed by ca_certificates is refused in the handshake
+    require_client_certificate: bool = False
+    #: check that a peer's certificate names the host we call (SAN DNS or IP)
+    verify_peer_hostname: bool = True
+
+    @property
+    def listening(self) -> bool:
+        return self.certificate is not None
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,7 @@ class Settings:
     completion: CompletionSettings = CompletionSettings()
     send: SendSettings = SendSettings()
     worker: WorkerSettings = WorkerSettings()
+    tls: TlsSettings = TlsSettings()
     peers: tuple[Peer, ...] = ()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None
@@ -173,6 +197,37 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
     )
     _no_unknown(w, "worker.")
 
+    t = data.pop("tls", {})
+    if not isinstance(t, dict):
+        raise ConfigError("tls", "must be a table ([tls])")
+
+    def tls_path(key: str) -> Path | None:
+        value = _take(t, key, "tls.", str, None)
+        if value is None:
+            return None
+        path = Path(value) if Path(value).is_absolute() else (base_dir / value).resolve()
+        if not path.is_file():
+            raise ConfigError(f"tls.{key}", f"{path} does not exist or is not a file")
+        return path
+
+    tls_port = _take(t, "port", "tls.", int, None)
+    tls = TlsSettings(
+        certificate=tls_path("certificate"),
+        private_key=tls_path("private_key"),
+        ca_certificates=tls_path("ca_certificates"),
+        port=_port(tls_port, "tls.port") if tls_port is not None else None,
+        require_client_certificate=_take(t, "require_client_certificate", "tls.", bool, False),
+        verify_peer_hostname=_take(t, "verify_peer_hostname", "tls.", bool, True),
+    )
+    if (tls.certificate is None) != (tls.private_key is None):
+        raise ConfigError("tls.private_key" if tls.private_key is None else "tls.certificate",
+                          "certificate and private_key go together")
+    if tls.require_client_certificate and tls.ca_certificates is None:
+        raise ConfigError("tls.ca_certificates", "required when require_client_certificate = true")
+    if tls.port is not None and tls.certificate is None:
+        raise ConfigError("tls.port", "a TLS listener needs tls.certificate and tls.private_key")
+    _no_unknown(t, "tls.")
+
     peers: list[Peer] = []
     raw_peers = data.pop("peers", [])
     if not isinstance(raw_peers, list):
@@ -197,8 +252,11 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
                 host=_take(p, "host", pre, str, None),
                 port=_port(port, pre + "port") if port is not None else None,
                 allowed_hosts=tuple(str(h) for h in hosts),
+                tls=_take(p, "tls", pre, bool, False),
             )
         )
+        if peers[-1].tls and tls.ca_certificates is None:
+            raise ConfigError(pre + "tls", "sending over TLS needs [tls] ca_certificates to verify the peer")
         _no_unknown(p, pre)
     names = [p.name for p in peers]
     dup = {x for x in names if names.count(x) > 1}
@@ -243,7 +301,7 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
         _no_unknown(r, pre)
 
     _no_unknown(data, "")
-    return Settings(node=node, completion=completion, send=send, worker=worker, peers=tuple(peers), rules=tuple(rules))
+    return Settings(node=node, completion=completion, send=send, worker=worker, tls=tls, peers=tuple(peers), rules=tuple(rules))
 
 
 def load(path: Path | str) -> Settings:
