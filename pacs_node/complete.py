@@ -27,8 +27,17 @@ OnComplete = Callable[[Session, Series], None]
 
 
 class CompletionTracker:
-    def __init__(self, db: Database, settings: CompletionSettings, on_complete: OnComplete) -> None:
+    #: extra quiet time before a receiver completes a series another receiver was receiving
+    #: (only that one knows whether the association is still open)
+    FOREIGN_GRACE_SECONDS = 10.0
+
+    def __init__(self, db: Database, settings: CompletionSettings, on_complete: OnComplete,
+                 receiver: str | None = None, shared: bool = False) -> None:
+        """``receiver`` is this process's token (Ingest stamps series with it); ``shared``:
+        other receivers may write to the same database."""
         self.db = db
+        self.receiver = receiver
+        self.shared = shared
         self.settings = settings
         self.on_complete = on_complete
         self._lock = threading.Lock()
@@ -60,7 +69,10 @@ class CompletionTracker:
             return "expected-count"
         if now - series.first_received_at >= dt.timedelta(seconds=self.settings.max_wait_seconds):
             return "max-wait"
-        if not busy and now - series.last_received_at >= dt.timedelta(seconds=self.settings.quiet_seconds):
+        quiet = self.settings.quiet_seconds
+        if self.shared and series.receiver != self.receiver:
+            quiet += self.FOREIGN_GRACE_SECONDS
+        if not busy and now - series.last_received_at >= dt.timedelta(seconds=quiet):
             return "quiet"
         return None
 

@@ -43,6 +43,13 @@ class SendSettings:
 class WorkerSettings:
     enabled: bool = True
     poll_seconds: float = 0.2
+    #: a running job's lease; a worker renews it every third of this, and a job whose
+    #: worker died is claimed again by another once it has expired
+    lease_seconds: float = 60.0
+    #: a routine job that has waited this long is taken before new stat jobs (no starvation)
+    starvation_seconds: float = 600.0
+    #: "HH:MM-HH:MM" (local time) when research jobs may run; empty: whenever nothing else waits
+    research_window: str = ""
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,8 @@ class Peer:
     allowed_hosts: tuple[str, ...] = ()
     #: send results to this peer over DICOM TLS (needs [tls] ca_certificates to verify it)
     tls: bool = False
+    #: bearer token of this peer for DICOMweb STOW-RS (None: it cannot upload over HTTP)
+    stow_token: str | None = None
 
 
 @dataclass(frozen=True)
@@ -87,6 +96,39 @@ class Rule:
     params: dict[str, Any] = field(default_factory=dict)
     outputs: tuple[str, ...] = ()
     priority: str = "routine"
+    #: webhook called when this rule's jobs end (None: [notify] webhook_url)
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+
+
+@dataclass(frozen=True)
+class HttpUser:
+    name: str
+    #: "pbkdf2_sha256$<iterations>$<salt>$<hash>", made by `python -m pacs_node.web.auth`
+    password_hash: str
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """The web console, /metrics and DICOMweb STOW-RS (pacs_node/web)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    #: a bearer token (or login with it) for actions that change state; None: users only
+    admin_token: str | None = None
+    users: tuple[HttpUser, ...] = ()
+
+
+@dataclass(frozen=True)
+class NotifySettings:
+    """Webhook called when a job ends; a rule's own webhook_url/webhook_secret take precedence."""
+
+    webhook_url: str | None = None
+    webhook_secret: str | None = None
+    max_attempts: int = 5
+    backoff_seconds: float = 2.0
+    timeout_seconds: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -96,6 +138,8 @@ class Settings:
     send: SendSettings = SendSettings()
     worker: WorkerSettings = WorkerSettings()
     tls: TlsSettings = TlsSettings()
+    http: HttpSettings = HttpSettings()
+    notify: NotifySettings = NotifySettings()
     peers: tuple[Peer, ...] = ()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None
@@ -140,6 +184,66 @@ def _positive(value: float, key: str, allow_zero: bool = False) -> float:
     if value < 0 or (value == 0 and not allow_zero):
         raise ConfigError(key, f"must be {'>= 0' if allow_zero else '> 0'}, got {value}")
     return value
+
+
+def _window(value: str, key: str) -> str:
+    if not value:
+        return ""
+    import re
+
+    m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)-([01]\d|2[0-3]):([0-5]\d)", value.strip())
+    if not m:
+        raise ConfigError(key, f"{value!r} is not HH:MM-HH:MM (e.g. \"20:00-06:00\")")
+    return value.strip()
+
+
+def _webhook_url(value: str | None, key: str) -> str | None:
+    if value is not None and not value.startswith(("http://", "https://")):
+        raise ConfigError(key, f"{value!r} is not an http:// or https:// URL")
+    return value
+
+
+def _http_and_notify(data: dict[str, Any]) -> tuple[HttpSettings, NotifySettings]:
+    h = data.pop("http", {})
+    dh = HttpSettings()
+    users = []
+    for i, raw in enumerate(_take(h, "users", "http.", list, [])):
+        u = dict(raw) if isinstance(raw, dict) else {}
+        pre = f"http.users[{i}]."
+        name = _take(u, "name", pre, str, "")
+        password_hash = _take(u, "password_hash", pre, str, "")
+        if not name:
+            raise ConfigError(pre + "name", "required")
+        if not password_hash.startswith("pbkdf2_sha256$") or password_hash.count("$") != 3:
+            raise ConfigError(pre + "password_hash", "expected pbkdf2_sha256$<iterations>$<salt>$<hash> "
+                              "(make one with: python -m pacs_node.web.auth)")
+        _no_unknown(u, pre)
+        users.append(HttpUser(name, password_hash))
+    token = _take(h, "admin_token", "http.", str, None)
+    if token is not None and len(token) < 16:
+        raise ConfigError("http.admin_token", "must be at least 16 characters")
+    http = HttpSettings(
+        enabled=_take(h, "enabled", "http.", bool, dh.enabled),
+        host=_take(h, "host", "http.", str, dh.host),
+        port=_port(_take(h, "port", "http.", int, dh.port), "http.port"),
+        admin_token=token,
+        users=tuple(users),
+    )
+    _no_unknown(h, "http.")
+
+    n = data.pop("notify", {})
+    dn = NotifySettings()
+    notify = NotifySettings(
+        webhook_url=_webhook_url(_take(n, "webhook_url", "notify.", str, None), "notify.webhook_url"),
+        webhook_secret=_take(n, "webhook_secret", "notify.", str, None),
+        max_attempts=int(_positive(_take(n, "max_attempts", "notify.", int, dn.max_attempts), "notify.max_attempts")),
+        backoff_seconds=_positive(_take(n, "backoff_seconds", "notify.", float, dn.backoff_seconds), "notify.backoff_seconds", True),
+        timeout_seconds=_positive(_take(n, "timeout_seconds", "notify.", float, dn.timeout_seconds), "notify.timeout_seconds"),
+    )
+    if notify.webhook_url and not notify.webhook_secret:
+        raise ConfigError("notify.webhook_secret", "required when notify.webhook_url is set (calls are signed)")
+    _no_unknown(n, "notify.")
+    return http, notify
 
 
 def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
@@ -194,6 +298,10 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
     worker = WorkerSettings(
         enabled=_take(w, "enabled", "worker.", bool, dw.enabled),
         poll_seconds=_positive(_take(w, "poll_seconds", "worker.", float, dw.poll_seconds), "worker.poll_seconds"),
+        lease_seconds=_positive(_take(w, "lease_seconds", "worker.", float, dw.lease_seconds), "worker.lease_seconds"),
+        starvation_seconds=_positive(_take(w, "starvation_seconds", "worker.", float, dw.starvation_seconds),
+                                     "worker.starvation_seconds"),
+        research_window=_window(_take(w, "research_window", "worker.", str, dw.research_window), "worker.research_window"),
     )
     _no_unknown(w, "worker.")
 
@@ -228,6 +336,8 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
         raise ConfigError("tls.port", "a TLS listener needs tls.certificate and tls.private_key")
     _no_unknown(t, "tls.")
 
+    http, notify = _http_and_notify(data)
+
     peers: list[Peer] = []
     raw_peers = data.pop("peers", [])
     if not isinstance(raw_peers, list):
@@ -253,6 +363,7 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
                 port=_port(port, pre + "port") if port is not None else None,
                 allowed_hosts=tuple(str(h) for h in hosts),
                 tls=_take(p, "tls", pre, bool, False),
+                stow_token=_take(p, "stow_token", pre, str, None),
             )
         )
         if peers[-1].tls and tls.ca_certificates is None:
@@ -296,12 +407,17 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
                 params=dict(_take(r, "params", pre, dict, {})),
                 outputs=tuple(_take(r, "outputs", pre, list, [])),
                 priority=priority,
+                webhook_url=_webhook_url(_take(r, "webhook_url", pre, str, None), pre + "webhook_url"),
+                webhook_secret=_take(r, "webhook_secret", pre, str, None),
             )
         )
         _no_unknown(r, pre)
+        if rules[-1].webhook_url and not (rules[-1].webhook_secret or notify.webhook_secret):
+            raise ConfigError(pre + "webhook_secret", "required when webhook_url is set (or set notify.webhook_secret)")
 
     _no_unknown(data, "")
-    return Settings(node=node, completion=completion, send=send, worker=worker, tls=tls, peers=tuple(peers), rules=tuple(rules))
+    return Settings(node=node, completion=completion, send=send, worker=worker, tls=tls, http=http, notify=notify,
+                    peers=tuple(peers), rules=tuple(rules))
 
 
 def load(path: Path | str) -> Settings:

@@ -20,7 +20,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
 from . import audit
@@ -33,7 +33,6 @@ from .store.index import Database, Delivery, Instance, Job, Series, utcnow
 log = logging.getLogger(__name__)
 
 PRIORITY = {"stat": 0, "routine": 1, "research": 2}
-LEASE_SECONDS = 60.0
 
 
 def new_owner() -> str:
@@ -62,6 +61,16 @@ def create_jobs(session: Session, series: Series, rules: list[Rule]) -> list[Job
 
 def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     return (b - a).total_seconds() if a and b else None
+
+
+def in_window(window: str, now: dt.datetime | None = None) -> bool:
+    """Whether local time ``now`` lies in "HH:MM-HH:MM" (which may wrap past midnight)."""
+    if not window:
+        return True
+    now = now or dt.datetime.now()
+    start, end = ([int(x) for x in part.split(":")] for part in window.split("-"))
+    minute, a, b = now.hour * 60 + now.minute, start[0] * 60 + start[1], end[0] * 60 + end[1]
+    return a <= minute < b if a <= b else minute >= a or minute < b
 
 
 def recover(db: Database, single_process: bool) -> None:
@@ -118,6 +127,7 @@ def retry(db: Database, job_id: int) -> str:
 @dataclass
 class JobInput:
     job_id: int
+    attempt: int
     pipeline: str
     params: dict
     outputs: tuple[str, ...]
@@ -138,13 +148,24 @@ class Worker:
         self.wake = threading.Event()
 
     def claim(self) -> JobInput | None:
+        """Take the next job: stat, then routine, then research (see config.toml [worker]).
+
+        A routine job older than starvation_seconds ranks with stat, so a steady stream of
+        stat work delays routine work by at most that long.
+        """
         now = utcnow()
+        worker = self.settings.worker
+        starving = now - dt.timedelta(seconds=worker.starvation_seconds)
+        rank = case((and_(Job.priority == PRIORITY["routine"], Job.created_at < starving), PRIORITY["stat"]),
+                    else_=Job.priority)
 
         def go(session: Session) -> JobInput | None:
             q = select(Job).where(Job.state == "queued")
             if self.pipelines:
                 q = q.where(Job.pipeline.in_(self.pipelines))
-            q = q.order_by(Job.priority, Job.created_at, Job.id).limit(1)
+            if not in_window(worker.research_window):
+                q = q.where(Job.priority != PRIORITY["research"])
+            q = q.order_by(rank, Job.created_at, Job.id).limit(1)
             if not self.db.is_sqlite:
                 q = q.with_for_update(skip_locked=True)
             job = session.execute(q).scalar_one_or_none()
@@ -152,23 +173,27 @@ class Worker:
                 return None
             claimed = session.execute(
                 update(Job).where(Job.id == job.id, Job.state == "queued").values(
-                    state="running", lease_owner=self.owner, lease_until=now + dt.timedelta(seconds=LEASE_SECONDS),
+                    state="running", lease_owner=self.owner, lease_until=now + dt.timedelta(seconds=worker.lease_seconds),
                     started_at=now, attempts=Job.attempts + 1)
             ).rowcount
             if claimed != 1:
                 return None
             series = session.get(Series, job.series_id)
             rows = session.execute(select(Instance.path).where(Instance.series_id == job.series_id)).scalars().all()
-            return JobInput(job.id, job.pipeline, json.loads(job.params or "{}"),
+            return JobInput(job.id, job.attempts + 1, job.pipeline, json.loads(job.params or "{}"),
                             tuple(o for o in (job.outputs or "").split(",") if o), job.rule,
                             series.series_uid if series else "", [self.files.absolute(p) for p in rows])
 
         return self.db.run(go)
 
     def _heartbeat(self, job_id: int, stop: threading.Event) -> None:
-        while not stop.wait(LEASE_SECONDS / 3):
-            self.db.run(lambda s: s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == self.owner).values(
-                lease_until=utcnow() + dt.timedelta(seconds=LEASE_SECONDS))))
+        lease = self.settings.worker.lease_seconds
+        while not stop.wait(lease / 3):
+            try:
+                self.db.run(lambda s: s.execute(update(Job).where(Job.id == job_id, Job.lease_owner == self.owner).values(
+                    lease_until=utcnow() + dt.timedelta(seconds=lease))))
+            except Exception:  # noqa: BLE001 - a missed beat is retried; the lease has slack
+                log.warning("job %d: lease renewal failed, will retry", job_id)
 
     def process(self, item: JobInput) -> None:
         stop = threading.Event()
@@ -178,9 +203,11 @@ class Worker:
         try:
             datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule)
             t0 = time.perf_counter()
-            out_dir = self.files.result_dir(item.job_id)
+            # one folder per attempt and worker: a worker that lost its lease writes beside,
+            # never into, the folder of the worker that took the job over
+            out_dir = self.files.result_dir(item.job_id) / f"{item.attempt}-{self.owner.rsplit(':', 1)[-1]}"
             if out_dir.exists():
-                shutil.rmtree(out_dir)  # left by an interrupted earlier attempt
+                shutil.rmtree(out_dir)
             for ds in datasets:
                 buf = io.BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
@@ -194,7 +221,7 @@ class Worker:
             return
         finally:
             stop.set()
-        self._hand_over(item, len(datasets), timings)
+        self._hand_over(item, len(datasets), timings, self.files.relative(out_dir))
 
     def _finish_failed(self, job_id: int, message: str, timings: dict[str, float]) -> None:
         def go(session: Session) -> None:
@@ -207,13 +234,14 @@ class Worker:
         self.db.run(go)
         audit.record(self.db, "job-failed", job_id=job_id, detail=message[:200])
 
-    def _hand_over(self, item: JobInput, count: int, timings: dict[str, float]) -> None:
+    def _hand_over(self, item: JobInput, count: int, timings: dict[str, float], result_path: str) -> None:
         def go(session: Session) -> str:
             job = session.get(Job, item.job_id)
             if job is None or job.lease_owner != self.owner or job.state != "running":
                 return "lost-lease"
             series = session.get(Series, job.series_id)
             job.result_count = count
+            job.result_path = result_path
             job.encoded_at = utcnow()
             job.timings = _fmt(timings)
             job.lease_owner = job.lease_until = None
@@ -228,6 +256,7 @@ class Worker:
         state = self.db.run(go)
         if state == "lost-lease":
             log.warning("job %d: lease lost while running (another worker took it); results discarded", item.job_id)
+            shutil.rmtree(self.files.absolute(result_path), ignore_errors=True)
             return
         log.info("job %d (%s, series %s): %d result instance(s) encoded [%s]", item.job_id, item.pipeline,
                  item.series_uid, count, _fmt(timings))
@@ -244,8 +273,13 @@ class Worker:
         return True
 
     def run(self, stop: threading.Event) -> None:
+        next_reclaim = 0.0
         while not stop.is_set():
             try:
+                if time.monotonic() >= next_reclaim:
+                    # jobs of workers that died are taken back once their lease expired
+                    recover(self.db, single_process=False)
+                    next_reclaim = time.monotonic() + self.settings.worker.lease_seconds / 3
                 busy = self.run_once()
             except Exception:  # noqa: BLE001 - a DB hiccup must not kill the worker
                 log.exception("worker loop error; retrying")
@@ -314,11 +348,14 @@ class Sender:
         if d is None:
             self._finish_jobs()
             return False
-        files = sorted(self.files.result_dir(d.job_id).glob("*.dcm"))
+        result_path = self.db.run(lambda s: s.get(Job, d.job_id).result_path)
+        files = sorted(self.files.absolute(result_path).glob("*.dcm")) if result_path else []
         send = self.settings.send
         state, error, status, sent, failed = "done", None, None, 0, 0
         t0 = time.perf_counter()
         try:
+            if not files:
+                raise SendError(f"job {d.job_id} has no result files to send (result folder {result_path!r})")
             report = send_files(files, self.settings.node.ae_title, d.ae_title, d.host, d.port, send.timeout_seconds)
             sent, failed = len(report.ok), len(report.rejected)
             if report.rejected:
@@ -362,7 +399,10 @@ class Sender:
         """Close every sending job whose deliveries have all ended; log its latency."""
         def go(session: Session) -> list[Job]:
             closed = []
-            for job in session.execute(select(Job).where(Job.state == "sending")).scalars():
+            q = select(Job).where(Job.state == "sending")
+            if not self.db.is_sqlite:
+                q = q.with_for_update(skip_locked=True)
+            for job in session.execute(q).scalars():
                 ds = session.execute(select(Delivery).where(Delivery.job_id == job.id)).scalars().all()
                 if any(d.state in ("pending", "sending") for d in ds):
                     continue

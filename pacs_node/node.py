@@ -13,7 +13,7 @@ from sqlalchemy.orm import Session
 from . import audit
 from .complete import CompletionTracker
 from .config import Settings
-from .jobs import Sender, Worker, create_jobs, recover
+from .jobs import Sender, Worker, create_jobs, new_owner, recover
 from .net.scp import StorageSCP
 from .route import Router
 from .store.files import FileStore
@@ -30,10 +30,14 @@ class Node:
         self.db = Database(settings.node.database_url)
         self.files = FileStore(settings.node.storage_dir)
         self.router = Router(settings.rules)
-        self.ingest = Ingest(self.db, self.files, settings.completion.use_images_in_acquisition)
+        self.token = new_owner()
+        # SQLite: this process is the only receiver; PostgreSQL: others may share the database
+        self.single_process = self.db.is_sqlite
+        self.ingest = Ingest(self.db, self.files, settings.completion.use_images_in_acquisition, receiver=self.token)
         self.worker = Worker(self.db, self.files, settings)
         self.sender = Sender(self.db, self.files, settings)
-        self.tracker = CompletionTracker(self.db, settings.completion, self._route)
+        self.tracker = CompletionTracker(self.db, settings.completion, self._route, receiver=self.token,
+                                         shared=not self.single_process)
         self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -64,7 +68,8 @@ class Node:
 
     def start(self) -> None:
         self.files.remove_temp_files()
-        recover(self.db, single_process=self.db.is_sqlite)
+        # with SQLite and the worker in this process, every 'running' job is ours from before
+        recover(self.db, single_process=self.single_process and self.run_worker)
         self.scp.start()
         loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
         if self.run_worker:

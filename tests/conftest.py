@@ -72,10 +72,10 @@ class NodeProcess:
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None
 
-    def start(self, port: int) -> "NodeProcess":
+    def start(self, port: int, args: tuple[str, ...] = ("serve",)) -> "NodeProcess":
         self.port = port
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(self.config)],
+        self.proc = subprocess.Popen([str(BIN / "pacs-node"), *args, "--config", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root)
         wait_for(lambda: port_open(port) or self.proc.poll() is not None, 60, "the node to listen")
         if self.proc.poll() is not None:
@@ -132,13 +132,17 @@ def node_config(port: int, peers: list[dict], rules: list[dict], **sections: dic
 def node_factory(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     started: list[NodeProcess] = []
 
-    def make(peers: list[dict], rules: list[dict], port: int | None = None, **sections: dict) -> NodeProcess:
+    def make(peers: list[dict], rules: list[dict], port: int | None = None, args: tuple[str, ...] = ("serve",),
+             database_url: str | None = None, **sections: dict) -> NodeProcess:
         port = port or free_port()
         root = tmp_path / f"node{len(started)}"
         root.mkdir()
-        node = NodeProcess(root, node_config(port, peers, rules, **sections))
+        text = node_config(port, peers, rules, **sections)
+        if database_url:
+            text = text.replace('database_url = "sqlite:///node.db"', f'database_url = "{database_url}"')
+        node = NodeProcess(root, text)
         started.append(node)
-        return node.start(port)
+        return node.start(port, args)
 
     yield make
     for node in started:

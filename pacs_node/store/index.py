@@ -62,6 +62,9 @@ class Series(Base):
     study_id: Mapped[int] = mapped_column(ForeignKey("study.id"))
     modality: Mapped[str] = mapped_column(String(16), default="")
     calling_ae: Mapped[str] = mapped_column(String(16), default="")
+    #: the receiver process that last stored an instance (only it knows whether the
+    #: association is still open; others complete the series only after a grace period)
+    receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
     #: receiving -> complete; a late instance reopens the series (generation + 1)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
@@ -114,6 +117,9 @@ class Job(Base):
     last_instance_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     series_completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     result_count: Mapped[int] = mapped_column(Integer, default=0)
+    #: folder of the encoded results, relative to storage_dir (one per attempt, so a worker
+    #: that lost its lease can never mix its files into another worker's results)
+    result_path: Mapped[str | None] = mapped_column(String(400), nullable=True)
     #: stage durations in seconds, "load=0.31 model=7.02 encode=0.40"
     timings: Mapped[str] = mapped_column(Text, default="")
 

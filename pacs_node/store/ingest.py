@@ -30,8 +30,10 @@ class Stored:
 
 
 class Ingest:
-    def __init__(self, db: Database, files: FileStore, use_images_in_acquisition: bool = True) -> None:
+    def __init__(self, db: Database, files: FileStore, use_images_in_acquisition: bool = True,
+                 receiver: str | None = None) -> None:
         self.db = db
+        self.receiver = receiver
         self.files = files
         self.use_images_in_acquisition = use_images_in_acquisition
 
@@ -100,6 +102,7 @@ class Ingest:
             series.completed_by = None
         series.last_received_at = now
         series.calling_ae = calling_ae
+        series.receiver = self.receiver
         if expected:
             series.expected_count = expected
         instance = session.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar_one_or_none()
