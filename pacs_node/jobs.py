@@ -23,7 +23,7 @@ from pathlib import Path
 from sqlalchemy import and_, case, or_, select, update
 from sqlalchemy.orm import Session
 
-from . import audit
+from . import audit, metrics
 from .config import Rule, SendSettings, Settings
 from .net.scu import SendError, send_files
 from .process import process_series
@@ -387,6 +387,7 @@ class Sender:
             audit.record(self.db, "results-sent", job_id=d.job_id, called_ae=d.ae_title, count=sent, seconds=elapsed,
                          detail=d.destination)
         elif state == "pending":
+            metrics.send_retries.inc()
             log.warning("job %d: delivery to %s failed (attempt %d/%d): %s; next try in %.1f s", d.job_id,
                         d.destination, d.attempts, send.max_attempts, error, backoff(send, d.attempts))
         else:

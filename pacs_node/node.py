@@ -78,6 +78,8 @@ class Node:
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        from .web import start_operations  # web console, /metrics, STOW-RS, webhooks; threads end with _stop
+        self._threads.extend(start_operations(self, self._stop))
         log.info("node started: storage %s, database %s, worker %s, %d rule(s)", self.settings.node.storage_dir,
                  self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
                  len(self.settings.rules))

@@ -18,7 +18,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from .. import audit
+from .. import audit, metrics
 from ..config import Settings
 from ..errors import InvalidInstance
 from ..store.index import Database
@@ -145,6 +145,7 @@ class StorageSCP:
             reason = f"calling AE title not recognized from host {address}"
         if reason:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
+            metrics.association(accepted=False)
             audit.record(self.db, "association-rejected", calling_ae=calling[:16], address=address, detail=reason)
             # permanent, by the service user, reason 3: calling AE title not recognized
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
@@ -157,6 +158,7 @@ class StorageSCP:
         stats = _AssocStats(requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}")
         with self._lock:
             self._stats[id(event.assoc)] = stats
+        metrics.association(accepted=True)
         audit.record(self.db, "association-accepted", calling_ae=stats.calling_ae[:16],
                      called_ae=self.settings.node.ae_title, address=str(requestor.address))
 
@@ -208,6 +210,7 @@ class StorageSCP:
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
         self._count(stats, ok=True, size=len(encoded), series=stored.series_uid)
+        metrics.instance_received("dimse", len(encoded), event.timestamp)
         self.on_instance(id(event.assoc), stored.series_uid)
         return 0x0000
 
