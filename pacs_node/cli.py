@@ -54,11 +54,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     logs.setup(settings.node.log_level)
+    if args.device:
+        os.environ["PACS_NODE_DEVICE"] = args.device  # read by learned pipelines (pipelines.base.device)
     db = Database(settings.node.database_url)
     recover(db, single_process=False)
     pipelines = [p for p in (args.pipelines or "").split(",") if p] or None
     worker = Worker(db, FileStore(settings.node.storage_dir), settings, pipelines)
-    log.info("worker %s started (pipelines: %s)", worker.owner, ",".join(pipelines) if pipelines else "all")
+    log.info("worker %s started (pipelines: %s, device: %s)", worker.owner,
+             ",".join(pipelines) if pipelines else "all", args.device or "auto")
+    if pipelines:
+        from .pipelines import get_pipeline
+
+        for name in pipelines:  # load models once, up front, and keep them resident
+            get_pipeline(name)
+            log.info("pipeline %s loaded%s", name, _gpu_memory())
     stop = threading.Event()
     import signal
 
@@ -66,6 +75,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker.run(stop)
     return 0
+
+
+def _gpu_memory() -> str:
+    try:
+        import torch
+    except ImportError:
+        return ""
+    if not torch.cuda.is_available():
+        return ""
+    return f" (GPU memory allocated: {torch.cuda.memory_allocated() / 2**20:.0f} MiB)"
 
 
 def cmd_send(args: argparse.Namespace) -> int:
@@ -235,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_serve)
 
     p = with_config(sub.add_parser("worker", help="run jobs only (several workers may share one database)"))
-    p.add_argument("--pipelines", help="comma-separated pipelines this worker runs (default: all)")
+    p.add_argument("--pipelines", help="comma-separated pipelines this worker runs (default: all); loaded at start")
+    p.add_argument("--device", help="torch device for learned pipelines, e.g. cuda:0 or cpu (default: cuda if present)")
     p.set_defaults(fn=cmd_worker)
 
     p = sub.add_parser("send", help="send DICOM files or folders with C-STORE")

@@ -51,6 +51,21 @@ class ScoreMap:
 Output = DerivedVolume | ScoreMap
 
 
+def device() -> str:
+    """The torch device learned pipelines should use: $PACS_NODE_DEVICE (set by
+    `pacs-node worker --device`), else cuda when present, else cpu."""
+    import os
+
+    chosen = os.environ.get("PACS_NODE_DEVICE")
+    if chosen:
+        return chosen
+    try:
+        import torch
+    except ImportError:
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 class Pipeline(ABC):
     """Subclasses set ``name``, ``version`` and ``requires`` and implement ``run``.
 
