@@ -164,11 +164,16 @@ def patient_key(patient_id: str, issuer: str = "") -> str:
     return hashlib.sha256(f"pacs-node|{issuer}|{patient_id}".encode()).hexdigest()
 
 
-def make_engine(url: str) -> Engine:
+def _ensure_sqlite_folder(url: str) -> None:
     if url.startswith("sqlite"):
         path = url.split("sqlite:///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+
+
+def make_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        _ensure_sqlite_folder(url)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, pool_size=20, max_overflow=20)
 
         @event.listens_for(engine, "connect")
@@ -210,6 +215,7 @@ class Database:
 
     def __init__(self, url: str, run_migrations: bool = True) -> None:
         self.url = url
+        _ensure_sqlite_folder(url)
         if run_migrations:
             migrate(url)
         self.engine = make_engine(url)
