@@ -1,0 +1,189 @@
+"""Ingest throughput: the same series sent by DCMTK storescu to DCMTK storescp, Orthanc and
+pacs-node, alternating, with 1, 4 and 8 concurrent associations; medians, ratios, peak RSS.
+
+Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--json F]
+
+Each run starts the target fresh on an empty folder (pacs-node: fsync + SQLite index on, no
+rules, so only receive/store/index is timed); the series is split into `conc` parts sent by
+`conc` storescu processes at once; the clock runs from the first process start to the last
+exit. TCP_NODELAY=1 is set for DCMTK and Orthanc (else ~40 ms per instance).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pacs_node.datasets import data_dir  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def peak_rss_mb(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+class Target:
+    name = ""
+    ae = ""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.port = free_port()
+        self.proc: subprocess.Popen | None = None
+
+    def stop(self) -> float:
+        rss = peak_rss_mb(self.proc.pid) if self.proc else float("nan")
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        shutil.rmtree(self.work, ignore_errors=True)
+        return rss
+
+
+class StoreSCP(Target):
+    name, ae = "dcmtk-storescp", "STORESCP"
+
+    def start(self) -> None:
+        (self.work / "out").mkdir(parents=True)
+        self.proc = subprocess.Popen(["storescp", "-aet", self.ae, "-od", str(self.work / "out"), str(self.port)],
+                                     env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+class Orthanc(Target):
+    name, ae = "orthanc", "ORTHANC"
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True)
+        http = free_port()
+        cfg = {"StorageDirectory": str(self.work / "db"), "IndexDirectory": str(self.work / "db"), "HttpPort": http,
+               "DicomPort": self.port, "DicomAet": self.ae, "RemoteAccessAllowed": False,
+               "AuthenticationEnabled": False, "DicomCheckCalledAet": False, "Plugins": []}
+        (self.work / "o.json").write_text(json.dumps(cfg))
+        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        self.proc = subprocess.Popen([exe, str(self.work / "o.json")], env=ENV, cwd=self.work,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{http}/system", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+
+
+class PacsNode(Target):
+    name, ae = "pacs-node", "PACSNODE"
+
+    def start(self) -> None:
+        self.work.mkdir(parents=True)
+        (self.work / "node.toml").write_text(
+            f'[node]\nhost = "127.0.0.1"\nport = {self.port}\nstorage_dir = "storage"\n'
+            f'database_url = "sqlite:///node.db"\nallow_any_caller = true\nlog_level = "WARNING"\n')
+        self.proc = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(self.work / "node.toml")],
+                                     cwd=self.work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+
+
+def send(target: Target, files: list[Path], conc: int) -> float:
+    parts = [files[i::conc] for i in range(conc)]
+    start = time.monotonic()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", target.ae, "127.0.0.1", str(target.port),
+                               *map(str, part)], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for part in parts]
+    for p in procs:
+        _, err = p.communicate()
+        if p.returncode != 0:
+            raise RuntimeError(f"storescu to {target.name} failed: {err.decode()[-500:]}")
+    return time.monotonic() - start
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--series", default="ct/vhf-head", help="folder under the data cache (default ct/vhf-head)")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--conc", default="1,4,8")
+    ap.add_argument("--targets", default="dcmtk-storescp,orthanc,pacs-node")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())
+    size_mb = sum(p.stat().st_size for p in files) / 1e6
+    kinds = {k.name: k for k in (StoreSCP, Orthanc, PacsNode)}
+    targets = [kinds[t] for t in args.targets.split(",")]
+    results: dict[tuple[str, int], list[float]] = {}
+    rss: dict[tuple[str, int], float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for rep in range(args.reps):
+            for conc in [int(c) for c in args.conc.split(",")]:
+                order = targets if rep % 2 == 0 else targets[::-1]  # alternate to spread drift
+                for kind in order:
+                    target = kind(Path(tmp) / f"{kind.name}-{rep}-{conc}")
+                    target.start()
+                    try:
+                        elapsed = send(target, files, conc)
+                    finally:
+                        peak = target.stop()
+                    results.setdefault((kind.name, conc), []).append(len(files) / elapsed)
+                    rss[(kind.name, conc)] = max(rss.get((kind.name, conc), 0.0), peak)
+    print(f"machine: {os.cpu_count()} CPU cores; series {args.series}: {len(files)} instances, {size_mb:.0f} MB; "
+          f"{args.reps} repetitions, median instances/s; loopback, TCP_NODELAY=1")
+    print(f"{'target':16} {'assocs':>6} {'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'vs storescp':>11} {'vs orthanc':>10}")
+    rows = []
+    for (name, conc), rates in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        med = statistics.median(rates)
+        ref_d = statistics.median(results.get(("dcmtk-storescp", conc), [float("nan")]))
+        ref_o = statistics.median(results.get(("orthanc", conc), [float("nan")]))
+        row = {"target": name, "associations": conc, "instances_per_s": round(med, 1),
+               "mb_per_s": round(med * size_mb / len(files), 1), "peak_rss_mb": round(rss[(name, conc)], 1),
+               "ratio_storescp": round(med / ref_d, 2), "ratio_orthanc": round(med / ref_o, 2), "runs": rates}
+        rows.append(row)
+        print(f"{name:16} {conc:>6} {med:>8.1f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>11.0f} "
+              f"{row['ratio_storescp']:>11.2f} {row['ratio_orthanc']:>10.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
