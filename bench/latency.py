@@ -1,0 +1,137 @@
+"""End-to-end latency per pipeline, split into stages: from the last instance acknowledged to
+the last result acknowledged by the destination.
+
+Usage: .venv/bin/python bench/latency.py [--pipelines ct-denoise-classical] [--series ct/ge-head-tilt]
+                                         [--quiet 2.0] [--reps 2] [--json F]
+
+A fresh node (SQLite, fsync on) and a DCMTK storescp destination; storescu sends the series
+and releases; stages come from the job row: completion wait (last instance -> series
+complete), queue, load/decode, model, encode, write, send.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from pacs_node.datasets import data_dir  # noqa: E402
+
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "TCP_NODELAY": "1"}
+STAGES = ("completion", "queue", "load", "model", "encode", "write", "send")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int) -> None:
+    for _ in range(600):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise RuntimeError(f"port {port} did not open")
+
+
+def one_run(work: Path, pipeline: str, series: Path, quiet: float) -> dict[str, float]:
+    work.mkdir(parents=True)
+    port, dest = free_port(), free_port()
+    (work / "out").mkdir()
+    (work / "node.toml").write_text(f"""
+[node]
+host = "127.0.0.1"
+port = {port}
+storage_dir = "storage"
+database_url = "sqlite:///node.db"
+[completion]
+quiet_seconds = {quiet}
+[[peers]]
+name = "modality"
+ae_title = "STORESCU"
+[[peers]]
+name = "dest"
+ae_title = "STORESCP"
+host = "127.0.0.1"
+port = {dest}
+[[rules]]
+name = "bench"
+when = "True"
+pipeline = "{pipeline}"
+destinations = ["dest"]
+""")
+    scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(work / "out"), str(dest)], env=ENV,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = open(work / "node.log", "wb")
+    node = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(work / "node.toml")], cwd=work, env=ENV,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_port(port)
+        wait_port(dest)
+        subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1", str(port), str(series), "+sd"],
+                       env=ENV, check=True, stdout=subprocess.DEVNULL)
+        db = work / "node.db"
+        deadline = time.monotonic() + 1800
+        while time.monotonic() < deadline:
+            row = sqlite3.connect(db).execute("select state, error from job").fetchone()
+            if row and row[0] in ("done", "failed"):
+                break
+            time.sleep(0.2)
+        text = (work / "node.log").read_text()
+        m = re.search(r"last result acknowledged ([\d.]+) s \[([^\]]*)\]", text)
+        if not m:
+            raise RuntimeError(f"job did not finish: {row}\n{text[-2000:]}")
+        stages = dict(kv.split("=") for kv in m.group(2).split())
+        out = {k: float(v) for k, v in stages.items()}
+        out["total"] = float(m.group(1))
+        return out
+    finally:
+        for p in (node, scp):
+            p.send_signal(signal.SIGTERM)
+            p.wait(30)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipelines", default="ct-denoise-classical")
+    ap.add_argument("--series", default="ct/ge-head-tilt")
+    ap.add_argument("--quiet", type=float, default=2.0)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    series = data_dir() / args.series
+    n = len([p for p in series.iterdir() if p.is_file()])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for pipeline in args.pipelines.split(","):
+            runs = [one_run(Path(tmp) / f"{pipeline}-{i}", pipeline, series, args.quiet) for i in range(args.reps)]
+            med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in (*STAGES, "total")}
+            rows.append({"pipeline": pipeline, "series": args.series, "instances": n, "median_seconds": med, "runs": runs})
+    print(f"machine: {os.cpu_count()} CPU cores, CPU only; series {args.series} ({n} instances); quiet_seconds={args.quiet}; "
+          f"median of {args.reps}; seconds")
+    print(f"{'pipeline':24}" + "".join(f"{s:>11}" for s in (*STAGES, "total")) + f"{'total-model':>12}")
+    for r in rows:
+        m = r["median_seconds"]
+        print(f"{r['pipeline']:24}" + "".join(f"{m[s]:>11.2f}" for s in (*STAGES, "total")) + f"{m['total'] - m['model']:>12.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
