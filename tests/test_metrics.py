@@ -1,0 +1,67 @@
+"""Metrics: job ends fill the per-stage histograms and outcomes; queue depth comes from the job table."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from pacs_node import metrics
+from pacs_node.notify import DeliveryOutcome, JobEnded, JobWatcher
+from pacs_node.store.index import Database, Job, Patient, Series, Study, utcnow
+
+
+def value(name: str, **labels: str) -> float:
+    return metrics.REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def test_a_job_end_fills_every_stage_and_its_outcome() -> None:
+    before = {s: value("pacs_node_stage_seconds_count", stage=s) for s in metrics.STAGES}
+    done = value("pacs_node_jobs_finished_total", pipeline="unit-pipeline", outcome="done")
+    stages = {"completion": 1.0, "queue": 0.1, "load": 0.3, "model": 4.0, "encode": 0.2, "write": 0.1,
+              "send": 0.5, "total": 6.2}
+    metrics.observe_job(JobEnded(1, "r", "unit-pipeline", "done", None, "1.2", "1.2.3", 1, 4, utcnow(), stages,
+                                 (DeliveryOutcome("viewer", "done", 4, 0, None),)))
+    metrics.instance_received("dimse", 1000, dt.datetime.now() - dt.timedelta(milliseconds=20))
+    assert value("pacs_node_jobs_finished_total", pipeline="unit-pipeline", outcome="done") == done + 1
+    for stage in metrics.STAGES:
+        assert value("pacs_node_stage_seconds_count", stage=stage) == before[stage] + 1, stage
+    assert value("pacs_node_model_inference_seconds_bucket", pipeline="unit-pipeline", le="5.0") >= 1
+    assert value("pacs_node_model_inference_seconds_bucket", pipeline="unit-pipeline", le="2.5") == 0
+    assert 0.02 <= value("pacs_node_stage_seconds_sum", stage="store") < 3600
+
+
+def test_queue_depth_per_pipeline_and_the_watcher(tmp_path: Path) -> None:
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+
+    def rows(session) -> None:  # type: ignore[no-untyped-def]
+        session.add(Patient(id=1, key="k"))
+        session.add(Study(id=1, study_uid="1.2", patient_id=1))
+        session.flush()
+        session.add(Series(id=1, series_uid="1.2.3", study_id=1, modality="CT"))
+        session.flush()
+        now = utcnow()
+        for i, (pipeline, state) in enumerate([("a", "queued"), ("a", "queued"), ("a", "running"), ("b", "sending"),
+                                               ("b", "done"), ("b", "failed")], start=1):
+            session.add(Job(id=i, series_id=1, rule=f"r{i}", pipeline=pipeline, state=state,
+                            finished_at=now if state in ("done", "failed") else None))
+
+    db.run(rows)
+    metrics.watch_database(db)
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert 'pacs_node_jobs{pipeline="a",state="queued"} 2.0' in text
+    assert 'pacs_node_jobs{pipeline="a",state="running"} 1.0' in text
+    assert 'pacs_node_jobs{pipeline="b",state="sending"} 1.0' in text
+    depth = [line for line in text.splitlines() if line.startswith("pacs_node_jobs{")]
+    assert len(depth) == 3  # ended jobs are not queue depth
+
+    seen: list[JobEnded] = []
+    watcher = JobWatcher(db, [seen.append])
+    assert sorted(j.outcome for j in watcher.poll()) == ["done", "failed"]
+    assert watcher.poll() == []  # each end once
+    db.run(lambda s: s.execute(Job.__table__.update().where(Job.id == 6).values(
+        state="done", finished_at=utcnow() + dt.timedelta(seconds=1))))
+    assert [(j.job_id, j.outcome) for j in watcher.poll()] == [(6, "done")]  # a retried job ends again
+    assert seen[0].series_uid == "1.2.3" and seen[0].study_uid == "1.2"
+    db.dispose()
