@@ -46,6 +46,9 @@ class AnomalyConfig:
     kl_weight: float = 5e-4
     noise_std: float = 0.2
     noise_res: int = 16
+    #: training noise: the sum of coarse noise fields at these resolutions, each with a random
+    #: std in [0, noise_std] per sample (empty: one field at noise_res with std noise_std)
+    noise_scales: tuple[int, ...] = ()
     smooth_sigma: float = 1.5
     mask_erode_px: int = 3
     #: reconstruction error that maps to score 1.0 (set from normal training slices)
@@ -56,12 +59,14 @@ class AnomalyConfig:
     def to_json(self) -> str:
         data = asdict(self)
         data["channels"] = list(self.channels)
+        data["noise_scales"] = list(self.noise_scales)
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, text: str) -> "AnomalyConfig":
         data = json.loads(text)
         data["channels"] = tuple(data["channels"])
+        data["noise_scales"] = tuple(data.get("noise_scales", ()))
         return cls(**data)
 
 
@@ -185,6 +190,17 @@ def coarse_noise(shape: tuple[int, ...], std: float, res: int, generator: torch.
     b, _, h, w = shape
     n = torch.randn((b, 1, res, res), generator=generator) * std
     return F.interpolate(n, size=(h, w), mode="bilinear", align_corners=False)
+
+
+def training_noise(shape: tuple[int, ...], cfg: AnomalyConfig, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The corruption the denoising model learns to remove (see AnomalyConfig.noise_scales)."""
+    if not cfg.noise_scales:
+        return coarse_noise(shape, cfg.noise_std, cfg.noise_res, generator)
+    total = torch.zeros(shape)
+    for res in cfg.noise_scales:
+        std = torch.rand((shape[0], 1, 1, 1), generator=generator) * cfg.noise_std
+        total = total + coarse_noise(shape, 1.0, res, generator) * std
+    return total
 
 
 # ----------------------------------------------------------------------------------- scoring

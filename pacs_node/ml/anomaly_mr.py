@@ -27,7 +27,7 @@ from ..models_dir import model_path
 from .anomaly import (
     AnomalyConfig,
     build_network,
-    coarse_noise,
+    training_noise,
     foreground_mask,
     intensity_baseline,
     kl_divergence,
@@ -177,10 +177,12 @@ def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
-          checkpoint: Path | None = None) -> torch.nn.Module:
+          checkpoint: Path | None = None, init: Path | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
+    if init is not None:
+        net.load_state_dict(load_model(init)[0].state_dict())
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     data = torch.from_numpy(images[:, None])
@@ -189,7 +191,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
     for step in range(1, steps + 1):
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         clean = augment(data[idx], gen)
-        noisy = clean + coarse_noise(clean.shape, cfg.noise_std, cfg.noise_res, gen)
+        noisy = clean + training_noise(clean.shape, cfg, gen)
         recon, mu, logvar = net(noisy)
         rec = (recon - clean).abs().mean()
         loss = rec + cfg.kl_weight * kl_divergence(mu, logvar)
@@ -239,6 +241,10 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--arch", choices=("dae-unet", "vae"), default="dae-unet",
                    help="dae-unet: denoising U-Net (served); vae: spatial-latent VAE")
+    p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
+    p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
+    p.add_argument("--noise-scales", default=None,
+                   help="comma-separated coarse noise resolutions, e.g. 4,8,16 (default: one field at 16)")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML with any of: steps, batch, lr, seed, max_minutes, threads (flags override it)")
     known, _ = p.parse_known_args(argv)
@@ -246,7 +252,8 @@ def train_main(argv: list[str]) -> int:
         import tomllib
 
         settings = tomllib.loads(known.config.read_text())
-        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "version"}
+        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
+                                     "noise_scales", "version"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -254,6 +261,10 @@ def train_main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = AnomalyConfig(modality="MR", arch=args.arch)
+    if args.noise_std is not None:
+        cfg.noise_std = float(args.noise_std)
+    if args.noise_scales:
+        cfg.noise_scales = tuple(int(v) for v in str(args.noise_scales).split(","))
     if args.data is None:
         from ..datasets import data_dir
 
@@ -264,9 +275,9 @@ def train_main(argv: list[str]) -> int:
           flush=True)
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
-                log_every=max(1, min(50, args.steps // 4)))
+                log_every=max(1, min(50, args.steps // 4)), init=args.init)
     cfg.error_scale = calibrate(net, images, cfg)
-    cfg.extra = {"steps": args.steps, "batch": args.batch, "lr": args.lr, "train_slices": len(images),
+    cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr, "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
     save_model(net, cfg, args.out)
     partial = args.out.with_suffix(".partial.safetensors")
