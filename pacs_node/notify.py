@@ -197,17 +197,77 @@ class _Call:
     body: bytes = field(compare=False)
 
 
-class WebhookNotifier:
-    """Calls the rule's (or the global) webhook once per job end, retrying with backoff."""
+class Leadership:
+    """One process of a shared PostgreSQL database calls the webhooks (a session advisory lock).
 
-    def __init__(self, db: Database, settings: Settings) -> None:
+    Several `pacs-node serve` processes may share one database; each sees every job end, and
+    without this each would call. The lock lives as long as the connection, so when the
+    caller dies another process takes over (and, reading the audit trail, calls for what
+    was not called yet). With SQLite there is one serving process: it always leads.
+    """
+
+    KEY = 0x7AC5_0DE0  # pg_advisory_lock key of "webhook caller"
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn = None
+
+    def hold(self) -> bool:
+        """True while this process leads: takes the lock if free, checks the connection if held."""
+        if self.db.is_sqlite:
+            return True
+        from sqlalchemy import text
+
+        try:
+            if self._conn is None:
+                conn = self.db.engine.connect()
+                got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.KEY}).scalar())
+                conn.commit()
+                if not got:
+                    conn.close()
+                    return False
+                self._conn = conn
+            else:
+                self._conn.execute(text("SELECT 1"))
+                self._conn.commit()
+            return True
+        except Exception:  # noqa: BLE001 - a lost connection is lost leadership; try again later
+            log.warning("webhooks: lost the database connection that holds the caller lock")
+            self.release()
+            return False
+
+    def release(self) -> None:
+        if self._conn is not None:
+            from sqlalchemy import text
+
+            try:
+                self._conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.KEY})
+                self._conn.commit()
+            except Exception:  # noqa: BLE001 - a broken connection has released the lock already
+                pass
+            # out of the pool for good: a pooled connection would keep a session lock alive
+            self._conn.invalidate()
+            self._conn.close()
+            self._conn = None
+
+
+class WebhookNotifier:
+    """Calls the rule's (or the global) webhook once per job end, retrying with backoff.
+
+    It watches the job table itself, only while it leads (see Leadership), from 24 hours back,
+    skipping ends the audit trail says were called.
+    """
+
+    def __init__(self, db: Database, settings: Settings, poll_seconds: float = 1.0) -> None:
         self.db = db
         self.settings = settings
         self.rules = {r.name: r for r in settings.rules}
+        self.poll_seconds = poll_seconds
+        self.leadership = Leadership(db)
         self._queue: list[_Call] = []
         self._lock = threading.Lock()
         self.wake = threading.Event()
-        self._done = self._already_called()
+        self._done: set[str] = set()
 
     def _already_called(self) -> set[str]:
         since = utcnow() - LOOKBACK - dt.timedelta(hours=1)
@@ -287,14 +347,37 @@ class WebhookNotifier:
         return True
 
     def run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
-            try:
-                busy = self.run_once()
-            except Exception:  # noqa: BLE001
-                log.exception("webhook loop error; retrying")
+        watcher: JobWatcher | None = None
+        next_poll = 0.0
+        try:
+            while not stop.is_set():
                 busy = False
-            if not busy:
-                with self._lock:
-                    wait = min(0.5, max(0.0, self._queue[0].due - time.monotonic())) if self._queue else 0.5
-                self.wake.wait(wait)
-                self.wake.clear()
+                try:
+                    if time.monotonic() >= next_poll:
+                        next_poll = time.monotonic() + self.poll_seconds
+                        if not self.leadership.hold():
+                            if watcher is not None:
+                                log.warning("webhooks: no longer the caller; another node process takes over")
+                            watcher = None
+                            with self._lock:
+                                self._queue.clear()
+                            next_poll = time.monotonic() + 5.0
+                            stop.wait(1.0)
+                            continue
+                        if watcher is None:
+                            self._done = self._already_called()
+                            watcher = JobWatcher(self.db, [self.job_ended])
+                            log.info("webhooks: this process calls them (%d rule webhook(s)%s)",
+                                     sum(1 for r in self.settings.rules if r.webhook_url),
+                                     ", global" if self.settings.notify.webhook_url else "")
+                        watcher.poll()
+                    busy = self.run_once()
+                except Exception:  # noqa: BLE001
+                    log.exception("webhook loop error; retrying")
+                if not busy:
+                    with self._lock:
+                        wait = min(0.5, max(0.0, self._queue[0].due - time.monotonic())) if self._queue else 0.5
+                    self.wake.wait(wait)
+                    self.wake.clear()
+        finally:
+            self.leadership.release()

@@ -125,3 +125,67 @@ def test_one_signed_webhook_call_per_job_and_no_patient_data(web_node, storescp,
         assert phi_found(*raw, *pages, node.log()) == []
     finally:
         receiver.stop()
+
+
+def test_processes_sharing_postgresql_call_once_per_job(tmp_path):
+    """Two serving processes on one PostgreSQL database: only the lock holder calls; when it
+    stops, the other takes over and calls for the job that ended meanwhile — once."""
+    import os
+    import uuid
+
+    import psycopg
+
+    from pacs_node.config import parse
+    from pacs_node.notify import WebhookNotifier
+    from pacs_node.store.index import Database, Job, Patient, Series, Study, utcnow
+
+    admin = os.environ.get("PACS_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+    name = f"pacsnode_test_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    receiver = Receiver()
+    dbs: list[Database] = []
+    try:
+        url = admin.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1) + f"/{name}"
+        settings = parse({"notify": {"webhook_url": receiver.url("/global"), "webhook_secret": GLOBAL_SECRET},
+                          "rules": [{"name": "r", "when": "Modality == 'CT'", "pipeline": "p"}]})
+        dbs = [Database(url), Database(url, run_migrations=False)]
+
+        def end_job(job_id: int):  # type: ignore[no-untyped-def]
+            def go(session) -> None:  # type: ignore[no-untyped-def]
+                if session.get(Series, 1) is None:
+                    session.add(Patient(id=1, key="k"))
+                    session.flush()
+                    session.add(Study(id=1, study_uid="1.2", patient_id=1))
+                    session.flush()
+                    session.add(Series(id=1, series_uid="1.2.3", study_id=1, modality="CT"))
+                    session.flush()
+                session.add(Job(id=job_id, series_id=1, generation=job_id, rule="r", pipeline="p", state="done",
+                            finished_at=utcnow()))
+            dbs[0].run(go)
+
+        end_job(1)
+        stops = [threading.Event(), threading.Event()]
+        notifiers = [WebhookNotifier(db, settings, poll_seconds=0.2) for db in dbs]
+        threads = [threading.Thread(target=n.run, args=(s,), daemon=True) for n, s in zip(notifiers, stops)]
+        for t in threads:
+            t.start()
+        wait_for(lambda: receiver.accepted("/global"), 30, "the first job's call")
+        time.sleep(1.5)
+        assert len(receiver.accepted("/global")) == 1
+        leader = 0 if notifiers[0].leadership._conn is not None else 1
+        stops[leader].set()
+        threads[leader].join(10)
+        end_job(2)
+        wait_for(lambda: len(receiver.accepted("/global")) == 2, 30, "the other process to call for job 2")
+        time.sleep(1.5)
+        ids = sorted(json.loads(c["body"])["job"]["id"] for c in receiver.accepted("/global"))
+        assert ids == [1, 2]
+        stops[1 - leader].set()
+        threads[1 - leader].join(10)
+    finally:
+        receiver.stop()
+        for db in dbs:
+            db.dispose()
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

@@ -6,6 +6,7 @@ when ``stop`` is set (Node.stop() joins them).
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
 from typing import TYPE_CHECKING
@@ -48,7 +49,8 @@ class HttpServer:
 
 
 def start_operations(node: "Node", stop: threading.Event) -> list[threading.Thread]:
-    """Start the job watcher (metrics, webhooks) and, with [http] enabled, the HTTP server."""
+    """Start the job watcher (metrics), the webhook caller when one is configured and, with
+    [http] enabled, the HTTP server."""
     started = utcnow()
     metrics.watch_database(node.db)
     notifier = WebhookNotifier(node.db, node.settings)
@@ -57,8 +59,8 @@ def start_operations(node: "Node", stop: threading.Event) -> list[threading.Thre
         if job.finished_at >= started:  # jobs that ended before this process started were counted by it
             metrics.observe_job(job)
 
-    observers = [count] + ([notifier.job_ended] if notifier.configured else [])
-    loops = [("job-watcher", JobWatcher(node.db, observers).run)]
+    # metrics count what ends from now on: no look back
+    loops = [("job-watcher", JobWatcher(node.db, [count], interval=1.0, lookback=dt.timedelta(0)).run)]
     if notifier.configured:
         loops.append(("webhooks", notifier.run))
     if node.settings.http.enabled:
