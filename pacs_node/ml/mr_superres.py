@@ -86,12 +86,13 @@ def _planes(vol: np.ndarray, stride: int, min_signal: float) -> list[np.ndarray]
     return out
 
 
-def build_bank(data: Path | None, cache: Path, cfg: "TrainConfig") -> list[np.ndarray]:
-    """Ground-truth 2-D slices for training (cached as .npz under ``cache``)."""
-    path = cache / f"bank-s{cfg.stride}-p{cfg.min_size}.npz"
+def build_bank(data: Path | None, cache: Path, cfg: "TrainConfig") -> tuple[list[np.ndarray], np.ndarray]:
+    """Ground-truth 2-D slices for training and, per slice, whether it is UIH (cached under ``cache``)."""
+    path = cache / f"bank-v2-s{cfg.stride}-p{cfg.min_size}.npz"
     if path.exists():
         with np.load(path) as z:
-            return [z[k] for k in sorted(z.files)]
+            keys = sorted(k for k in z.files if k.startswith("s"))
+            return [z[k] for k in keys], z["is_uih"]
     from ..volume import load_series
 
     slices: list[np.ndarray] = []
@@ -99,6 +100,7 @@ def build_bank(data: Path | None, cache: Path, cfg: "TrainConfig") -> list[np.nd
     forrest = forrest / np.float32(np.percentile(forrest[::2, ::2, ::2], 99.5))
     slices += _planes(forrest, cfg.stride, cfg.min_signal)
     del forrest
+    n_forrest = len(slices)
     uih, _, _ = load_uih_truth(data)
     uih = np.clip(uih, 0, None) / np.float32(np.percentile(uih[:, ::2, ::2], 99.5))
     lo, hi = HELDOUT_UIH
@@ -108,9 +110,10 @@ def build_bank(data: Path | None, cache: Path, cfg: "TrainConfig") -> list[np.nd
     slices = [_pad_min(s, cfg.min_size) for s in slices]
     cache.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **{f"s{i:05d}": s for i, s in enumerate(slices)})
+    is_uih = np.arange(len(slices)) >= n_forrest
+    np.savez(tmp, is_uih=is_uih, **{f"s{i:05d}": s for i, s in enumerate(slices)})
     os.replace(tmp, path)
-    return slices
+    return slices, is_uih
 
 
 def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -139,17 +142,25 @@ def augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def make_batch(bank: list[np.ndarray], rng: np.random.Generator, axis: str, scale: int, patch: int,
-               batch: int, per_slice: int = 4):
+               batch: int, per_slice: int = 4, is_uih: np.ndarray | None = None, uih_fraction: float = 0.0,
+               min_patch_signal: float = 0.0):
     """(lr, base, hr) float32 patches, normalised by the LR slice's 99.5th percentile.
 
     In-plane: hr (patch, patch), lr (patch/s, patch/s), base = zero-fill of the *whole* LR slice,
     cropped. Through-plane (along rows): hr (patch+1, patch), lr (patch/s+1, patch).
+    ``min_patch_signal``: redraw (up to 8 times) a patch position whose fraction of pixels above 0.1
+    of the slice scale is below this (fewer all-background patches).
     """
     from .mr_superres_net import base_upsample
 
     lrs, bases, hrs = [], [], []
+    uih_idx = np.flatnonzero(is_uih) if is_uih is not None and uih_fraction > 0 else None
     while len(hrs) < batch:
-        img = augment(bank[rng.integers(len(bank))], rng)
+        if uih_idx is not None and len(uih_idx) and rng.random() < uih_fraction:
+            pick = int(uih_idx[rng.integers(len(uih_idx))])
+        else:
+            pick = int(rng.integers(len(bank)))
+        img = augment(bank[pick], rng)
         img, _ = kspace.crop_to_multiple(img, scale)
         if axis == "inplane":
             lr = kspace.degrade_inplane(img, scale)
@@ -165,15 +176,17 @@ def make_batch(bank: list[np.ndarray], rng: np.random.Generator, axis: str, scal
         for _ in range(per_slice):
             if len(hrs) >= batch:
                 break
-            if axis == "inplane":
-                y = rng.integers(0, lh - ph + 1)
+            rows = ph if axis == "inplane" else ph + 1
+            for _try in range(8):
+                y = rng.integers(0, lh - rows + 1)
                 x = rng.integers(0, lw - pw + 1)
+                if min_patch_signal <= 0 or float((lr[y:y + rows, x:x + pw] > 0.1 * s).mean()) >= min_patch_signal:
+                    break
+            if axis == "inplane":
                 lrs.append(lr[y:y + ph, x:x + pw] / s)
                 bases.append(base[y * scale:(y + ph) * scale, x * scale:(x + pw) * scale] / s)
                 hrs.append(img[y * scale:(y + ph) * scale, x * scale:(x + pw) * scale] / s)
             else:
-                y = rng.integers(0, lh - (ph + 1) + 1)
-                x = rng.integers(0, lw - pw + 1)
                 lrs.append(lr[y:y + ph + 1, x:x + pw] / s)
                 bases.append(base[y * scale:y * scale + patch + 1, x:x + pw] / s)
                 hrs.append(img[y * scale:y * scale + patch + 1, x:x + pw] / s)
@@ -199,12 +212,15 @@ class TrainConfig:
     batch: int = 16
     lr: float = 2e-4
     adv_weight: float = 1e-3
+    pixel_loss: str = "l1"  # pixel loss of the GAN generator: "l1" or "mse" (the L1 baseline always uses L1)
     disc_channels: int = 16
     stride: int = 4
     min_size: int = 128
     min_signal: float = 0.05
     patch_inplane: dict = field(default_factory=lambda: {"2": 96, "4": 128})
     patch_through: int = 64
+    uih_fraction: float = 0.0  # probability of drawing a UIH slice (0: uniform over the bank)
+    min_patch_signal: float = 0.0  # see make_batch
     tasks: list[TaskConfig] = field(default_factory=list)
     version: str = "1.0.0"
 
@@ -220,7 +236,7 @@ class TrainConfig:
 # --- training -------------------------------------------------------------------------------
 
 def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, max_steps: int | None,
-                log_every: int = 50):
+                log_every: int = 50, init: Path | None = None):
     """Returns (gan_generator, l1_generator or None, history)."""
     import copy
 
@@ -236,16 +252,28 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
     patch = int(cfg.patch_inplane[str(scale)]) if axis == "inplane" else cfg.patch_through
 
     def n(steps: int) -> int:
+        if steps <= 0:
+            return 0
         k = max(1, int(round(steps * steps_scale)))
         return min(k, max_steps) if max_steps else k
 
     n_pre, n_gan = n(task.pretrain_steps), n(task.gan_steps)
     gen = Generator(scale, axis, cfg.channels, cfg.blocks)
+    init_l1 = None
+    if init is not None:  # continue from earlier weights (a second stage, or a longer run on a GPU)
+        from .mr_superres_net import load_generators
+
+        gen.load_state_dict(load_generators(init / "model.safetensors").generators[task.name].state_dict())
+        if task.l1_baseline and (init / "l1_baseline.safetensors").exists():
+            init_l1 = load_generators(init / "l1_baseline.safetensors").generators[task.name].state_dict()
     history: list[dict] = []
     t0 = time.time()
 
+    bank, is_uih = bank
+
     def batch():
-        lr, base, hr = make_batch(bank, rng, axis, scale, patch, cfg.batch)
+        lr, base, hr = make_batch(bank, rng, axis, scale, patch, cfg.batch, is_uih=is_uih,
+                                  uih_fraction=cfg.uih_fraction, min_patch_signal=cfg.min_patch_signal)
         return torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
 
     def cosine(opt, step, total, lr0):
@@ -279,6 +307,8 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
     if task.l1_baseline:
         # the plain L1 CNN: same network, same total number of steps, no adversarial term
         l1_gen = copy.deepcopy(gen)
+        if init_l1 is not None:
+            l1_gen.load_state_dict(init_l1)
         opt_l1 = torch.optim.Adam(l1_gen.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         opt_l1.load_state_dict(opt.state_dict())
     disc = Discriminator(cfg.disc_channels)
@@ -294,8 +324,8 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
         opt_d.zero_grad()
         loss_d.backward()
         opt_d.step()
-        # generator: pixel L1 + non-saturating adversarial term
-        pix = F.l1_loss(sr, hr)
+        # generator: pixel loss + non-saturating adversarial term
+        pix = F.mse_loss(sr, hr) if cfg.pixel_loss == "mse" else F.l1_loss(sr, hr)
         adv = F.softplus(-disc(sr)).mean()
         loss = pix + cfg.adv_weight * adv
         opt.zero_grad()
@@ -332,6 +362,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count")
     p.add_argument("--max-steps", type=int, default=0, help="cap every phase at this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--init", type=Path, default=None,
+                   help="folder with model.safetensors (and l1_baseline.safetensors) to continue from; "
+                        "its other generators are kept in the output")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
 
@@ -350,10 +383,21 @@ def train_main(argv: list[str]) -> int:
             return 2
     t0 = time.time()
     bank = build_bank(args.data, args.cache, cfg)
-    log.info("training bank: %d slices (%.0fs)", len(bank), time.time() - t0)
+    if isinstance(bank, list):  # a plain list of slices (tests): no UIH tags
+        bank = (bank, np.zeros(len(bank), bool))
+    log.info("training bank: %d slices, %d UIH (%.0fs)", len(bank[0]), int(bank[1].sum()), time.time() - t0)
     gens, l1s, history = {}, {}, []
+    if args.init is not None:
+        from .mr_superres_net import load_generators
+
+        gens = dict(load_generators(args.init / "model.safetensors").generators)
+        if (args.init / "l1_baseline.safetensors").exists():
+            l1s = dict(load_generators(args.init / "l1_baseline.safetensors").generators)
+        hist_file = args.init / "train_history.json"
+        if hist_file.exists():
+            history = json.loads(hist_file.read_text())
     for task in tasks:
-        g, l1, h = _train_task(task, cfg, bank, args.steps_scale, args.max_steps or None)
+        g, l1, h = _train_task(task, cfg, bank, args.steps_scale, args.max_steps or None, init=args.init)
         gens[task.name] = g
         if l1 is not None:
             l1s[task.name] = l1
@@ -361,7 +405,7 @@ def train_main(argv: list[str]) -> int:
         meta = {"version": cfg.version, "channels": cfg.channels, "blocks": cfg.blocks, "seed": cfg.seed,
                 "heldout_uih_sagittal": list(HELDOUT_UIH), "guard": GUARD,
                 "tasks": {t: {"steps_scale": args.steps_scale, "max_steps": args.max_steps} for t in gens},
-                "config": args.config.name}
+                "config": args.config.name, "init": str(args.init) if args.init else None}
         # write after every task so that a long run leaves usable weights behind
         save_generators(args.out / "model.safetensors", gens, meta)
         if l1s:
@@ -394,7 +438,7 @@ def _model_path(name: str) -> Path:
 
 
 def evaluate(data: Path | None, scale: int, axis: str = "inplane", weights: Path | None = None,
-             baseline: Path | None = None, block: tuple[int, int] = HELDOUT_UIH):
+             baseline: Path | None = None, block: tuple[int, int] = HELDOUT_UIH, ensemble: bool = False):
     """Metrics of every method on the held-out UIH block. Returns (rows, images for the panel)."""
     from .mr_superres_net import load_generators, superres_inplane, superres_through, task_name
 
@@ -409,7 +453,7 @@ def evaluate(data: Path | None, scale: int, axis: str = "inplane", weights: Path
         methods["zero-fill (sinc)"] = kspace.zerofill_upsample(lr, scale)
         methods["bicubic (true grid)"] = kspace.kernel_upsample(lr, scale, "bicubic")
         methods["lanczos3 (true grid)"] = kspace.kernel_upsample(lr, scale, "lanczos")
-        run = superres_inplane
+        run = lambda g, x: superres_inplane(g, x, ensemble=ensemble)  # noqa: E731
     else:
         n = (gt.shape[0] - 1) // scale * scale + 1
         gt = gt[:n]
@@ -500,13 +544,16 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--plot", type=Path, default=None, help="write a crop panel PNG here")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
+    p.add_argument("--ensemble", action="store_true", help="in-plane: average over 4 periodic flips (both CNNs)")
     args = p.parse_args(argv)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    rows, info, images = evaluate(args.data, args.scale, args.axis, args.weights, args.baseline)
+    rows, info, images = evaluate(args.data, args.scale, args.axis, args.weights, args.baseline,
+                                  ensemble=args.ensemble)
+    info["ensemble"] = bool(args.ensemble)
     print(f"mr-superres eval: {info['axis']} x{info['scale']}, held-out UIH sagittal slices "
           f"{info['heldout_uih_sagittal'][0]}-{info['heldout_uih_sagittal'][1]} "
           f"(ground truth {info['gt_shape']} at {info['gt_pixel_spacing_mm'][0]:g} mm)")

@@ -144,9 +144,34 @@ def load_generators(path: Path) -> ModelSet:
 
 # --- inference ------------------------------------------------------------------------------
 
+def _pflip(x: np.ndarray, axis: int) -> np.ndarray:
+    """Periodic flip x[n] -> x[-n mod N]: keeps pixel 0 in place, so LR pixel m stays on HR pixel s*m."""
+    return np.roll(np.flip(x, axis=axis), 1, axis=axis)
+
+
+def run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8, ensemble: bool = False) -> np.ndarray:
+    """Apply ``gen`` to a stack of 2-D LR slices (n, h, w) in physical units.
+
+    ``ensemble`` averages the outputs for the periodic flips of the input (4 in-plane, 2 through-plane
+    along the columns), which commute with the k-space grid.
+    """
+    if not ensemble:
+        return _run_slices(gen, lr, floor, batch)
+    axes_sets = [(), (-1,), (-2,), (-2, -1)] if gen.axis == "inplane" else [(), (-1,)]
+    acc = None
+    for axes in axes_sets:
+        x = np.asarray(lr, dtype=np.float32)
+        for a in axes:
+            x = _pflip(x, a)
+        y = _run_slices(gen, np.ascontiguousarray(x), floor, batch)
+        for a in axes:
+            y = _pflip(y, a)
+        acc = y if acc is None else acc + y
+    return acc / len(axes_sets)
+
+
 @torch.no_grad()
-def run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8) -> np.ndarray:
-    """Apply ``gen`` to a stack of 2-D LR slices (n, h, w) in physical units."""
+def _run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8) -> np.ndarray:
     lr = np.asarray(lr, dtype=np.float32)
     base = base_upsample(lr, gen.scale, gen.axis)
     scale = norm_scale(lr, floor)[:, None, None]
@@ -165,9 +190,9 @@ def volume_floor(array: np.ndarray) -> float:
     return max(0.1 * float(np.percentile(sub, 99.5)), 1e-6)
 
 
-def superres_inplane(gen: Generator, array: np.ndarray, batch: int = 8) -> np.ndarray:
+def superres_inplane(gen: Generator, array: np.ndarray, batch: int = 8, ensemble: bool = False) -> np.ndarray:
     """(z, y, x) -> (z, s*y, s*x); output pixel s*m on input pixel m."""
-    return run_slices(gen, array, volume_floor(array), batch)
+    return run_slices(gen, array, volume_floor(array), batch, ensemble)
 
 
 def superres_through(gen: Generator, array: np.ndarray, batch: int = 8) -> np.ndarray:

@@ -1,7 +1,8 @@
 """MR super-resolution: a trained residual generator on top of zero-filled (sinc) interpolation.
 
 Params (per rule): ``scale`` 2 or 4 (default 2); ``axis`` "inplane" (default: Rows and Columns
-multiplied by ``scale``) or "through" (``scale``-1 new slices between neighbours).
+multiplied by ``scale``) or "through" (``scale``-1 new slices between neighbours); ``ensemble``
+(default false): average over the 4 periodic flips of each in-plane input (4x the time).
 
 Geometry, k-space convention (see pacs_node.ml.kspace): output pixel s*m lies on input pixel m,
 so in-plane the output keeps each slice's ImagePositionPatient and divides PixelSpacing by the
@@ -58,7 +59,8 @@ class MrSuperres(Pipeline):
         what = f"MR super-resolution {axis} x{scale} (mr-superres model {self.model_version}, residual GAN " \
                f"generator on zero-filled k-space interpolation)"
         if axis == "inplane":
-            out = np.clip(superres_inplane(gen, src), low, None).astype(np.float32)
+            ensemble = str(params.get("ensemble", False)).lower() in ("1", "true", "yes")
+            out = np.clip(superres_inplane(gen, src, ensemble=ensemble), low, None).astype(np.float32)
             row_mm, col_mm = volume.pixel_spacing
             return [DerivedVolume(
                 array=out,
