@@ -1,6 +1,6 @@
 # Two entry points (README "Quick start"): `make run` and `make test`. Both install what is
-# missing: Debian packages (DCMTK, Orthanc, dicom3tools, chromium for the browser test) for the tests, and a virtualenv with
-# the package and its Python dependencies for both.
+# missing: Debian packages (DCMTK, Orthanc, dicom3tools, chromium for the browser test) for
+# the tests, and a virtualenv with the package and its Python dependencies for both.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
