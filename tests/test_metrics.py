@@ -65,3 +65,18 @@ def test_queue_depth_per_pipeline_and_the_watcher(tmp_path: Path) -> None:
     assert [(j.job_id, j.outcome) for j in watcher.poll()] == [(6, "done")]  # a retried job ends again
     assert seen[0].series_uid == "1.2.3" and seen[0].study_uid == "1.2"
     db.dispose()
+
+
+def test_gpu_memory_is_exported_when_a_pipeline_loaded_torch_with_cuda(tmp_path: Path, monkeypatch) -> None:
+    """No GPU on the CI machines: a stand-in torch module shows what a CUDA process exports."""
+    import types
+
+    cuda = types.SimpleNamespace(is_available=lambda: True, device_count=lambda: 1,
+                                 memory_allocated=lambda i: 123 * 2**20, memory_reserved=lambda i: 256 * 2**20)
+    monkeypatch.setitem(__import__("sys").modules, "torch", types.SimpleNamespace(cuda=cuda))
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    metrics.watch_database(db)
+    text = generate_latest(metrics.REGISTRY).decode()
+    assert f'pacs_node_gpu_memory_bytes{{device="0",kind="allocated"}} {float(123 * 2**20)}' in text
+    assert f'pacs_node_gpu_memory_bytes{{device="0",kind="reserved"}} {float(256 * 2**20)}' in text
+    db.dispose()
