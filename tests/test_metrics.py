@@ -76,7 +76,6 @@ def test_gpu_memory_is_exported_when_a_pipeline_loaded_torch_with_cuda(tmp_path:
     monkeypatch.setitem(__import__("sys").modules, "torch", types.SimpleNamespace(cuda=cuda))
     db = Database(f"sqlite:///{tmp_path / 'node.db'}")
     metrics.watch_database(db)
-    text = generate_latest(metrics.REGISTRY).decode()
-    assert f'pacs_node_gpu_memory_bytes{{device="0",kind="allocated"}} {float(123 * 2**20)}' in text
-    assert f'pacs_node_gpu_memory_bytes{{device="0",kind="reserved"}} {float(256 * 2**20)}' in text
+    assert metrics.REGISTRY.get_sample_value("pacs_node_gpu_memory_bytes", {"device": "0", "kind": "allocated"}) == 123 * 2**20
+    assert metrics.REGISTRY.get_sample_value("pacs_node_gpu_memory_bytes", {"device": "0", "kind": "reserved"}) == 256 * 2**20
     db.dispose()
