@@ -106,8 +106,10 @@ def test_three_workers_six_series_each_job_done_exactly_once(node_factory, pg_ur
     receiver, workers = cluster(node_factory, pg_url, unique_storescp, tmp_path, workers=3)
     try:
         senders = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1",
-                                     str(receiver.port), str(f), "+sd"]) for f in folders]
-        assert all(p.wait(120) == 0 for p in senders)
+                                     str(receiver.port), str(f), "+sd"], stdout=subprocess.PIPE,
+                                    stderr=subprocess.STDOUT, text=True) for f in folders]
+        outputs = [p.communicate(timeout=180)[0] for p in senders]
+        assert all(p.returncode == 0 for p in senders), "\n".join(outputs) + receiver.log()[-3000:]
         wait_for(lambda: sql(pg_url, "select count(*) from job where state in ('done','failed')")[0][0] == 6, 300,
                  "six jobs to finish")
         jobs = sql(pg_url, "select state, attempts, lease_owner from job order by id")
@@ -192,4 +194,34 @@ def test_stat_series_runs_before_ten_routine(pg_url, tmp_path):
         old.created_at = dt.datetime.utcnow() - dt.timedelta(hours=2)
     db.run(reseed)
     assert worker.claim().rule == "routine"
+    db.dispose()
+
+
+def test_concurrent_ingest_of_one_series_keeps_an_exact_count(pg_url, ge_head, tmp_path):
+    import threading
+
+    from pacs_node.store.files import FileStore
+    from pacs_node.store.index import Database, Instance, Series
+    from pacs_node.store.ingest import Ingest
+
+    db = Database(pg_url)
+    ingest = Ingest(db, FileStore(tmp_path / "s"))
+    files = sorted(ge_head.glob("*.dcm"))[:16]
+    errors: list[BaseException] = []
+
+    def deliver(part: list[Path]) -> None:
+        try:
+            for path in part:
+                ingest.store(pydicom.dcmread(path), path.read_bytes(), "STORESCU", "1.2.840.10008.1.2.1")
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=deliver, args=(files[i::4],)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    count, rows = db.run(lambda s: (s.query(Series).one().instance_count, s.query(Instance).count()))
+    assert (count, rows) == (16, 16)
     db.dispose()

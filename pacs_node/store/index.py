@@ -26,7 +26,7 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 log = logging.getLogger(__name__)
@@ -228,13 +228,23 @@ class Database:
     def session(self) -> Session:
         return self.sessions()
 
-    def run(self, fn: Callable[[Session], T], attempts: int = 8) -> T:
-        """Run ``fn`` in a transaction; retry when the database is locked or busy."""
+    def run(self, fn: Callable[[Session], T], attempts: int = 8, retry_conflicts: bool = False) -> T:
+        """Run ``fn`` in a transaction; retry when the database is locked or busy.
+
+        ``retry_conflicts``: also retry a unique-key violation, which is how two concurrent
+        inserts of the same row (two associations delivering one series) meet on PostgreSQL;
+        on the retry the row exists and ``fn`` takes the update path.
+        """
         delay = 0.05
         for attempt in range(1, attempts + 1):
             try:
                 with self.sessions.begin() as session:
                     return fn(session)
+            except IntegrityError:
+                if not retry_conflicts or attempt == attempts:
+                    raise
+                log.info("concurrent insert of the same row, retrying (attempt %d/%d)", attempt, attempts)
+                time.sleep(delay)
             except OperationalError as exc:
                 text = str(exc.orig).lower() if exc.orig else str(exc).lower()
                 transient = "locked" in text or "busy" in text or "deadlock" in text or "could not serialize" in text

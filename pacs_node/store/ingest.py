@@ -68,7 +68,7 @@ class Ingest:
             return self._index(session, pkey, study_uid, series_uid, sop_uid, sop_class, transfer_syntax,
                                 rel, len(encoded), modality, calling_ae, expected)
 
-        replaced = self.db.run(index)
+        replaced = self.db.run(index, retry_conflicts=True)
         return Stored(sop_uid, series_uid, study_uid, replaced)
 
     @staticmethod
@@ -85,7 +85,10 @@ class Ingest:
         now = utcnow()
         patient = self._get_or_create(session, Patient, Patient.key == pkey, key=pkey)
         study = self._get_or_create(session, Study, Study.study_uid == study_uid, study_uid=study_uid, patient_id=patient.id)
-        series = session.execute(select(Series).where(Series.series_uid == series_uid)).scalar_one_or_none()
+        # row lock (PostgreSQL): concurrent associations of one series must not lose count
+        # updates; SQLite transactions are serialized already (BEGIN IMMEDIATE)
+        series = session.execute(
+            select(Series).where(Series.series_uid == series_uid).with_for_update()).scalar_one_or_none()
         if series is None:
             series = Series(series_uid=series_uid, study_id=study.id, modality=modality, calling_ae=calling_ae,
                             state="receiving", generation=1, instance_count=0, first_received_at=now,
