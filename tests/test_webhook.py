@@ -167,7 +167,7 @@ def test_processes_sharing_postgresql_call_once_per_job(tmp_path):
         end_job(1)
         stops = [threading.Event(), threading.Event()]
         notifiers = [WebhookNotifier(db, settings, poll_seconds=0.2) for db in dbs]
-        threads = [threading.Thread(target=n.run, args=(s,), daemon=True) for n, s in zip(notifiers, stops)]
+        threads = [threading.Thread(target=n.run, args=(s,), daemon=True) for n, s in zip(notifiers, stops, strict=True)]
         for t in threads:
             t.start()
         wait_for(lambda: receiver.accepted("/global"), 30, "the first job's call")
