@@ -25,7 +25,6 @@ from starlette.templating import Jinja2Templates
 
 from .. import audit, metrics
 from ..jobs import retry
-from ..route import PHI_KEYWORDS
 from . import queries, stow, thumbnails
 from .auth import SESSION_COOKIE, SESSION_SECONDS, Auth
 
@@ -215,7 +214,7 @@ def build_app(node: "Node") -> Starlette:
         series = await run_in_threadpool(queries.recent_series, node.db)
         decisions = await run_in_threadpool(_decisions, chosen) if chosen else None
         return page(request, "rules.html", rules=settings.rules, series=series, chosen=chosen, decisions=decisions,
-                    phi=sorted(PHI_KEYWORDS))
+                    global_webhook=bool(settings.notify.webhook_url))
 
     async def peers_page(request: Request) -> Response:
         last = await run_in_threadpool(queries.last_deliveries, node.db, [p.name for p in settings.peers])
