@@ -137,13 +137,19 @@ def test_console_follows_a_series_and_retries_a_failed_job(web_node, storescp, g
         chromium.close()
 
     # /metrics after that run: counters and per-stage histograms filled
+    done = 'pacs_node_jobs_finished_total{outcome="done",pipeline="ct-denoise-classical"}'
+
+    def scrape() -> dict[str, float]:
+        return metric_samples(requests.get(f"{base}/metrics", timeout=30).text)
+
+    wait_for(lambda: scrape().get(done) == 2, 30, "the job watcher to count the retried job")  # polls each second
     text = requests.get(f"{base}/metrics", timeout=30).text
     m = metric_samples(text)
     assert m['pacs_node_instances_received_total{transport="dimse"}'] == 2 * SLICES
     assert m['pacs_node_received_bytes_total{transport="dimse"}'] > 0
     assert m['pacs_node_associations_total{outcome="accepted"}'] >= 2
     assert m["pacs_node_send_retries_total"] >= 1
-    assert m['pacs_node_jobs_finished_total{outcome="done",pipeline="ct-denoise-classical"}'] == 2
+    assert m[done] == 2
     assert m['pacs_node_jobs_finished_total{outcome="failed",pipeline="ct-denoise-classical"}'] == 1
     assert m['pacs_node_model_inference_seconds_count{pipeline="ct-denoise-classical"}'] == 3
     for stage in ("store", "completion", "queue", "load", "model", "encode", "write", "send", "total"):
