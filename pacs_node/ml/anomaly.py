@@ -37,8 +37,11 @@ class SliceGrid:
 class AnomalyConfig:
     """Everything needed to rebuild the network and its scoring; stored beside the weights."""
 
-    #: "vae" (SpatialVAE, reconstruction through a spatial latent) or "dae-unet" (DenoisingUNet)
+    #: "vae" (SpatialVAE, reconstruction through a spatial latent), "dae-unet" (DenoisingUNet
+    #: removing coarse noise) or "inpaint-unet" (the same U-Net filling masked squares from context)
     arch: str = "vae"
+    #: inpainting: side of the masked squares at inference (a grid with period 2x, 4 passes)
+    mask_px: int = 24
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -50,6 +53,9 @@ class AnomalyConfig:
     #: std in [0, noise_std] per sample (empty: one field at noise_res with std noise_std)
     noise_scales: tuple[int, ...] = ()
     smooth_sigma: float = 1.5
+    #: if > 0, the signed residual minus its Gaussian blur at this sigma (px) is scored: slow
+    #: shading differences between scanner and model are not anomalies, blobs and edges are
+    highpass_sigma: float = 0.0
     mask_erode_px: int = 3
     #: reconstruction error that maps to score 1.0 (set from normal training slices)
     error_scale: float = 0.25
@@ -147,10 +153,10 @@ class DenoisingUNet(nn.Module):
     Same call signature as SpatialVAE (returns mu/logvar as empty tensors: no latent prior).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96)) -> None:
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), in_channels: int = 1) -> None:
         super().__init__()
         c = channels
-        self.inc = nn.Sequential(*_conv(1, c[0]), *_conv(c[0], c[0]))
+        self.inc = nn.Sequential(*_conv(in_channels, c[0]), *_conv(c[0], c[0]))
         self.downs = nn.ModuleList(
             nn.Sequential(nn.Conv2d(c[i], c[i + 1], 3, stride=2, padding=1), nn.SiLU(), *_conv(c[i + 1], c[i + 1]))
             for i in range(len(c) - 1)
@@ -176,6 +182,8 @@ class DenoisingUNet(nn.Module):
 def build_network(cfg: AnomalyConfig) -> nn.Module:
     if cfg.arch == "dae-unet":
         return DenoisingUNet(cfg.channels)
+    if cfg.arch == "inpaint-unet":
+        return DenoisingUNet(cfg.channels, in_channels=2)  # image with holes + the hole mask
     return SpatialVAE(cfg.channels, cfg.latent_channels)
 
 
@@ -237,11 +245,43 @@ def foreground_mask(images: torch.Tensor, erode_px: int, level: float = 0.08) ->
     return m
 
 
+def inpainting_input(images: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
+    """Two channels: the image with the holes zeroed, and the hole mask."""
+    return torch.cat([images * (1.0 - holes), holes], dim=1)
+
+
+def grid_holes(shape: tuple[int, ...], side: int) -> list[torch.Tensor]:
+    """Four masks of ``side`` squares on a grid of period 2 * side; together they cover all."""
+    _, _, h, w = shape
+    yy = torch.arange(h).view(-1, 1)
+    xx = torch.arange(w).view(1, -1)
+    masks = []
+    for oy in (0, side):
+        for ox in (0, side):
+            m = ((((yy + oy) // side) % 2 == 0) & (((xx + ox) // side) % 2 == 0)).float()
+            masks.append(m.expand(shape[0], 1, h, w))
+    return masks
+
+
+def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """The model's normal-looking version of ``images``."""
+    if cfg.arch != "inpaint-unet":
+        return net(images, sample=False)[0]
+    recon = torch.zeros_like(images)
+    for holes in grid_holes(tuple(images.shape), cfg.mask_px):
+        filled = net(inpainting_input(images, holes), sample=False)[0]
+        recon = recon + filled * holes
+    return recon
+
+
 @torch.no_grad()
-def residual_maps(net: SpatialVAE, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions."""
-    recon, _, _ = net(images, sample=False)
-    err = (images - recon).abs()
+    recon = reconstruct(net, images, cfg)
+    signed = images - recon
+    if cfg.highpass_sigma > 0:
+        signed = signed - smooth(signed, cfg.highpass_sigma)
+    err = signed.abs()
     err = smooth(err, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
     return err, recon
 

@@ -27,6 +27,7 @@ from ..models_dir import model_path
 from .anomaly import (
     AnomalyConfig,
     build_network,
+    inpainting_input,
     training_noise,
     foreground_mask,
     intensity_baseline,
@@ -175,6 +176,21 @@ def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 # ---------------------------------------------------------------------------------- training
 
 
+def random_holes(shape: tuple[int, ...], gen: torch.Generator, count: tuple[int, int] = (2, 6),
+                 side: tuple[int, int] = (12, 32)) -> torch.Tensor:
+    """Training masks for inpainting: a few axis-aligned rectangles per image."""
+    b, _, h, w = shape
+    holes = torch.zeros(shape)
+    for i in range(b):
+        for _ in range(int(torch.randint(count[0], count[1] + 1, (1,), generator=gen))):
+            sh, sw = (int(v) for v in torch.randint(side[0], side[1] + 1, (2,), generator=gen))
+            y = int(torch.randint(0, h - sh + 1, (1,), generator=gen))
+            x = int(torch.randint(0, w - sw + 1, (1,), generator=gen))
+            holes[i, :, y:y + sh, x:x + sw] = 1.0
+    return holes
+
+
+
 def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None) -> torch.nn.Module:
@@ -182,7 +198,11 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
     if init is not None:
-        net.load_state_dict(load_model(init)[0].state_dict())
+        # Same-shaped tensors only: an inpainting net (2 input channels) can start from a
+        # denoising one, all but its first convolution.
+        own = net.state_dict()
+        start_from = {k: v for k, v in load_model(init)[0].state_dict().items() if k in own and own[k].shape == v.shape}
+        net.load_state_dict(start_from, strict=False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     data = torch.from_numpy(images[:, None])
@@ -191,9 +211,15 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
     for step in range(1, steps + 1):
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         clean = augment(data[idx], gen)
-        noisy = clean + training_noise(clean.shape, cfg, gen)
-        recon, mu, logvar = net(noisy)
-        rec = (recon - clean).abs().mean()
+        if cfg.arch == "inpaint-unet":
+            holes = random_holes(clean.shape, gen)
+            recon, mu, logvar = net(inpainting_input(clean, holes))
+            weight = holes + 0.1  # learn to fill the holes; elsewhere only to pass through
+            rec = ((recon - clean).abs() * weight).sum() / weight.sum()
+        else:
+            noisy = clean + training_noise(clean.shape, cfg, gen)
+            recon, mu, logvar = net(noisy)
+            rec = (recon - clean).abs().mean()
         loss = rec + cfg.kl_weight * kl_divergence(mu, logvar)
         opt.zero_grad()
         loss.backward()
@@ -239,8 +265,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=("dae-unet", "vae"), default="dae-unet",
-                   help="dae-unet: denoising U-Net (served); vae: spatial-latent VAE")
+    p.add_argument("--arch", choices=("inpaint-unet", "dae-unet", "vae"), default="dae-unet",
+                   help="inpaint-unet: U-Net filling masked squares; dae-unet: denoising U-Net; vae: spatial-latent VAE")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,

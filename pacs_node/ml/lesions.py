@@ -58,11 +58,16 @@ def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
     out = image.astype(np.float32, copy=True)
     truth = np.zeros(image.shape, dtype=bool)
     inner = ndimage.binary_erosion(foreground, iterations=spec.margin_px)
-    candidates = np.argwhere(inner)
+    tissue_level = float(np.median(image[foreground])) if foreground.any() else 0.5
+    # Centres in parenchyma, not in CSF or air: a dark lesion in dark fluid is invisible to
+    # every method and to a reader, so it would measure nothing.
+    parenchyma = ndimage.gaussian_filter(image, 1.5) > 0.6 * tissue_level
+    candidates = np.argwhere(inner & parenchyma)
+    if candidates.size == 0:
+        candidates = np.argwhere(inner)
     drawn: list[Lesion] = []
     if candidates.size == 0:
         return out, truth, drawn
-    tissue_level = float(np.median(image[foreground])) if foreground.any() else 0.5
     for _ in range(count):
         cy, cx = candidates[rng.integers(len(candidates))]
         radius = float(rng.uniform(*spec.radius))
@@ -72,9 +77,9 @@ def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
         hyper = bool(rng.random() < 0.5)
         factor = float(rng.uniform(*(spec.hyper_factor if hyper else spec.hypo_factor)))
         local = float(np.mean(out[soft > 0.5])) if (soft > 0.5).any() else tissue_level
-        # Level relative to the local tissue, but never below the slice's tissue level for a
-        # bright lesion (a "bright" lesion in dark CSF would otherwise be grey matter).
-        base = max(local, tissue_level) if hyper else local
+        # Level relative to the local tissue, but never below the slice's tissue level (a
+        # "bright" lesion partly in dark CSF would otherwise be grey matter).
+        base = max(local, tissue_level)
         target = base * factor
         texture = ndimage.gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), 1.0)
         texture /= texture.std() + 1e-6
