@@ -27,7 +27,7 @@ from . import audit, metrics
 from .config import Rule, SendSettings, Settings
 from .net.scu import SendError, send_files
 from .process import process_series
-from .store.files import FileStore, write_atomic
+from .store.files import FileStore, fsync_dir, write_atomic
 from .store.index import Database, Delivery, Instance, Job, Series, utcnow
 
 log = logging.getLogger(__name__)
@@ -211,7 +211,9 @@ class Worker:
             for ds in datasets:
                 buf = io.BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
-                write_atomic(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getvalue())
+                write_atomic(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getvalue(), sync_dir=False)
+            if datasets:
+                fsync_dir(out_dir)  # once for all results, before the job says they exist
             timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any pipeline failure fails this job only
             stop.set()

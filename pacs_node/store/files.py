@@ -39,8 +39,11 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` so that ``path`` holds either the old content or all of the new one."""
+def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
+    """Write ``data`` so that ``path`` holds either the old content or all of the new one.
+
+    ``sync_dir=False`` leaves the folder's fsync to the caller (one for many files).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}{TEMP_SUFFIX}")
     try:
@@ -52,7 +55,8 @@ def write_atomic(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync_dir:
+        fsync_dir(path.parent)
 
 
 class FileStore:
