@@ -516,12 +516,14 @@ def _plot(path: Path, images: dict, info: dict, rows: list[dict]) -> None:
     panels += [(f"{k}\n{metric[k]['psnr_db']:.2f} dB / {metric[k]['ssim']:.4f}", crop(images[k])) for k in names]
     errs = [(f"|error| {k.split(' (')[0]}", np.abs(crop(images[k]) - crop(gt))) for k in names]
     cols = len(panels)
+    # through-plane panels show a (z, x) cut: stretch z so the slices are drawn at their thickness
+    aspect = "equal" if info["axis"] == "inplane" else "auto"
     fig, axes = plt.subplots(2, cols, figsize=(2.6 * cols, 5.6))
     for ax, (title, im) in zip(axes[0], panels):
-        ax.imshow(im, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.imshow(im, cmap="gray", vmin=0, vmax=1, interpolation="nearest", aspect=aspect)
         ax.set_title(title, fontsize=7)
     for ax, (title, im) in zip(axes[1, 2:], errs):
-        ax.imshow(im, cmap="magma", vmin=0, vmax=0.15, interpolation="nearest")
+        ax.imshow(im, cmap="magma", vmin=0, vmax=0.15, interpolation="nearest", aspect=aspect)
         ax.set_title(title, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
