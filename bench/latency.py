@@ -16,7 +16,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
@@ -25,28 +24,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from common import BIN, ENV, free_port, wait_port  # noqa: E402
+
 from pacs_node.datasets import data_dir  # noqa: E402
 
-BIN = Path(sys.executable).parent
-ENV = {**os.environ, "TCP_NODELAY": "1"}
 STAGES = ("completion", "queue", "load", "model", "encode", "write", "send")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
-def wait_port(port: int) -> None:
-    for _ in range(600):
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.1)
-    raise RuntimeError(f"port {port} did not open")
 
 
 def one_run(work: Path, pipeline: str, series: Path, quiet: float) -> dict[str, float]:
