@@ -178,6 +178,11 @@ class Acknowledged:
 def send_study(port: int, files: list[Path], sop_uids: list[str], acked: Acknowledged, calling: str = "SOAKSCU",
                deadline: float = 900.0) -> None:
     """Send like a modality: on a lost association, reconnect and resend what was not acknowledged."""
+    # send each file's dataset bytes as they are on disk (no decode and re-encode), so that
+    # "byte-identical" compares what travelled with what was stored
+    from pynetdicom import _config
+
+    _config.STORE_SEND_CHUNKED_DATASET = True
     pending = list(zip(files, sop_uids))
     end = time.monotonic() + deadline
     first = True
@@ -223,7 +228,7 @@ def send_study(port: int, files: list[Path], sop_uids: list[str], acked: Acknowl
 class Node:
     """`pacs-node serve` as a real process that can be killed with SIGKILL and started again."""
 
-    def __init__(self, root: Path, dest: Destination, quiet_seconds: float = 1.0) -> None:
+    def __init__(self, root: Path, dest: Destination | None, quiet_seconds: float = 1.0, rules: bool = True) -> None:
         self.root = root
         self.port = free_port()
         root.mkdir(parents=True, exist_ok=True)
@@ -234,10 +239,12 @@ class Node:
             "[completion]", f"quiet_seconds = {quiet_seconds}", "max_wait_seconds = 300.0", "",
             "[send]", "max_attempts = 20", "backoff_seconds = 0.3", "backoff_max_seconds = 2.0", "timeout_seconds = 20.0", "",
             "[[peers]]", 'name = "modality"', 'ae_title = "SOAKSCU"', "",
+        ] + ([
             "[[peers]]", 'name = "viewer"', f'ae_title = "{dest.ae_title}"', 'host = "127.0.0.1"', f"port = {dest.port}", "",
+        ] if dest else []) + ([
             "[[rules]]", 'name = "ct-denoise"', "when = \"Modality == 'CT'\"", f'pipeline = "{PIPELINE}"',
             'destinations = ["viewer"]', "",
-        ]))
+        ] if rules and dest else [])))
         self.log_path = root / "node.log"
         self.proc: subprocess.Popen | None = None
         self.starts = 0
@@ -278,6 +285,13 @@ class Node:
             return db.execute(sql, args).fetchall()
         finally:
             db.close()
+
+    def memory_kib(self) -> tuple[int, int]:
+        """(VmRSS, VmHWM) of the node process in KiB: now and the peak so far."""
+        assert self.proc is not None
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
+                      if ":" in line)
+        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
     def phase(self) -> str:
         """What the node is doing right now, from its database: receive, infer, send or idle."""

@@ -63,6 +63,18 @@ def _conn_open(event) -> None:  # type: ignore[no-untyped-def]
         sock.recv = _bounded_recv(sock.recv)
 
 
+def _conn_closed(event) -> None:  # type: ignore[no-untyped-def]
+    """A connection closed before any A-ASSOCIATE-RQ arrived frees its association slot now.
+
+    pynetdicom's acceptor waits acse_timeout (30 s) for the request even when the socket is
+    already gone, so a burst of garbage connections would hold all maximum_associations slots
+    and turn real callers away. A None on the queue it waits on is its "timed out" path.
+    """
+    assoc = event.assoc
+    if not assoc.is_requestor and assoc.requestor.primitive is None:
+        assoc.dul.to_user_queue.put(None)
+
+
 def _tls_accept_lazily(server, timeout: float) -> None:  # type: ignore[no-untyped-def]
     """Do the TLS handshake in the association's thread, not in the accept loop.
 
@@ -80,6 +92,16 @@ def _tls_accept_lazily(server, timeout: float) -> None:  # type: ignore[no-untyp
         return context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
 
     server.get_request = get_request
+
+
+def check_lengths(ds: Dataset) -> None:
+    """Refuse a dataset whose elements claim more bytes than arrived (pydicom reads them short, silently)."""
+    for tag in list(ds.keys()):
+        raw = ds.get_item(tag)
+        length = getattr(raw, "length", None)
+        value = getattr(raw, "value", None)
+        if length is not None and length != 0xFFFFFFFF and isinstance(value, bytes) and len(value) < length:
+            raise InvalidInstance(f"element {tag} claims {length} bytes, the dataset ends after {len(value)}")
 
 
 def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
@@ -190,6 +212,7 @@ class StorageSCP:
             ds.file_meta = event.file_meta
             # read every element now (pydicom defers it): a truncated or garbled dataset is
             # refused here instead of failing later in a job
+            check_lengths(ds)
             for _ in ds.iterall():
                 pass
             check_pixel_data(ds, str(event.context.transfer_syntax))
@@ -239,6 +262,7 @@ class StorageSCP:
         ae.dimse_timeout = 60
         handlers = [
             (evt.EVT_CONN_OPEN, _conn_open),
+            (evt.EVT_CONN_CLOSE, _conn_closed),
             (evt.EVT_REQUESTED, self._requested),
             (evt.EVT_ACCEPTED, self._accepted),
             (evt.EVT_RELEASED, self._ended),
