@@ -8,6 +8,7 @@ listed. An instance is acknowledged only after Ingest wrote it and indexed it.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -152,6 +153,18 @@ class StorageSCP:
         self.server = None
         #: the extra TLS listener when [tls] port is set
         self.tls_server = None
+        # Association audit rows are written by one thread of their own: under load, a
+        # C-ECHO (or an A-ASSOCIATE-RJ) must not wait for the database write lock behind the
+        # instances being indexed. A kill -9 can lose the rows still queued, never an instance.
+        self._audit_queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
+        self._audit_thread: threading.Thread | None = None
+
+    def _record(self, event: str, **fields: object) -> None:
+        self._audit_queue.put((event, fields))
+
+    def _write_audit(self) -> None:
+        while (item := self._audit_queue.get()) is not None:
+            audit.record(self.db, item[0], **item[1])
 
     # -- association life cycle -------------------------------------------------------------
     def _requested(self, event) -> None:  # type: ignore[no-untyped-def]
@@ -168,7 +181,7 @@ class StorageSCP:
         if reason:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             metrics.association(accepted=False)
-            audit.record(self.db, "association-rejected", calling_ae=calling[:16], address=address, detail=reason)
+            self._record("association-rejected", calling_ae=calling[:16], address=address, detail=reason)
             # permanent, by the service user, reason 3: calling AE title not recognized
             event.assoc.acse.send_reject(0x01, 0x01, 0x03)
             # as pynetdicom's own ACSE does after a reject: stop the DUL, else the socket
@@ -181,7 +194,7 @@ class StorageSCP:
         with self._lock:
             self._stats[id(event.assoc)] = stats
         metrics.association(accepted=True)
-        audit.record(self.db, "association-accepted", calling_ae=stats.calling_ae[:16],
+        self._record("association-accepted", calling_ae=stats.calling_ae[:16],
                      called_ae=self.settings.node.ae_title, address=str(requestor.address))
 
     def _ended(self, event) -> None:  # type: ignore[no-untyped-def]
@@ -195,7 +208,7 @@ class StorageSCP:
             log.info("association from %s@%s %s: %d instance(s) stored, %d failed, %.1f MB in %.2f s, %d series",
                      stats.calling_ae, stats.address, how, stats.stored, stats.failed, stats.bytes / 1e6,
                      time.monotonic() - stats.started, len(stats.series))
-            audit.record(self.db, "instances-received", calling_ae=stats.calling_ae[:16],
+            self._record("instances-received", calling_ae=stats.calling_ae[:16],
                          called_ae=self.settings.node.ae_title, address=stats.address.split(":")[0],
                          count=stats.stored, seconds=time.monotonic() - stats.started,
                          detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
@@ -251,6 +264,8 @@ class StorageSCP:
 
     def start(self) -> None:
         node = self.settings.node
+        self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
+        self._audit_thread.start()
         ae = AE(ae_title=node.ae_title)
         ae.add_supported_context(Verification)
         for context in AllStoragePresentationContexts:
@@ -308,3 +323,7 @@ class StorageSCP:
             if server is not None:
                 server.shutdown()
         self.server = self.tls_server = None
+        if self._audit_thread is not None:
+            self._audit_queue.put(None)  # after what is queued: every row is written before stop returns
+            self._audit_thread.join(timeout=30)
+            self._audit_thread = None
