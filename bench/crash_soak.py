@@ -225,6 +225,13 @@ def send_study(port: int, files: list[Path], sop_uids: list[str], acked: Acknowl
 
 
 # -- the node -------------------------------------------------------------------------------
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the harness dies, so no node outlives an interrupted run."""
+    import ctypes
+
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 class Node:
     """`pacs-node serve` as a real process that can be killed with SIGKILL and started again."""
 
@@ -254,7 +261,7 @@ class Node:
         log = open(self.log_path, "ab")
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(self.config)], stdout=log,
-                                     stderr=subprocess.STDOUT, cwd=self.root, env=env)
+                                     stderr=subprocess.STDOUT, cwd=self.root, env=env, preexec_fn=_die_with_parent)
         log.close()
         self.starts += 1
         while time.monotonic() - t0 < timeout:
