@@ -17,7 +17,7 @@ from crash_soak import run_soak  # noqa: E402
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path, capsys):
     report = run_soak(tmp_path, kills=5, studies=6, slices=12, size=128, senders=3, seed=7,
-                      min_delay=1.0, max_delay=4.0, drain_timeout=300)
+                      min_delay=0.8, max_delay=3.0, drain_timeout=300)
     with capsys.disabled():
         print("\n[crash] " + "\n[crash] ".join(report.lines()))
     assert report.problems == []

@@ -35,9 +35,45 @@ def _run(tmp_path: Path, datasets: int, pdus: int, capsys) -> None:  # type: ign
 
 
 def test_fuzz_store_and_pdus_short(tmp_path, capsys):
-    _run(tmp_path, 150, 80, capsys)
+    _run(tmp_path, 120, 60, capsys)
 
 
 @pytest.mark.slow
 def test_fuzz_store_and_pdus_full(tmp_path, capsys):
     _run(tmp_path, 10_000, 2_000, capsys)
+
+
+def test_unsupported_or_mismatched_transfer_syntax(tmp_path):
+    """A syntax the node does not know is refused at negotiation (the e2e tests store real
+    compressed files); native pixels sent under a compressed syntax are refused with 0xC000."""
+    import pydicom
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEGLSLossless
+    from pynetdicom import AE, _config, build_context
+    from pynetdicom.sop_class import Verification
+
+    from crash_soak import Node, synthetic_ct_series
+    from fuzz_store import CALLING, encode, file_with
+
+    node = Node(tmp_path / "node", None, rules=False)
+    node.start()
+    try:
+        ae = AE(ae_title=CALLING)
+        ae.requested_contexts = [build_context(CTImageStorage, "1.2.840.99999.1.2.3"), build_context(Verification),
+                                 build_context(CTImageStorage, JPEGLSLossless)]
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        results = {(c.abstract_syntax, c.transfer_syntax[0]): c.result for c in assoc.rejected_contexts}
+        assert results.get((CTImageStorage, "1.2.840.99999.1.2.3")) == 0x04  # transfer syntax not supported
+        assert any(c.abstract_syntax == Verification for c in assoc.accepted_contexts)
+        _config.STORE_SEND_CHUNKED_DATASET = True
+        src = synthetic_ct_series(tmp_path / "s", 1, 16)[0]
+        ds = pydicom.dcmread(src)
+        del ds.file_meta
+        body = encode(ds, ExplicitVRLittleEndian)
+        path = file_with(str(ds.SOPInstanceUID), JPEGLSLossless, body, tmp_path / "mismatch.dcm")
+        status = assoc.send_c_store(path)
+        assert int(status.Status) == 0xC000
+        assert "not encapsulated" in node.log_path.read_text()
+        assoc.release()
+    finally:
+        node.stop()

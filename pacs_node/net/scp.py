@@ -107,7 +107,13 @@ def check_lengths(ds: Dataset) -> None:
 
 def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     """Refuse native pixel data shorter than its Rows x Columns x samples x frames x bits says."""
-    if "PixelData" not in ds or UID(transfer_syntax).is_encapsulated:
+    if "PixelData" not in ds:
+        return
+    if UID(transfer_syntax).is_encapsulated:
+        # encapsulated pixel data has an undefined length (fragments); a defined one means
+        # native pixels sent under a compressed syntax, which no decoder will read
+        if not getattr(ds["PixelData"], "is_undefined_length", True):
+            raise InvalidInstance(f"PixelData is not encapsulated, as transfer syntax {transfer_syntax} requires")
         return
     try:
         rows, columns = int(ds.Rows), int(ds.Columns)
