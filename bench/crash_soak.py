@@ -489,11 +489,17 @@ def verify(node: Node, dest: Destination, acked: Acknowledged, series_files: lis
         report.problems.append(f"no results at the destination for {len(missing_series)} source series")
     last_jobs = node.query("select j.id, j.result_count, s.instance_count from job j join series s on s.id = j.series_id "
                            "where j.generation = s.generation")
+    columns = {row[1] for row in node.query("pragma table_info(job)")}
+    result_paths = dict(node.query("select id, result_path from job")) if "result_path" in columns else {}
     for job_id, result_count, instance_count in last_jobs:
         if result_count != instance_count:
             report.problems.append(f"job {job_id}: {result_count} result(s) for {instance_count} instance(s)")
-        result_dir = storage / "results" / str(job_id)
-        for path in sorted(result_dir.glob("*.dcm")):
+        rel = result_paths.get(job_id)
+        result_dir = (storage / rel) if rel else storage / "results" / str(job_id)
+        results = sorted(result_dir.glob("*.dcm"))
+        if len(results) != result_count:
+            report.problems.append(f"job {job_id}: {len(results)} result file(s) in {result_dir}, {result_count} recorded")
+        for path in results:
             sop = str(read_file_meta_info(path).MediaStorageSOPInstanceUID)
             if sop not in received_sops:
                 report.problems.append(f"job {job_id}: result {sop} never reached the destination")
