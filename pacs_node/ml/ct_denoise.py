@@ -284,7 +284,8 @@ class PatchSampler:
 
 
 def train(cfg: dict[str, Any], out: Path, cache: Path, data: Path, workers: int = 1,
-          limit_slices: int | None = None, log_every: int = 50, save_every: int = 500) -> dict[str, Any]:
+          limit_slices: int | None = None, log_every: int = 50, save_every: int = 500,
+          init: Path | None = None) -> dict[str, Any]:
     from .ct_denoise_data import build_cache, load_cache
 
     torch.set_num_threads(int(cfg.get("threads", 1)))
@@ -295,12 +296,19 @@ def train(cfg: dict[str, Any], out: Path, cache: Path, data: Path, workers: int 
     files = build_cache(cfg, cache, data, workers=workers, limit=limit_slices)
     clean, noise = load_cache(files)
     log.info("training pairs: %d slices x %d noise realisations (%.0f s to prepare)", clean.shape[0], noise.shape[1], time.time() - t0)
-    sampler = PatchSampler(clean, noise, cfg, rng)
 
     gen = ResidualDenoiser(cfg["channels"])
     disc = PatchDiscriminator(cfg["disc_channels"])
     n_params = sum(p.numel() for p in gen.parameters())
     log.info("generator: %d parameters", n_params)
+    prior_steps = 0
+    if init is not None:
+        prev, prev_meta = load_model(init)
+        gen.load_state_dict(prev.state_dict())
+        prior_steps = int(prev_meta.get("trained_steps", 0) or 0) + int(prev_meta.get("prior_steps", 0) or 0)
+        log.info("generator initialised from %s (%d steps before)", init, prior_steps)
+        rng = np.random.default_rng([seed, prior_steps])  # new patches, not a replay of phase 1
+    sampler = PatchSampler(clean, noise, cfg, rng)
     steps = int(cfg["steps"])
     opt_g = torch.optim.Adam(gen.parameters(), lr=float(cfg["lr"]), betas=(0.9, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=float(cfg["lr_d"]), betas=(0.5, 0.999))
@@ -314,7 +322,7 @@ def train(cfg: dict[str, Any], out: Path, cache: Path, data: Path, workers: int 
     step = 0
 
     def save(final: bool) -> None:
-        extra = {"trained_steps": step, "config": cfg, "params": n_params,
+        extra = {"trained_steps": step, "prior_steps": prior_steps, "config": cfg, "params": n_params,
                  "train_seconds": round(time.time() - t_start, 1), "final": final}
         save_model(gen, out / "model.safetensors", extra)
 
@@ -378,6 +386,7 @@ def train_main(argv: list[str]) -> int:
     ap.add_argument("--workers", type=int, default=1, help="processes for the one-off simulation")
     ap.add_argument("--limit-slices", type=int, default=None, help="slices per series (smoke runs)")
     ap.add_argument("--steps", type=int, default=None, help="shortcut for --set steps=N")
+    ap.add_argument("--init", type=Path, default=None, help="start the generator from these weights (a second phase)")
     ap.add_argument("--log-every", type=int, default=50)
     ap.add_argument("--save-every", type=int, default=500)
     args = ap.parse_args(argv)
@@ -391,7 +400,7 @@ def train_main(argv: list[str]) -> int:
         args.data = data_dir()
     out = args.out or model_path(MODEL_NAME).parent
     summary = train(cfg, out, args.cache, args.data, workers=args.workers, limit_slices=args.limit_slices,
-                    log_every=args.log_every, save_every=args.save_every)
+                    log_every=args.log_every, save_every=args.save_every, init=args.init)
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}))
     return 0
 

@@ -22,6 +22,7 @@ reference slice.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import time
@@ -74,7 +75,25 @@ def _classical(low: np.ndarray, pixel_spacing: tuple[float, float]) -> np.ndarra
 
 
 def _slice_job(job: tuple) -> dict[str, Any]:
-    ref, dose, pixel_spacing, seed, params, skip = job
+    ref, dose, pixel_spacing, seed, params, skip, cache_file = job
+    if cache_file is not None and Path(cache_file).exists():
+        with np.load(cache_file, allow_pickle=False) as d:
+            got = {k: d[k] for k in d.files}
+        if all(m in got for m in ("bm3d", "classical") if m not in skip):
+            out = {k: v for k, v in got.items() if k not in ("sigma_true", "times")}
+            out["sigma_true"] = float(got["sigma_true"])
+            out["times"] = json.loads(str(got["times"]))
+            return out
+    out = _compute_slice(ref, dose, pixel_spacing, seed, params, skip)
+    if cache_file is not None:
+        tmp = Path(str(cache_file) + ".tmp.npz")
+        arrays = {k: v for k, v in out.items() if isinstance(v, np.ndarray)}
+        np.savez(tmp, sigma_true=out["sigma_true"], times=json.dumps(out["times"]), **arrays)
+        tmp.replace(cache_file)
+    return out
+
+
+def _compute_slice(ref, dose, pixel_spacing, seed, params, skip) -> dict[str, Any]:
     t = time.time()
     rng = np.random.default_rng(seed)
     low = simulate_slice(ref, dose, float(pixel_spacing[0]), rng, params)
@@ -118,7 +137,7 @@ def score(ref: np.ndarray, x: np.ndarray) -> dict[str, float]:
 
 
 def evaluate_series(folder: Path, dose: float, model, seed: int, max_slices: int, workers: int,
-                    params: LowDoseParams, skip: set[str]) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+                    params: LowDoseParams, skip: set[str], cache: Path | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     from ..volume import load_series
     from .ct_denoise import denoise_slices
 
@@ -127,7 +146,11 @@ def evaluate_series(folder: Path, dose: float, model, seed: int, max_slices: int
     ref = np.stack([prepare_slice(vol.array[z]) for z in zs])
     if ref.shape[1] != ref.shape[2]:
         raise SystemExit(f"{folder}: non-square slices {ref.shape[1:]} are not supported by the simulation")
-    jobs = [(ref[i], dose, vol.pixel_spacing, [seed, z], params, skip) for i, z in enumerate(zs)]
+    key = hashlib.sha256(json.dumps([params.as_dict(), dose, seed]).encode()).hexdigest()[:10]
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+    jobs = [(ref[i], dose, vol.pixel_spacing, [seed, z], params, skip,
+             None if cache is None else cache / f"{folder.name}_{z:04d}_{key}.npz") for i, z in enumerate(zs)]
     t0 = time.time()
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -226,6 +249,8 @@ def eval_main(argv: list[str]) -> int:
     ap.add_argument("--max-slices", type=int, default=0, help="evenly spaced slices per series (0: all)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=1, help="processes for simulation and baselines")
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="keep simulated inputs and baseline outputs here (re-evaluating a new model is then fast)")
     ap.add_argument("--skip", default="", help="comma-separated methods to skip (bm3d, classical, model)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -253,7 +278,8 @@ def eval_main(argv: list[str]) -> int:
     }
     panels = []
     for folder in series:
-        info, outs = evaluate_series(folder, args.dose, model, args.seed, args.max_slices, args.workers, params, skip)
+        info, outs = evaluate_series(folder, args.dose, model, args.seed, args.max_slices, args.workers, params, skip,
+                                     args.cache)
         report["series"].append(info)
         panels.append((info["series"], outs))
     table = _fmt_table(report)
