@@ -85,6 +85,10 @@ destinations = ["dest"]
         stages = dict(kv.split("=") for kv in m.group(2).split())
         out = {k: float(v) for k, v in stages.items()}
         out["total"] = float(m.group(1))
+        failures = re.findall(r"delivery to \S+ failed \(attempt \d+/\d+\): (.*?); next try", text)
+        if failures:  # a slow "send" is often a retry: say why the earlier attempts failed
+            print(f"  {pipeline}: {len(failures)} failed send attempt(s) before success: {failures[0]}", file=sys.stderr)
+        out["failed_send_attempts"] = float(len(failures))
         return out
     finally:
         for p in (node, scp):
