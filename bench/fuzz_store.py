@@ -177,6 +177,7 @@ class FuzzStats:
     rss_peak_kib: int = 0
     rss_last_kib: int = 0
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     def note_memory(self, node: Node) -> None:
         rss, peak = node.memory_kib()
@@ -194,6 +195,7 @@ class FuzzStats:
                 f"  per kind:  {per_kind}",
                 f"  node RSS:  {self.rss_first_kib / 1024:.0f} MiB at start, {self.rss_last_kib / 1024:.0f} MiB at end, "
                 f"peak {self.rss_peak_kib / 1024:.0f} MiB",
+                *[f"  note:      {n}" for n in self.notes],
                 f"  problems:  {len(self.problems)}", *[f"    - {p}" for p in self.problems[:20]]]
 
 
@@ -263,9 +265,9 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
         stats.outcomes[outcome] += 1
         stats.kind_outcomes[kind, outcome] += 1
         if outcome == "0x0000":
-            stored = list((storage / "instances").rglob(f"{meta_sop}.dcm"))
-            assert len(stored) == 1, f"{kind}: success but {len(stored)} stored file(s) for {meta_sop}"
-            with open(stored[0], "rb") as fh:
+            rows = node.query("select path from instance where sop_uid = ?", (meta_sop,))
+            assert len(rows) == 1, f"{kind}: success but {len(rows)} index row(s) for {meta_sop}"
+            with open(storage / rows[0][0], "rb") as fh:
                 from pydicom.filereader import _read_file_meta_info, read_preamble
 
                 read_preamble(fh, False)
@@ -286,6 +288,10 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
         stats.problems.append(f"node exited with {node.proc.returncode}")
     else:
         stats.note_memory(node)
+    indexed = {row[0] for row in node.query("select path from instance")}
+    on_disk = {str(p.relative_to(storage)) for p in (storage / "instances").rglob("*.dcm")}
+    stats.notes.append(f"{len(indexed)} instance(s) indexed, {len(on_disk - indexed)} file(s) on disk not in the "
+                       "index (an SOP Instance UID re-sent under another Study/Series UID leaves its old file)")
     outside = [p.relative_to(node.root) for p in node.root.rglob("*") if p.is_file()]
     bad = [str(p) for p in outside if not allowed_file(p)]
     if bad:
