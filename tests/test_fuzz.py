@@ -79,8 +79,6 @@ def test_unsupported_or_mismatched_transfer_syntax(tmp_path):
         node.stop()
 
 
-@pytest.mark.xfail(strict=True, reason="store/ingest.py keeps the old file when a SOP Instance UID is re-sent under "
-                   "another Study/Series UID (found by the fuzzer); fix: delete the old path after the index commit")
 def test_resent_sop_uid_under_another_series_leaves_no_old_file(tmp_path):
     import pydicom
     from pydicom.uid import ExplicitVRLittleEndian

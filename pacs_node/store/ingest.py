@@ -64,12 +64,16 @@ class Ingest:
                 expected = None
         rel = self.files.relative(path)
 
-        def index(session: Session) -> bool:
+        def index(session: Session) -> str | None:
             return self._index(session, pkey, study_uid, series_uid, sop_uid, sop_class, transfer_syntax,
-                                rel, len(encoded), modality, calling_ae, expected)
+                               rel, len(encoded), modality, calling_ae, expected)
 
-        replaced = self.db.run(index, retry_conflicts=True)
-        return Stored(sop_uid, series_uid, study_uid, replaced)
+        previous = self.db.run(index, retry_conflicts=True)
+        if previous is not None and previous != rel:
+            # the SOP Instance UID came back under another study/series: the index now points
+            # at the new file, so the old one is an orphan (removed only after the commit)
+            self.files.absolute(previous).unlink(missing_ok=True)
+        return Stored(sop_uid, series_uid, study_uid, previous is not None)
 
     @staticmethod
     def _get_or_create(session: Session, model, where, **values):  # type: ignore[no-untyped-def]
@@ -81,7 +85,9 @@ class Ingest:
         return row
 
     def _index(self, session: Session, pkey: str, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
-               transfer_syntax: str, rel: str, size: int, modality: str, calling_ae: str, expected: int | None) -> bool:
+               transfer_syntax: str, rel: str, size: int, modality: str, calling_ae: str,
+               expected: int | None) -> str | None:
+        """Index the instance; return the path it had before when it was already indexed."""
         now = utcnow()
         patient = self._get_or_create(session, Patient, Patient.key == pkey, key=pkey)
         study = self._get_or_create(session, Study, Study.study_uid == study_uid, study_uid=study_uid, patient_id=patient.id)
@@ -109,7 +115,7 @@ class Ingest:
         if expected:
             series.expected_count = expected
         instance = session.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar_one_or_none()
-        replaced = instance is not None
+        previous = instance.path if instance is not None else None
         if instance is None:
             session.add(Instance(sop_uid=sop_uid, series_id=series.id, sop_class_uid=sop_class,
                                  transfer_syntax=transfer_syntax, path=rel, size=size, received_at=now))
@@ -126,4 +132,4 @@ class Ingest:
             instance.path = rel
             instance.size = size
             instance.received_at = now
-        return replaced
+        return previous
