@@ -16,13 +16,13 @@ from crash_soak import run_soak  # noqa: E402
 
 
 def test_kill_9_at_random_moments_loses_and_duplicates_nothing(tmp_path, capsys):
-    report = run_soak(tmp_path, kills=5, studies=6, slices=12, size=128, senders=3, seed=7,
+    report = run_soak(tmp_path, kills=5, studies=4, slices=12, size=128, senders=3, seed=7,
                       min_delay=0.8, max_delay=3.0, drain_timeout=300)
     with capsys.disabled():
         print("\n[crash] " + "\n[crash] ".join(report.lines()))
     assert report.problems == []
     assert report.kills == 5
-    assert report.instances_verified == report.instances_sent == 72
-    assert report.jobs_done == report.jobs >= 6
+    assert report.instances_verified == report.instances_sent == 48
+    assert report.jobs_done == report.jobs >= 4
     assert report.result_series_duplicates == 0
     assert report.temp_files == 0
