@@ -102,9 +102,6 @@ def test_secondary_capture_is_a_burned_in_overlay_in_the_source_study() -> None:
     assert pixels.shape[0] > rows and pixels.shape[1] > cols
 
 
-@pytest.mark.xfail(reason="EncodeContext.uid uses generate_uid(prefix=None), which ignores entropy_srcs "
-                          "and returns a random UUID UID (pacs_node/encode/__init__.py, not owned here)",
-                   strict=False)
 def test_rerun_gives_the_same_uids() -> None:
     volume = _volume("mr/studyforrest-t1")
     first = [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in _encode(volume)]
