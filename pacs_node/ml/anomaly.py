@@ -1,14 +1,18 @@
-"""Unsupervised anomaly maps: a denoising VAE on normal slices, scored by reconstruction error.
+"""Unsupervised anomaly maps: a network trained on normal slices only, scored by reconstruction error.
 
 Shared by every modality (``anomaly_mr``, ``anomaly_ct``): slice geometry (resample to a fixed
-pixel size and a fixed canvas), the network, and the turn from reconstruction error to a
+pixel size and a fixed canvas), the networks, and the turn from reconstruction error to a
 score in [0, 1]. Modality-specific parts (intensity normalisation, data, training) live in the
 modality modules.
 
-The network is a convolutional VAE with a spatial latent (16 x 16 at a 128 canvas). It is
-trained as a *denoising* VAE (Kascenas et al., MIDL 2022): the input is a normal slice plus
-coarse, low-frequency noise and the target is the clean slice, so that at inference the model
-"heals" regions it cannot explain as normal anatomy, and the residual marks them.
+Three interchangeable networks (``AnomalyConfig.arch``), all giving a "normal-looking" version
+of a slice whose residual marks what the model could not explain:
+- ``vae``: convolutional VAE with a spatial latent (16 x 16 at a 128 canvas), no skips;
+- ``dae-unet``: a U-Net trained to remove coarse, low-frequency noise (Kascenas et al., MIDL
+  2022), which "heals" smooth perturbations;
+- ``inpaint-unet``: the same U-Net filling masked squares from their surroundings; at
+  inference four grids of squares together cover the slice (the served anomaly-mr model).
+See models/anomaly-mr/README.md for how they compared.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Anomaly-map pipelines: per-slice denoising-VAE reconstruction error as a score map in [0, 1]."""
+"""Anomaly-map pipelines: per-slice reconstruction error of a model of normal anatomy, in [0, 1]."""
 
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ class AnomalyPipeline(Pipeline):
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
         return [ScoreMap(
             array=scores,
-            description=f"Anomaly map (reconstruction error of a denoising VAE, {self.model_name})",
+            description=f"Anomaly map (reconstruction error, {self.model_name} {self.cfg.arch})",
             threshold=threshold,
             extra={"max_score": float(scores.max()) if scores.size else 0.0,
                    "fraction_above_threshold": float((scores >= threshold).mean()) if scores.size else 0.0},
