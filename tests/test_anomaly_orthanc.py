@@ -61,3 +61,4 @@ def test_orthanc_shows_the_overlay_in_the_source_study(tmp_path: Path, data: Pat
             assert hot.max() - hot.min() > 60, "the heat map is not visible in Orthanc's preview"
     finally:
         orthanc.stop()
+

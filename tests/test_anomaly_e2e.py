@@ -1,0 +1,57 @@
+"""Scenario: a brain MR series goes from a real Orthanc through the node's anomaly-mr rule and
+comes back as Secondary Capture overlays, a Parametric Map and a SEG in the same study.
+
+About 90 s on a shared 2-core machine (node start, pipeline, three result series)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import Orthanc, free_port
+from pacs_node.models_dir import model_path
+
+pytestmark = pytest.mark.skipif(not model_path("anomaly-mr").exists(), reason="anomaly-mr weights not trained")
+
+
+def test_brain_mr_sent_to_the_node_comes_back_as_overlay_pm_and_seg(tmp_path: Path, data: Path,
+                                                                      node_factory) -> None:
+    """Orthanc forwards a brain MR series; the node returns SC, PM and SEG into the same study."""
+    import json
+
+    from conftest import wait_for
+
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path / "orthanc", node_port).start()
+    try:
+        peers = [{"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}]
+        rules = [{"name": "brain-anomaly", "when": "Modality == 'MR'", "pipeline": "anomaly-mr",
+                  "params": {"threshold": 0.3},
+                  "outputs": ["secondary_capture", "parametric_map", "segmentation"], "destinations": ["sender"]}]
+        node_factory(peers, rules, port=node_port)
+        files = sorted((data / "mr/uih-t1-3d-sag").iterdir())[80:84]
+        for path in files:
+            orthanc.post("/instances", path.read_bytes(), "application/dicom")
+        (study,) = orthanc.get("/studies")
+        (source,) = orthanc.get(f"/studies/{study}")["Series"]
+        orthanc.post("/modalities/pacsnode/store", json.dumps(source).encode())
+
+        def results() -> list[dict] | None:
+            series = [orthanc.get(f"/series/{s}") for s in orthanc.get(f"/studies/{study}")["Series"] if s != source]
+            done = len(series) == 3 and sum(len(s["Instances"]) for s in series) == len(files) + 2
+            return series if done else None
+
+        series = wait_for(results, 240, "SC, PM and SEG series in the source study")
+        by_modality = sorted((s["MainDicomTags"]["Modality"], len(s["Instances"])) for s in series)
+        assert by_modality == sorted([("OT", len(files)), ("OT", 1), ("SEG", 1)])
+        for s in series:
+            assert s["ParentStudy"] == study
+            assert "anomaly-mr" in s["MainDicomTags"].get("SeriesDescription", "")
+        sc_series = next(s for s in series if len(s["Instances"]) == len(files))
+        content_type, png = orthanc.get_bytes(f"/instances/{sc_series['Instances'][0]}/preview")
+        assert content_type == "image/png" and len(png) > 1000
+        tags = orthanc.get(f"/instances/{sc_series['Instances'][0]}/simplified-tags")
+        assert tags["BurnedInAnnotation"] == "YES"
+    finally:
+        orthanc.stop()
