@@ -35,7 +35,7 @@ def _run(tmp_path: Path, datasets: int, pdus: int, capsys) -> None:  # type: ign
 
 
 def test_fuzz_store_and_pdus_short(tmp_path, capsys):
-    _run(tmp_path, 120, 60, capsys)
+    _run(tmp_path, 80, 40, capsys)
 
 
 @pytest.mark.slow
