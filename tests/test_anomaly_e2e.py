@@ -1,7 +1,7 @@
 """Scenario: a brain MR series goes from a real Orthanc through the node's anomaly-mr rule and
 comes back as Secondary Capture overlays, a Parametric Map and a SEG in the same study.
 
-About 90 s on a shared 2-core machine (node start, pipeline, three result series)."""
+About 20 s alone; up to 90 s when the machine is busy."""
 
 from __future__ import annotations
 
