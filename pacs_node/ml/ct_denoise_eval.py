@@ -270,7 +270,7 @@ def eval_main(argv: list[str]) -> int:
         raise SystemExit(f"no series folders under {' '.join(map(str, args.data))}")
     report: dict[str, Any] = {
         "dose": args.dose, "seed": args.seed, "simulation": params.as_dict(),
-        "windows_hu": WINDOWS, "model": {k: meta[k] for k in ("name", "version", "trained_steps") if k in meta},
+        "windows_hu": WINDOWS, "model": {k: meta[k] for k in ("name", "version", "trained_steps", "prior_steps") if k in meta},
         "ssim": "gaussian window 11 (sigma 1.5, truncate 3.5), K1 0.01, K2 0.03, data range = window width, mean over slices",
         "psnr": "over all pixels of the evaluated slices, both images clipped to the window, peak = window width",
         "rmse": "HU, unclipped, pixels with reference > -900 HU",
