@@ -372,7 +372,8 @@ def train(cfg: dict[str, Any], out: Path, cache: Path, data: Path, workers: int 
             break
     save(final=True)
     summary = {"steps": step, "seconds": round(time.time() - t_start, 1), "params": n_params, "history": history}
-    (out / "train_log.json").write_text(json.dumps(summary, indent=1)) if out != model_path(MODEL_NAME).parent else None
+    if out.resolve() != model_path(MODEL_NAME).parent.resolve():  # no generated logs inside the repo
+        (out / "train_log.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 
