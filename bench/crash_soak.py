@@ -2,7 +2,7 @@
 at random moments and restarted; afterwards every acknowledged instance, job and delivery is checked.
 
     .venv/bin/python bench/crash_soak.py --kills 20            # the full run (docs/reliability.md)
-    .venv/bin/python bench/crash_soak.py --kills 5 --studies 6  # about what tests/test_crash.py runs
+    .venv/bin/python bench/crash_soak.py --kills 5 --studies 4  # what tests/test_crash.py runs
 
 What is checked once the last restart has drained everything:
   * every instance that got status 0x0000 is on disk with the dataset bytes that were sent
