@@ -41,7 +41,8 @@ def main() -> int:
     weights = args.weights or model_path("ct-denoise")
     if weights.exists():
         model, meta = load_model(weights)
-        source = f"{weights.name} (steps {meta.get('trained_steps', '?')})"
+        steps = int(meta.get("trained_steps", 0) or 0) + int(meta.get("prior_steps", 0) or 0)
+        source = f"{weights.name} ({steps} training steps)"
     else:
         model, source = ResidualDenoiser().eval(), "untrained (no weights file)"
     n_params = sum(p.numel() for p in model.parameters())
