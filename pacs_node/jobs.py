@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session
 from . import audit, metrics
 from .config import Rule, SendSettings, Settings
 from .net.scu import SendError, send_files
+from .net.tls import context_for_peer
 from .process import process_series
 from .store.files import FileStore, fsync_dir, write_atomic
 from .store.index import Database, Delivery, Instance, Job, Series, utcnow
@@ -358,7 +359,10 @@ class Sender:
         try:
             if not files:
                 raise SendError(f"job {d.job_id} has no result files to send (result folder {result_path!r})")
-            report = send_files(files, self.settings.node.ae_title, d.ae_title, d.host, d.port, send.timeout_seconds)
+            peer = next((p for p in self.settings.peers
+                         if (p.ae_title, p.host, p.port) == (d.ae_title, d.host, d.port)), None)
+            report = send_files(files, self.settings.node.ae_title, d.ae_title, d.host, d.port, send.timeout_seconds,
+                                tls=context_for_peer(self.settings.tls, peer))
             sent, failed = len(report.ok), len(report.rejected)
             if report.rejected:
                 status = report.rejected[0][1]
@@ -413,6 +417,9 @@ class Sender:
                 job.finished_at = utcnow()
                 job.state = "failed" if bad else "done"
                 job.error = "; ".join(f"{d.destination}: {d.last_error}" for d in bad)[:1000] or None
+                if job.state == "done":  # with the state change: a crash can't split them
+                    audit.add(session, "job-done", job_id=job.id, seconds=_seconds(job.last_instance_at, job.finished_at),
+                              count=job.result_count)
                 closed.append(job)
             return closed
 
@@ -429,7 +436,6 @@ class Sender:
             if job.state == "done":
                 log.info("job %d done: last instance received -> last result acknowledged %.2f s [%s]",
                          job.id, latency or 0.0, " ".join(parts))
-                audit.record(self.db, "job-done", job_id=job.id, seconds=latency, count=job.result_count)
             else:
                 log.error("job %d failed: %s", job.id, job.error)
 

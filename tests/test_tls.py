@@ -199,3 +199,30 @@ def test_tls_config_errors_name_the_key(pki, tmp_path):
     settings = parse({"tls": {"certificate": "node.pem", "private_key": "node.key", "ca_certificates": "ca.pem"},
                       "peers": [{"name": "v", "ae_title": "V", "host": "h", "port": 1, "tls": True}]}, base_dir=pki)
     assert settings.tls.certificate == pki / "node.pem" and settings.peers[0].tls
+
+
+def test_node_delivers_job_results_over_tls_to_a_tls_peer(node_factory, pki, tmp_path, ge_head):
+    from conftest import storescu
+
+    out = tmp_path / "received-by-job"
+    out.mkdir()
+    port = free_port()
+    log = open(tmp_path / "storescp-job.log", "wb")
+    scp = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), "+tls", str(pki / "storescp.key"),
+                            str(pki / "storescp.pem"), "+cf", str(pki / "ca.pem"), "-rc", str(port)],
+                           stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: port_open(port), 20, "storescp (TLS) to listen")
+        tls = {"certificate": str(pki / "node.pem"), "private_key": str(pki / "node.key"),
+               "ca_certificates": str(pki / "ca.pem"), "port": free_port()}
+        peers = [{"name": "modality", "ae_title": "STORESCU"},
+                 {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": port, "tls": True}]
+        rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical", "destinations": ["viewer"]}]
+        node = node_factory(peers, rules, tls=tls)
+        assert storescu(node.port, *sorted(ge_head.glob("*.dcm"))[:2]).returncode == 0  # plain listener in
+        wait_for(lambda: len(list(out.iterdir())) == 2, 120, "results delivered over TLS")
+        assert "delivered to viewer" in node.log()
+    finally:
+        scp.terminate()
+        scp.wait(10)
+        log.close()
