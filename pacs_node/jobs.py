@@ -217,7 +217,6 @@ class Worker:
                 fsync_dir(out_dir)  # once for all results, before the job says they exist
             timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any pipeline failure fails this job only
-            stop.set()
             message = f"{type(exc).__name__}: {exc}"[:1000]
             log.error("job %d (%s, series %s) failed: %s", item.job_id, item.pipeline, item.series_uid, message)
             self._finish_failed(item.job_id, message, timings)
@@ -261,6 +260,12 @@ class Worker:
             log.warning("job %d: lease lost while running (another worker took it); results discarded", item.job_id)
             shutil.rmtree(self.files.absolute(result_path), ignore_errors=True)
             return
+        # folders of earlier attempts (a worker that died, a rerun) are superseded by this one
+        current = self.files.absolute(result_path)
+        job_dir = self.files.result_dir(item.job_id)
+        for other in job_dir.iterdir() if job_dir.exists() else ():
+            if other != current:
+                shutil.rmtree(other, ignore_errors=True)
         log.info("job %d (%s, series %s): %d result instance(s) encoded [%s]", item.job_id, item.pipeline,
                  item.series_uid, count, _fmt(timings))
         if state == "done":

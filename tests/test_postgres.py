@@ -149,6 +149,9 @@ def test_killed_worker_job_finished_by_another_after_lease(node_factory, pg_url,
         assert "claimed" in (tmp_path / "worker-b.log").read_text()
         received = [pydicom.dcmread(p, stop_before_pixels=True) for p in unique_storescp.files()]
         assert len(received) == 6 and len({r.SOPInstanceUID for r in received}) == 6  # no duplicate
+        job_id = sql(pg_url, "select id from job")[0][0]
+        folders = list((receiver.root / "storage" / "results" / str(job_id)).iterdir())
+        assert len(folders) == 1, folders  # the dead worker's partial attempt was cleared
         assert first_owner
     finally:
         stop_all(workers + ([second] if second else []))
