@@ -74,6 +74,11 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
     series_number = int(first_src.get("SeriesNumber") or 0) + 1000
     description = f"AI {ctx.pipeline}: {first_src.get('SeriesDescription', '') or ''}".strip()[:64]
 
+    new_step = None
+    if output.positions is not None and len(output.positions) > 1:
+        # resampled along the normal: the header's slice step must follow the new positions
+        new_step = float(np.median(np.abs(np.diff(np.asarray(output.positions) @ volume.normal))))
+
     result: list[Dataset] = []
     for z in range(n_out):
         sources = [volume.datasets[i] for i in mapping[z]]
@@ -129,6 +134,8 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
             ds.PixelSpacing = [round(float(v), 8) for v in output.pixel_spacing]
         if output.slice_thickness is not None:
             ds.SliceThickness = round(float(output.slice_thickness), 6)
+        if new_step is not None and "SpacingBetweenSlices" in ds:
+            ds.SpacingBetweenSlices = round(new_step, 6)
         _fix_known_errors(ds)
 
         meta = FileMetaDataset()
