@@ -43,6 +43,7 @@ class CompletionTracker:
         self._lock = threading.Lock()
         self._open: dict[int, set[str]] = {}
         self.wake = threading.Event()
+        self.next_due: float | None = None
 
     def association_started(self, assoc_id: int) -> None:
         with self._lock:
@@ -69,22 +70,37 @@ class CompletionTracker:
             return "expected-count"
         if now - series.first_received_at >= dt.timedelta(seconds=self.settings.max_wait_seconds):
             return "max-wait"
-        quiet = self.settings.quiet_seconds
-        if self.shared and series.receiver != self.receiver:
-            quiet += self.FOREIGN_GRACE_SECONDS
-        if not busy and now - series.last_received_at >= dt.timedelta(seconds=quiet):
+        if not busy and now - series.last_received_at >= dt.timedelta(seconds=self._quiet_for(series)):
             return "quiet"
         return None
 
+    def _quiet_for(self, series: Series) -> float:
+        quiet = self.settings.quiet_seconds
+        if self.shared and series.receiver != self.receiver:
+            quiet += self.FOREIGN_GRACE_SECONDS
+        return quiet
+
     def tick(self) -> list[str]:
-        """Complete every series that is due; return their UIDs."""
+        """Complete every series that is due; return their UIDs.
+
+        Due-ness is decided on a plain read first, so the write transaction (which, on
+        SQLite, takes the database's one write lock) is opened only for series that are due.
+        Also sets ``next_due``: seconds until the next series could become due by quiet time.
+        """
         busy = self._busy()
         now = utcnow()
         candidates = self.db.run(
-            lambda s: [(r.id, r.series_uid, r.last_received_at) for r in s.execute(select(Series).where(Series.state == "receiving")).scalars()]
-        )
+            lambda s: list(s.execute(select(Series).where(Series.state == "receiving")).scalars()))
         done: list[str] = []
-        for series_id, series_uid, seen_last in candidates:
+        self.next_due = None
+        for row in candidates:
+            if self.reason_to_complete(row, row.series_uid in busy, now) is None:
+                if row.series_uid not in busy:
+                    due = (row.last_received_at - now).total_seconds() + self._quiet_for(row)
+                    self.next_due = due if self.next_due is None else min(self.next_due, due)
+                continue
+            series_id, series_uid, seen_last = row.id, row.series_uid, row.last_received_at
+
             def complete(session: Session) -> str | None:
                 series = session.get(Series, series_id)
                 # Re-read inside the transaction: an instance may have arrived since the scan.
@@ -113,5 +129,7 @@ class CompletionTracker:
                 self.tick()
             except Exception:  # noqa: BLE001 - the loop must survive a bad series; the next tick retries
                 log.exception("completion check failed; will retry")
-            self.wake.wait(interval)
+            # wake when the next series is due rather than up to a whole interval later
+            due = self.next_due
+            self.wake.wait(interval if due is None else min(interval, max(due, 0.005)))
             self.wake.clear()
