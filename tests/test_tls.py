@@ -11,6 +11,7 @@ our certificate.
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from pathlib import Path
 
@@ -157,16 +158,27 @@ def test_plain_and_tls_listeners_side_by_side(node_factory, pki):
     assert tls_echo(tls_port, TlsSettings(ca_certificates=pki / "rogue-ca.pem")) != "ok"
 
 
-def test_results_sent_over_tls_to_a_dcmtk_storescp_that_requires_our_certificate(pki, tmp_path):
-    out = tmp_path / "received"
-    out.mkdir()
+@contextlib.contextmanager
+def tls_storescp(pki: Path, root: Path):
+    """DCMTK storescp speaking TLS only and requiring a client certificate from our CA."""
+    out = root / "received"
+    out.mkdir(parents=True)
     port = free_port()
-    log = open(tmp_path / "storescp.log", "wb")
+    log = open(root / "storescp.log", "wb")
     scp = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), "+tls", str(pki / "storescp.key"),
                             str(pki / "storescp.pem"), "+cf", str(pki / "ca.pem"), "-rc", str(port)],
                            stdout=log, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: port_open(port), 20, "storescp (TLS) to listen")
+        yield port, out
+    finally:
+        scp.terminate()
+        scp.wait(10)
+        log.close()
+
+
+def test_results_sent_over_tls_to_a_dcmtk_storescp_that_requires_our_certificate(pki, tmp_path):
+    with tls_storescp(pki, tmp_path) as (port, out):
         src = tiny_instance(tmp_path / "tiny.dcm")
         peer = Peer(name="viewer", ae_title="STORESCP", host="127.0.0.1", port=port, tls=True)
         ctx = context_for_peer(tls_settings(pki, "node"), peer)
@@ -182,10 +194,6 @@ def test_results_sent_over_tls_to_a_dcmtk_storescp_that_requires_our_certificate
             send_files([src], "PACSNODE", "STORESCP", "127.0.0.1", port, 15,
                        tls=client_context(tls_settings(pki, "node", ca="rogue-ca")))
         assert context_for_peer(tls_settings(pki), Peer(name="p", ae_title="P")) is None
-    finally:
-        scp.terminate()
-        scp.wait(10)
-        log.close()
 
 
 def test_tls_config_errors_name_the_key(pki, tmp_path):
@@ -204,15 +212,7 @@ def test_tls_config_errors_name_the_key(pki, tmp_path):
 def test_node_delivers_job_results_over_tls_to_a_tls_peer(node_factory, pki, tmp_path, ge_head):
     from conftest import storescu
 
-    out = tmp_path / "received-by-job"
-    out.mkdir()
-    port = free_port()
-    log = open(tmp_path / "storescp-job.log", "wb")
-    scp = subprocess.Popen([tool("storescp"), "-aet", "STORESCP", "-od", str(out), "+tls", str(pki / "storescp.key"),
-                            str(pki / "storescp.pem"), "+cf", str(pki / "ca.pem"), "-rc", str(port)],
-                           stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: port_open(port), 20, "storescp (TLS) to listen")
+    with tls_storescp(pki, tmp_path / "dest") as (port, out):
         tls = {"certificate": str(pki / "node.pem"), "private_key": str(pki / "node.key"),
                "ca_certificates": str(pki / "ca.pem"), "port": free_port()}
         peers = [{"name": "modality", "ae_title": "STORESCU"},
@@ -222,7 +222,3 @@ def test_node_delivers_job_results_over_tls_to_a_tls_peer(node_factory, pki, tmp
         assert storescu(node.port, *sorted(ge_head.glob("*.dcm"))[:2]).returncode == 0  # plain listener in
         wait_for(lambda: len(list(out.iterdir())) == 2, 120, "results delivered over TLS")
         assert "delivered to viewer" in node.log()
-    finally:
-        scp.terminate()
-        scp.wait(10)
-        log.close()
