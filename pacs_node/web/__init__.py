@@ -59,8 +59,10 @@ def start_operations(node: "Node", stop: threading.Event) -> list[threading.Thre
         if job.finished_at >= started:  # jobs that ended before this process started were counted by it
             metrics.observe_job(job)
 
-    # metrics count what ends from now on: no look back
-    loops = [("job-watcher", JobWatcher(node.db, [count], interval=1.0, lookback=dt.timedelta(0)).run)]
+    # metrics count what ends from now on: no look back. The watcher reads job rows, so a
+    # failed job retried before the next poll is seen only as done: poll often (known race,
+    # see docs/operations.md; the fix is to read append-only job-end audit rows instead)
+    loops = [("job-watcher", JobWatcher(node.db, [count], interval=0.2, lookback=dt.timedelta(0)).run)]
     if notifier.configured:
         loops.append(("webhooks", notifier.run))
     if node.settings.http.enabled:
