@@ -147,17 +147,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _parse_params(pairs: list[str] | None) -> dict[str, object]:
-    import tomllib
+    from .config import toml_value
 
     params: dict[str, object] = {}
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep:
             raise PacsNodeError(f"--param {pair!r}: expected KEY=VALUE")
-        try:
-            params[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            params[key] = value
+        params[key] = toml_value(value)
     return params
 
 

@@ -151,6 +151,14 @@ class Settings:
         return next((p for p in self.peers if p.ae_title == ae_title), None)
 
 
+def toml_value(text: str) -> Any:
+    """A command-line value read as TOML (numbers, booleans, arrays, quoted strings), else the text itself."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
 def _take(table: dict[str, Any], key: str, prefix: str, kind: type | tuple[type, ...], default: Any) -> Any:
     if key not in table:
         return default

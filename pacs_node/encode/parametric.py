@@ -56,6 +56,23 @@ _CHECKED = {"StudyDate": _DATE, "SeriesDate": _DATE, "ContentDate": _DATE, "Pati
             "StudyTime": _TIME, "SeriesTime": _TIME, "ContentTime": _TIME}
 
 
+def derived_object_arguments(volume: Volume, ctx: EncodeContext, kind: str) -> dict:
+    """Constructor arguments that every single-instance highdicom object we write shares
+    (Parametric Map, SEG): sources, deterministic UIDs, series number, device identity."""
+    source_series = str(volume.datasets[0].SeriesInstanceUID)
+    return dict(
+        source_images=[sanitised_source(ds) for ds in volume.datasets],
+        series_instance_uid=ctx.uid(source_series, "series"),
+        series_number=series_number(volume, kind),
+        sop_instance_uid=ctx.uid(source_series, "instance", "0"),
+        instance_number=1,
+        manufacturer=MANUFACTURER,
+        manufacturer_model_name=ctx.pipeline[:64],
+        software_versions=f"{__version__} {ctx.pipeline} {ctx.version}"[:64],
+        device_serial_number="none",
+    )
+
+
 def sanitised_source(src: Dataset) -> Dataset:
     """A copy of a source header that highdicom can read: malformed dates and times become empty.
 
@@ -100,7 +117,6 @@ def algorithm(ctx: EncodeContext) -> hd.AlgorithmIdentificationSequence:
 def encode_parametric_map(volume: Volume, output: ScoreMap, ctx: EncodeContext) -> list[Dataset]:
     """One multi-frame Parametric Map of the score, stored as integers 0..1000 with slope 1/1000."""
     scores = checked_scores(volume, output, ctx)
-    source_series = str(volume.datasets[0].SeriesInstanceUID)
     stored = np.rint(scores * SCORE_STEPS).astype(np.uint16)
     mapping = hd.pm.RealWorldValueMapping(
         lut_label="ANOMALY",
@@ -112,16 +128,8 @@ def encode_parametric_map(volume: Volume, output: ScoreMap, ctx: EncodeContext) 
     )
     try:
         pm = hd.pm.ParametricMap(
-            source_images=[sanitised_source(ds) for ds in volume.datasets],
             pixel_array=stored,
-            series_instance_uid=ctx.uid(source_series, "series"),
-            series_number=series_number(volume, "parametric_map"),
-            sop_instance_uid=ctx.uid(source_series, "instance", "0"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=ctx.pipeline[:64],
-            software_versions=f"{__version__} {ctx.pipeline} {ctx.version}"[:64],
-            device_serial_number="none",
+            **derived_object_arguments(volume, ctx, "parametric_map"),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             window_center=SCORE_STEPS / 2,

@@ -7,20 +7,17 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import ScoreMap
 from ..volume import Volume
 from . import EncodeContext
 from .parametric import (
-    MANUFACTURER,
     algorithm,
     checked_scores,
     copy_type2_study_attributes,
+    derived_object_arguments,
     derivation_text,
-    sanitised_source,
     series_description,
-    series_number,
 )
 
 
@@ -43,18 +40,10 @@ def encode_segmentation(volume: Volume, output: ScoreMap, ctx: EncodeContext) ->
     )
     try:
         seg = hd.seg.Segmentation(
-            source_images=[sanitised_source(ds) for ds in volume.datasets],
             pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            series_instance_uid=ctx.uid(source_series, "series"),
-            series_number=series_number(volume, "segmentation"),
-            sop_instance_uid=ctx.uid(source_series, "instance", "0"),
-            instance_number=1,
-            manufacturer=MANUFACTURER,
-            manufacturer_model_name=ctx.pipeline[:64],
-            software_versions=f"{__version__} {ctx.pipeline} {ctx.version}"[:64],
-            device_serial_number="none",
+            **derived_object_arguments(volume, ctx, "segmentation"),
             content_description="AI anomaly region, not for diagnosis",
             content_label="ANOMALY",
             omit_empty_frames=True,

@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 import tomllib
 from pathlib import Path
@@ -29,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import toml_value
 from ..models_dir import model_path
 
 log = logging.getLogger(__name__)
@@ -233,10 +233,7 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None) ->
         key = key.strip()
         if key not in cfg:
             raise SystemExit(f"--set {key}: unknown config key (known: {', '.join(sorted(cfg))})")
-        try:
-            cfg[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            cfg[key] = value
+        cfg[key] = toml_value(value)
     return cfg
 
 
