@@ -21,6 +21,8 @@ class NodeSettings:
     database_url: str = "sqlite:///var/pacs-node.db"
     allow_any_caller: bool = False
     log_level: str = "INFO"
+    #: largest DICOM message (one instance) an association may send; larger ones are aborted
+    max_instance_mb: float = 2048.0
 
 
 @dataclass(frozen=True)
@@ -275,7 +277,10 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
         database_url=db_url,
         allow_any_caller=_take(n, "allow_any_caller", "node.", bool, d.allow_any_caller),
         log_level=_take(n, "log_level", "node.", str, d.log_level).upper(),
+        max_instance_mb=float(_take(n, "max_instance_mb", "node.", float, d.max_instance_mb)),
     )
+    if node.max_instance_mb <= 0:
+        raise ConfigError("node.max_instance_mb", f"{node.max_instance_mb} must be above 0")
     if node.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise ConfigError("node.log_level", f"{node.log_level!r} is not one of DEBUG, INFO, WARNING, ERROR")
     _no_unknown(n, "node.")

@@ -108,7 +108,8 @@ class NodeProcess:
 
 def node_config(port: int, peers: list[dict], rules: list[dict], **sections: dict) -> str:
     lines = ["[node]", 'ae_title = "PACSNODE"', 'host = "127.0.0.1"', f"port = {port}",
-             'storage_dir = "storage"', 'database_url = "sqlite:///node.db"', 'log_level = "INFO"', ""]
+             'storage_dir = "storage"', 'database_url = "sqlite:///node.db"', 'log_level = "INFO"']
+    lines += [f"{k} = {json.dumps(v)}" for k, v in sections.pop("node", {}).items()] + [""]
     defaults = {"completion": {"quiet_seconds": 1.0, "max_wait_seconds": 120.0},
                 "send": {"max_attempts": 3, "backoff_seconds": 0.5, "backoff_max_seconds": 2.0, "timeout_seconds": 10.0}}
     for name, values in {**defaults, **sections}.items():

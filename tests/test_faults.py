@@ -272,3 +272,29 @@ def test_database_busy_error_is_retried(tmp_path):
 
     assert db.run(flaky) == "written"
     assert len(calls) == 3
+
+
+def test_an_instance_over_max_instance_mb_aborts_its_association_and_the_node_carries_on(node_factory, tmp_path):
+    """A valid but oversized C-STORE (here 3 MB against a 1 MB limit) must not be assembled in
+    memory without bound: its association is aborted, the log names the limit, nothing is
+    stored for it, and the next sender is served as usual."""
+    node = node_factory(peers(free_port()), [], node={"max_instance_mb": 1.0})
+    big = synthetic_ct_series(tmp_path / "big", 1, 1200, seed=3)  # 1200 x 1200 x 2 bytes = 2.9 MB
+    small = synthetic_ct_series(tmp_path / "small", 2, 64, seed=4)
+    assert big[0].stat().st_size > 2_500_000
+
+    ae = AE(ae_title=SCU)
+    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+    assert assoc.is_established
+    status = assoc.send_c_store(big[0])
+    assert not (status and "Status" in status and status.Status == 0), "an oversized instance was acknowledged"
+    wait_for(lambda: not assoc.is_established, 30, "the oversized association to end")
+    assoc.release()
+
+    assert c_store(node.port, small) == [0x0000, 0x0000]
+    wait_for(lambda: "exceeds [node] max_instance_mb (1 MB)" in node.log(), 10, "the limit in the log")
+    stored = sorted(p.name for p in (node.root / "storage" / "instances").rglob("*.dcm"))
+    assert len(stored) == 2, stored
+    assert not any(p.name.endswith(".tmp") for p in (node.root / "storage").rglob("*"))

@@ -90,8 +90,8 @@ def test_eight_concurrent_associations_of_300_instances(node_factory, tmp_path, 
         print(f"[load] node RSS: {rss_start / 1024:.0f} MiB before, {rss_end / 1024:.0f} MiB after, "
               f"peak {rss_peak / 1024:.0f} MiB")
     assert stored == files == total
-    assert "failed" not in node.log().split("released:")[-1] or True
+    ends = [line for line in node.log().splitlines() if " instance(s) stored, " in line]
+    assert len(ends) == SENDERS and all(f"{PER_SENDER} instance(s) stored, 0 failed" in line for line in ends), ends
     assert len(echoes) >= 4
-    # the target is 1 s; this shared 2-core machine gets a margin for scheduling hiccups
-    assert p95 < 1.0, f"C-ECHO p95 {p95:.2f} s"
-    assert max(echoes) < 3.0, f"C-ECHO max {max(echoes):.2f} s"
+    # the target: every C-ECHO (association, echo, release) answered within 1 s
+    assert max(echoes) < 1.0, f"C-ECHO max {max(echoes):.2f} s (p95 {p95:.2f} s)"

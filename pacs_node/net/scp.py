@@ -48,20 +48,39 @@ MAX_PDU = 65536
 MAX_PDU_BYTES = 4 * 1024 * 1024
 
 
-def _bounded_recv(recv: Callable[[int], bytearray]) -> Callable[[int], bytearray]:
+class _Budget:
+    """Bytes an association received since its last complete DIMSE message."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
+def _bounded_recv(recv: Callable[[int], bytearray], budget: _Budget, peer: str) -> Callable[[int], bytearray]:
+    """pynetdicom assembles a whole dataset in memory: bound one PDU and one message.
+
+    Raising OSError is "connection closed" to the DUL (Evt17): the association just ends.
+    """
     def recv_at_most(nr_bytes: int) -> bytearray:
         if nr_bytes > MAX_PDU_BYTES:
+            log.warning("connection from %s closed: a PDU of %d bytes exceeds the %d-byte limit",
+                        peer, nr_bytes, MAX_PDU_BYTES)
             raise OSError(f"PDU of {nr_bytes} bytes exceeds the {MAX_PDU_BYTES}-byte limit")
-        return recv(nr_bytes)
+        data = recv(nr_bytes)
+        budget.used += len(data)
+        if budget.used > budget.limit:
+            log.warning("association from %s aborted: its instance exceeds [node] max_instance_mb (%.0f MB)",
+                        peer, budget.limit / 1e6)
+            raise OSError(f"message exceeds the {budget.limit}-byte limit")
+        return data
     return recv_at_most
 
 
-def _conn_open(event) -> None:  # type: ignore[no-untyped-def]
-    set_nodelay(event)
-    sock = getattr(event.assoc.dul, "socket", None)
-    if sock is not None and not event.assoc.is_requestor:
-        # raised OSError = "connection closed" to the DUL (Evt17): the association just ends
-        sock.recv = _bounded_recv(sock.recv)
+def _message_done(event) -> None:  # type: ignore[no-untyped-def]
+    """A DIMSE message arrived whole: its bytes no longer count against the limit."""
+    budget = getattr(event.assoc, "pacs_budget", None)
+    if budget is not None:
+        budget.used = 0
 
 
 def _conn_closed(event) -> None:  # type: ignore[no-untyped-def]
@@ -220,10 +239,20 @@ class StorageSCP:
                          detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
 
     # -- services ---------------------------------------------------------------------------
+    def _conn_open(self, event) -> None:  # type: ignore[no-untyped-def]
+        set_nodelay(event)
+        sock = getattr(event.assoc.dul, "socket", None)
+        if sock is not None and not event.assoc.is_requestor:
+            budget = _Budget(int(self.settings.node.max_instance_mb * 1e6))
+            event.assoc.pacs_budget = budget
+            sock.recv = _bounded_recv(sock.recv, budget, str(event.address[0]))
+
     def _echo(self, event) -> int:  # type: ignore[no-untyped-def]
+        _message_done(event)
         return 0x0000
 
     def _store(self, event) -> int | Dataset:  # type: ignore[no-untyped-def]
+        _message_done(event)
         stats = self._stats.get(id(event.assoc))
         calling = event.assoc.requestor.ae_title.strip()
         try:
@@ -282,7 +311,7 @@ class StorageSCP:
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
         handlers = [
-            (evt.EVT_CONN_OPEN, _conn_open),
+            (evt.EVT_CONN_OPEN, self._conn_open),
             (evt.EVT_CONN_CLOSE, _conn_closed),
             (evt.EVT_REQUESTED, self._requested),
             (evt.EVT_ACCEPTED, self._accepted),
