@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pacs_node.ml.anomaly import AnomalyConfig, from_canvas, load_model, to_canvas
+from pacs_node.ml.anomaly import (AnomalyConfig, from_canvas, inpainting_input, load_model, residual_maps,
+                                  shifted_grid_holes, to_canvas)
 from pacs_node.ml.anomaly_mr import eval_main, pixel_metrics, train_main
 from pacs_node.ml.lesions import insert_lesions
 from pacs_node.models_dir import model_path
@@ -82,18 +83,46 @@ def test_smoke_training_writes_loadable_weights(tmp_path: Path) -> None:
     yy, xx = np.mgrid[:128, :128]
     heads = [((yy - 64) ** 2 / (45 + i) ** 2 + (xx - 64) ** 2 / 38 ** 2 < 1).astype(np.float16) * 0.7 for i in range(8)]
     images = np.stack(heads) + rng.random((8, 128, 128)).astype(np.float16) * 0.05
+    images_np = images
     cache = tmp_path / "slices.npz"
     np.savez(cache, images=images.astype(np.float16), sources=np.array(["synthetic"] * 8))
     out = tmp_path / "model.safetensors"
     rc = train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "4",
-                     "--out", str(out)])
+                     "--crop", "64", "--hole-shifts", "2", "--out", str(out)])
     assert rc == 0 and out.exists()
     net, cfg = load_model(out)
     assert isinstance(cfg, AnomalyConfig) and cfg.error_scale > 0
+    assert cfg.arch == "prob-inpaint" and cfg.hole_shifts == 2
+    images = torch.zeros(1, 1, 128, 128)
     with torch.no_grad():
-        recon, mu, _ = net(torch.zeros(1, 1, 128, 128), sample=False)
-    assert recon.shape == (1, 1, 128, 128)
+        loc, raw_scale, _ = net(inpainting_input(images, torch.ones_like(images)), sample=False)
+    assert loc.shape == raw_scale.shape == (1, 1, 128, 128)
+    err, recon = residual_maps(net, torch.from_numpy(images_np[:2, None].astype(np.float32)), cfg)
+    assert err.shape == recon.shape == (2, 1, 128, 128) and bool(torch.isfinite(err).all())
     assert not out.with_suffix(".partial.safetensors").exists()
+
+
+def test_smoke_training_of_the_older_variants(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    cache = tmp_path / "slices.npz"
+    np.savez(cache, images=(rng.random((4, 128, 128)) * 0.7).astype(np.float16), sources=np.array(["synthetic"] * 4))
+    for arch in ("inpaint-unet", "dae-unet"):
+        out = tmp_path / f"{arch}.safetensors"
+        assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "2",
+                           "--arch", arch, "--out", str(out)]) == 0
+        net, cfg = load_model(out)
+        err, _ = residual_maps(net, torch.zeros(1, 1, 128, 128), cfg)
+        assert err.shape == (1, 1, 128, 128)
+
+
+def test_shifted_grids_hide_every_pixel() -> None:
+    for side, shifts in ((24, 1), (24, 2), (16, 4), (20, 3)):
+        masks = shifted_grid_holes((1, 1, 128, 128), side, shifts)
+        assert len(masks) == (2 * shifts) ** 2
+        cover = torch.stack(masks).sum(dim=0)
+        assert int(cover.min()) >= 1
+        if (2 * side) % (2 * shifts) == 0:  # phases on whole pixels: each pixel hidden shifts**2 times
+            assert int(cover.max()) == int(cover.min()) == shifts ** 2
 
 
 @needs_weights

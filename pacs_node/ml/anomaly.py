@@ -11,7 +11,13 @@ of a slice whose residual marks what the model could not explain:
 - ``dae-unet``: a U-Net trained to remove coarse, low-frequency noise (Kascenas et al., MIDL
   2022), which "heals" smooth perturbations;
 - ``inpaint-unet``: the same U-Net filling masked squares from their surroundings; at
-  inference four grids of squares together cover the slice (the served anomaly-mr model).
+  inference four grids of squares together cover the slice;
+- ``prob-inpaint``: the served anomaly-mr model. The same U-Net, but for every hidden pixel it
+  predicts a *distribution* (Laplace: location and scale) instead of one value: a conditional
+  likelihood model of the hidden pixels given their context, trained by negative
+  log-likelihood. The score is the standardised residual |x - location| / scale, so normal
+  but unpredictable structure (sulci, scalp fat, vessels) gets a large scale and a small
+  score, while a blob in otherwise predictable tissue stands out.
 See models/anomaly-mr/README.md for how they compared.
 """
 
@@ -46,6 +52,21 @@ class AnomalyConfig:
     arch: str = "vae"
     #: inpainting: side of the masked squares at inference (a grid with period 2x, 4 passes)
     mask_px: int = 24
+    #: prob-inpaint: hole sides used at inference (one set of grids per side; empty: mask_px)
+    hole_sizes: tuple[int, ...] = ()
+    #: prob-inpaint: grid phases per hole side and axis; each pixel is hidden shifts**2 times,
+    #: at different places in its hole ((2 * shifts)**2 passes per side)
+    hole_shifts: int = 1
+    #: prob-inpaint: how the standardised residuals of a pixel's passes are combined: "mean",
+    #: "max" (largest magnitude) or "centre" (weighted towards passes where it is near the
+    #: centre of its hole)
+    combine: str = "mean"
+    #: prob-inpaint: smallest predicted scale (normalised intensity; the noise floor)
+    min_scale: float = 0.01
+    #: prob-inpaint: "abs" scores smooth(|z|); "signed" scores |smooth(z)| with z the signed
+    #: standardised residual, so that +/- pairs (an edge predicted a pixel off) cancel while a
+    #: blob brighter or darker than predicted keeps its score
+    score: str = "abs"
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -70,6 +91,7 @@ class AnomalyConfig:
         data = asdict(self)
         data["channels"] = list(self.channels)
         data["noise_scales"] = list(self.noise_scales)
+        data["hole_sizes"] = list(self.hole_sizes)
         return json.dumps(data)
 
     @classmethod
@@ -77,6 +99,7 @@ class AnomalyConfig:
         data = json.loads(text)
         data["channels"] = tuple(data["channels"])
         data["noise_scales"] = tuple(data.get("noise_scales", ()))
+        data["hole_sizes"] = tuple(data.get("hole_sizes", ()))
         return cls(**data)
 
 
@@ -157,7 +180,8 @@ class DenoisingUNet(nn.Module):
     Same call signature as SpatialVAE (returns mu/logvar as empty tensors: no latent prior).
     """
 
-    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), in_channels: int = 1) -> None:
+    def __init__(self, channels: tuple[int, ...] = (16, 32, 64, 96), in_channels: int = 1,
+                 out_channels: int = 1) -> None:
         super().__init__()
         c = channels
         self.inc = nn.Sequential(*_conv(in_channels, c[0]), *_conv(c[0], c[0]))
@@ -169,7 +193,7 @@ class DenoisingUNet(nn.Module):
             nn.Sequential(*_conv(c[i + 1] + c[i], c[i]), *_conv(c[i], c[i]))
             for i in reversed(range(len(c) - 1))
         )
-        self.out = nn.Conv2d(c[0], 1, 1)
+        self.out = nn.Conv2d(c[0], out_channels, 1)
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         skips = [self.inc(x)]
@@ -180,7 +204,10 @@ class DenoisingUNet(nn.Module):
             skip = skips.pop()
             h = up(torch.cat([F.interpolate(h, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
         empty = x.new_zeros((x.shape[0], 0, 1, 1))
-        return self.out(h), empty, empty
+        out = self.out(h)
+        if out.shape[1] == 2:  # prob-inpaint: location and raw scale of each pixel's distribution
+            return out[:, :1], out[:, 1:], empty
+        return out, empty, empty
 
 
 def build_network(cfg: AnomalyConfig) -> nn.Module:
@@ -188,6 +215,8 @@ def build_network(cfg: AnomalyConfig) -> nn.Module:
         return DenoisingUNet(cfg.channels)
     if cfg.arch == "inpaint-unet":
         return DenoisingUNet(cfg.channels, in_channels=2)  # image with holes + the hole mask
+    if cfg.arch == "prob-inpaint":
+        return DenoisingUNet(cfg.channels, in_channels=2, out_channels=2)  # location, scale
     return SpatialVAE(cfg.channels, cfg.latent_channels)
 
 
@@ -267,8 +296,83 @@ def grid_holes(shape: tuple[int, ...], side: int) -> list[torch.Tensor]:
     return masks
 
 
+def shifted_grid_holes(shape: tuple[int, ...], side: int, shifts: int,
+                       with_weights: bool = False) -> list[torch.Tensor] | list[tuple[torch.Tensor, torch.Tensor]]:
+    """Masks of ``side`` squares on a grid of period 2 * side, at (2 * shifts)**2 phases: each
+    pixel is hidden in shifts**2 of them, each time at another place within its square.
+
+    With ``with_weights``, each mask comes with a weight map: 1 at the centre of each square
+    falling linearly to about 0 at its border (the centre of a hole is the least influenced by
+    what lies just outside it)."""
+    _, _, h, w = shape
+    yy = torch.arange(h).view(-1, 1)
+    xx = torch.arange(w).view(1, -1)
+    step = 2 * side / (2 * shifts)
+    phases = [int(round(i * step)) for i in range(2 * shifts)]
+    out = []
+    for oy in phases:
+        for ox in phases:
+            m = ((((yy + oy) // side) % 2 == 0) & (((xx + ox) // side) % 2 == 0)).float().expand(shape[0], 1, h, w)
+            if not with_weights:
+                out.append(m)
+                continue
+            wy = 1.0 - (2.0 * (((yy + oy) % side).float() + 0.5) / side - 1.0).abs()
+            wx = 1.0 - (2.0 * (((xx + ox) % side).float() + 0.5) / side - 1.0).abs()
+            out.append((m, m * (wy * wx).expand(shape[0], 1, h, w)))
+    return out
+
+
+def laplace_scale(raw: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """Positive scale of the predicted Laplace distribution from the network's raw output."""
+    return F.softplus(raw) + cfg.min_scale
+
+
+def laplace_nll(x: torch.Tensor, loc: torch.Tensor, raw_scale: torch.Tensor, cfg: AnomalyConfig,
+                beta: float = 0.5) -> torch.Tensor:
+    """Per-pixel Laplace negative log-likelihood (+ log 2), weighted by scale**beta (detached).
+
+    The weight (as in beta-NLL, Seitzer et al. 2022) keeps the location learning at a steady
+    pace where the scale is large; it does not move the optimum of the scale.
+    """
+    b = laplace_scale(raw_scale, cfg)
+    nll = (x - loc).abs() / b + torch.log(b)
+    return nll * b.detach() ** beta if beta > 0 else nll
+
+
+def prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Standardised residual |x - loc| / scale of every pixel (signed if ``cfg.score`` is
+    "signed"), combined over the passes in which it was hidden, and the mean location and scale
+    predicted for it (all (B, 1, H, W))."""
+    z_total = torch.zeros_like(images)
+    loc_total = torch.zeros_like(images)
+    scale_total = torch.zeros_like(images)
+    count = torch.zeros_like(images)
+    weight_total = torch.zeros_like(images)
+    for side in cfg.hole_sizes or (cfg.mask_px,):
+        for holes, centre in shifted_grid_holes(tuple(images.shape), side, max(1, cfg.hole_shifts), with_weights=True):
+            loc, raw, _ = net(inpainting_input(images, holes), sample=False)
+            b = laplace_scale(raw, cfg)
+            z = (images - loc) / b
+            if cfg.score != "signed":
+                z = z.abs()
+            if cfg.combine == "max":  # the pass with the largest |z| (sign kept)
+                z_total = torch.where((z * holes).abs() > z_total.abs(), z * holes, z_total)
+            else:
+                weight = centre if cfg.combine == "centre" else holes
+                z_total = z_total + z * weight
+                weight_total = weight_total + weight
+            loc_total = loc_total + loc * holes
+            scale_total = scale_total + b * holes
+            count = count + holes
+    count = count.clamp_min(1.0)
+    z = z_total if cfg.combine == "max" else z_total / weight_total.clamp_min(1e-6)
+    return z, loc_total / count, scale_total / count
+
+
 def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
     """The model's normal-looking version of ``images``."""
+    if cfg.arch == "prob-inpaint":
+        return prob_inpaint_maps(net, images, cfg)[1]
     if cfg.arch != "inpaint-unet":
         return net(images, sample=False)[0]
     recon = torch.zeros_like(images)
@@ -280,7 +384,19 @@ def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tor
 
 @torch.no_grad()
 def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions."""
+    """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions.
+
+    For ``prob-inpaint`` the "error" is the standardised residual |x - loc| / scale (in units
+    of the scale the model predicted for that pixel), smoothed and masked the same way; the
+    reconstruction is the predicted location. The pipeline and the eval both call this.
+    """
+    if cfg.arch == "prob-inpaint":
+        z, loc, _ = prob_inpaint_maps(net, images, cfg)
+        err = smooth(z, cfg.smooth_sigma)
+        if cfg.score == "signed":
+            err = err.abs()
+        err = err * foreground_mask(images, cfg.mask_erode_px)
+        return err, loc
     recon = reconstruct(net, images, cfg)
     signed = images - recon
     if cfg.highpass_sigma > 0:

@@ -32,6 +32,7 @@ from .anomaly import (
     foreground_mask,
     intensity_baseline,
     kl_divergence,
+    laplace_nll,
     load_model,
     residual_maps,
     save_model,
@@ -127,6 +128,18 @@ def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> np.ndarray
     return np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
 
 
+def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> np.ndarray:
+    """Model-selection slices: studyforrest sagittal planes at odd indices (training used the
+    even ones), the central ``count`` of those with enough head. Training-domain anatomy: for
+    choosing settings only, never reported as the result."""
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data)
+    sz, sy, _ = vol.spacing
+    planes = ((np.ascontiguousarray(arr[::-1, :, i]), (sz, sy)) for i in range(1, arr.shape[2], 2))
+    got = np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
+    mid = len(got) // 2
+    return got[max(0, mid - count // 2): mid + count // 2]
+
+
 def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
@@ -191,9 +204,37 @@ def random_holes(shape: tuple[int, ...], gen: torch.Generator, count: tuple[int,
 
 
 
+def training_holes(shape: tuple[int, ...], gen: torch.Generator, side: tuple[int, int] = (10, 32)) -> torch.Tensor:
+    """prob-inpaint training masks: per image, either a grid of squares like the inference grids
+    (random side and phase) or a few random rectangles."""
+    b, _, h, w = shape
+    holes = torch.zeros(shape)
+    yy = torch.arange(h).view(-1, 1)
+    xx = torch.arange(w).view(1, -1)
+    for i in range(b):
+        if float(torch.rand(1, generator=gen)) < 0.5:
+            s = int(torch.randint(side[0], side[1] + 1, (1,), generator=gen))
+            oy, ox = (int(v) for v in torch.randint(0, 2 * s, (2,), generator=gen))
+            holes[i, 0] = ((((yy + oy) // s) % 2 == 0) & (((xx + ox) // s) % 2 == 0)).float()
+        else:
+            holes[i:i + 1] = random_holes((1, 1, h, w), gen, count=(2, 5), side=(side[0], side[1]))
+    return holes
+
+
+def random_crops(batch: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Random ``size`` squares of each image (training on crops: about (128/size)**2 faster)."""
+    b, _, h, w = batch.shape
+    if size >= h and size >= w:
+        return batch
+    ys = torch.randint(0, h - size + 1, (b,), generator=gen)
+    xs = torch.randint(0, w - size + 1, (b,), generator=gen)
+    return torch.stack([batch[i, :, int(y):int(y) + size, int(x):int(x) + size] for i, (y, x) in enumerate(zip(ys, xs))])
+
+
 def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
-          checkpoint: Path | None = None, init: Path | None = None) -> torch.nn.Module:
+          checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
+          beta: float = 0.5) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -211,7 +252,15 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
     for step in range(1, steps + 1):
         idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
         clean = augment(data[idx], gen)
-        if cfg.arch == "inpaint-unet":
+        if crop:
+            clean = random_crops(clean, crop, gen)
+        if cfg.arch == "prob-inpaint":
+            holes = training_holes(clean.shape, gen)
+            loc, raw_scale, _ = net(inpainting_input(clean, holes))
+            nll = laplace_nll(clean, loc, raw_scale, cfg, beta=beta)
+            rec = (nll * holes).sum() / holes.sum().clamp_min(1.0)  # hidden pixels only
+            mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
+        elif cfg.arch == "inpaint-unet":
             holes = random_holes(clean.shape, gen)
             recon, mu, logvar = net(inpainting_input(clean, holes))
             weight = holes + 0.1  # learn to fill the holes; elsewhere only to pass through
@@ -228,7 +277,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         sched.step()
         if step % log_every == 0 or step == steps:
             minutes = (time.time() - start) / 60
-            print(f"step {step}/{steps} l1 {rec.item():.4f} kl {kl_divergence(mu, logvar).item():.1f} "
+            print(f"step {step}/{steps} {'nll' if cfg.arch == 'prob-inpaint' else 'l1'} {rec.item():.4f} kl {kl_divergence(mu, logvar).item():.1f} "
                   f"{minutes:.1f} min", flush=True)
             if checkpoint is not None:
                 save_model(net, cfg, checkpoint)
@@ -265,8 +314,17 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=("inpaint-unet", "dae-unet", "vae"), default="dae-unet",
-                   help="inpaint-unet: U-Net filling masked squares; dae-unet: denoising U-Net; vae: spatial-latent VAE")
+    p.add_argument("--arch", choices=("prob-inpaint", "inpaint-unet", "dae-unet", "vae"), default="prob-inpaint",
+                   help="prob-inpaint: U-Net predicting a Laplace distribution for masked pixels (served); "
+                        "inpaint-unet: U-Net filling masked squares; dae-unet: denoising U-Net; vae: spatial-latent VAE")
+    p.add_argument("--crop", type=int, default=0, help="train on random crops of this side (0: whole canvas)")
+    p.add_argument("--beta", type=float, default=0.5, help="prob-inpaint: beta of the beta-weighted NLL")
+    p.add_argument("--hole-sizes", default=None, help="prob-inpaint: inference hole sides, e.g. 16,24")
+    p.add_argument("--hole-shifts", type=int, default=None, help="prob-inpaint: grid phases per side and axis")
+    p.add_argument("--combine", choices=("mean", "max", "centre"), default=None)
+    p.add_argument("--score", choices=("abs", "signed"), default=None, help="prob-inpaint: smooth(|z|) or |smooth(z)|")
+    p.add_argument("--smooth-sigma", type=float, default=None, help="score smoothing (px; the baseline uses the same)")
+    p.add_argument("--calibrate-slices", type=int, default=256)
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -279,10 +337,13 @@ def train_main(argv: list[str]) -> int:
 
         settings = tomllib.loads(known.config.read_text())
         unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
-                                     "noise_scales", "version"}
+                                     "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
+                                     "combine", "smooth_sigma", "calibrate_slices", "score"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
+        if isinstance(settings.get("hole_sizes"), list):
+            settings["hole_sizes"] = ",".join(str(v) for v in settings["hole_sizes"])
         p.set_defaults(**settings)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -291,19 +352,33 @@ def train_main(argv: list[str]) -> int:
         cfg.noise_std = float(args.noise_std)
     if args.noise_scales:
         cfg.noise_scales = tuple(int(v) for v in str(args.noise_scales).split(","))
+    if args.hole_sizes:
+        cfg.hole_sizes = tuple(int(v) for v in str(args.hole_sizes).split(","))
+    if args.hole_shifts is not None:
+        cfg.hole_shifts = int(args.hole_shifts)
+    if args.combine is not None:
+        cfg.combine = args.combine
+    if args.score is not None:
+        cfg.score = args.score
+    if args.smooth_sigma is not None:
+        cfg.smooth_sigma = float(args.smooth_sigma)
     if args.data is None:
         from ..datasets import data_dir
 
         args.data = data_dir()
+    started = time.time()
     sset = cached_training_slices(args.data, cfg, args.cache)
     images = sset.images[: args.limit] if args.limit else sset.images
     print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
-                log_every=max(1, min(50, args.steps // 4)), init=args.init)
-    cfg.error_scale = calibrate(net, images, cfg)
-    cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr, "train_slices": len(images),
+                log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta)
+    train_minutes = (time.time() - started) / 60
+    cfg.error_scale = calibrate(net, images, cfg, count=args.calibrate_slices)
+    cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr,
+                 "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
+                 "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
     save_model(net, cfg, args.out)
     partial = args.out.with_suffix(".partial.safetensors")
