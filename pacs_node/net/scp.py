@@ -1,8 +1,9 @@
 """DICOM SCP: C-ECHO and C-STORE for every storage SOP class; thin handlers over Ingest.
 
-Access control happens at association time (EVT_REQUESTED): the calling AE title must be a
-configured peer (unless allow_any_caller), calling from one of its allowed hosts if any are
-listed. An instance is acknowledged only after Ingest wrote it and indexed it.
+The transport is ``acceptor.Acceptor`` (pynetdicom's PDU codecs and negotiation, our own
+per-association loop). Access control happens at association time: the calling AE title must
+be a configured peer (unless allow_any_caller), calling from one of its allowed hosts if any
+are listed. An instance is acknowledged only after Ingest wrote it and indexed it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from io import BytesIO
 from typing import Callable
 
+import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
 from .. import audit, metrics
@@ -24,7 +29,7 @@ from ..config import Settings
 from ..errors import InvalidInstance
 from ..store.index import Database
 from ..store.ingest import Ingest, OutOfResources
-from .scu import set_nodelay
+from .acceptor import Acceptor, Association
 from .tls import server_context
 
 log = logging.getLogger(__name__)
@@ -41,77 +46,10 @@ STATUS_OUT_OF_RESOURCES = 0xA700
 STATUS_CANNOT_UNDERSTAND = 0xC000
 STATUS_PROCESSING_FAILURE = 0x0110
 
-#: Our maximum PDU length, advertised to callers. pynetdicom reads a whole PDU into memory
-#: at the length its header claims, so a PDU longer than MAX_PDU_BYTES (ours plus room for an
-#: association request with many contexts) closes the connection instead of growing memory.
-MAX_PDU = 65536
+#: The largest PDU we accept (advertised to callers): one PDU per typical CT/MR instance.
+MAX_PDU = 1024 * 1024
+#: A PDU header claiming more than this closes the connection instead of growing memory.
 MAX_PDU_BYTES = 4 * 1024 * 1024
-
-
-class _Budget:
-    """Bytes an association received since its last complete DIMSE message."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.used = 0
-
-
-def _bounded_recv(recv: Callable[[int], bytearray], budget: _Budget, peer: str) -> Callable[[int], bytearray]:
-    """pynetdicom assembles a whole dataset in memory: bound one PDU and one message.
-
-    Raising OSError is "connection closed" to the DUL (Evt17): the association just ends.
-    """
-    def recv_at_most(nr_bytes: int) -> bytearray:
-        if nr_bytes > MAX_PDU_BYTES:
-            log.warning("connection from %s closed: a PDU of %d bytes exceeds the %d-byte limit",
-                        peer, nr_bytes, MAX_PDU_BYTES)
-            raise OSError(f"PDU of {nr_bytes} bytes exceeds the {MAX_PDU_BYTES}-byte limit")
-        data = recv(nr_bytes)
-        budget.used += len(data)
-        if budget.used > budget.limit:
-            log.warning("association from %s aborted: its instance exceeds [node] max_instance_mb (%.0f MB)",
-                        peer, budget.limit / 1e6)
-            raise OSError(f"message exceeds the {budget.limit}-byte limit")
-        return data
-    return recv_at_most
-
-
-def _message_done(event) -> None:  # type: ignore[no-untyped-def]
-    """A DIMSE message arrived whole: its bytes no longer count against the limit."""
-    budget = getattr(event.assoc, "pacs_budget", None)
-    if budget is not None:
-        budget.used = 0
-
-
-def _conn_closed(event) -> None:  # type: ignore[no-untyped-def]
-    """A connection closed before any A-ASSOCIATE-RQ arrived frees its association slot now.
-
-    pynetdicom's acceptor waits acse_timeout (30 s) for the request even when the socket is
-    already gone, so a burst of garbage connections would hold all maximum_associations slots
-    and turn real callers away. A None on the queue it waits on is its "timed out" path.
-    """
-    assoc = event.assoc
-    if not assoc.is_requestor and assoc.requestor.primitive is None:
-        assoc.dul.to_user_queue.put(None)
-
-
-def _tls_accept_lazily(server, timeout: float) -> None:  # type: ignore[no-untyped-def]
-    """Do the TLS handshake in the association's thread, not in the accept loop.
-
-    pynetdicom wraps accepted sockets with a handshake on connect inside the one thread that
-    accepts connections: a caller that connects and stays silent would block every other
-    caller. Wrapped lazily, the handshake runs on the association's first read, under the
-    network timeout.
-    """
-    accept = server.socket.accept
-    context = server.ssl_context
-
-    def get_request():  # type: ignore[no-untyped-def]
-        client, address = accept()
-        client.settimeout(timeout)
-        return context.wrap_socket(client, server_side=True, do_handshake_on_connect=False), address
-
-    server.get_request = get_request
 
 
 def check_lengths(ds: Dataset) -> None:
@@ -191,12 +129,8 @@ class StorageSCP:
         while (item := self._audit_queue.get()) is not None:
             audit.record(self.db, item[0], **item[1])
 
-    # -- association life cycle -------------------------------------------------------------
-    def _requested(self, event) -> None:  # type: ignore[no-untyped-def]
-        requestor = event.assoc.requestor
-        # ae_title is filled in only after negotiation; the request primitive has it now
-        calling = str(requestor.primitive.calling_ae_title or "").strip()
-        address = str(requestor.address)
+    # -- association life cycle (called by the Acceptor) ---------------------------------------
+    def admit(self, calling: str, address: str) -> str | None:
         peer = self.settings.peer_by_ae(calling)
         reason = None
         if peer is None and not self.settings.node.allow_any_caller:
@@ -207,28 +141,23 @@ class StorageSCP:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
             metrics.association(accepted=False)
             self._record("association-rejected", calling_ae=calling[:16], address=address, detail=reason)
-            # permanent, by the service user, reason 3: calling AE title not recognized
-            event.assoc.acse.send_reject(0x01, 0x01, 0x03)
-            # as pynetdicom's own ACSE does after a reject: stop the DUL, else the socket
-            # lingers until the network timeout
-            event.assoc.kill()
+        return reason
 
-    def _accepted(self, event) -> None:  # type: ignore[no-untyped-def]
-        requestor = event.assoc.requestor
-        stats = _AssocStats(requestor.ae_title.strip(), f"{requestor.address}:{requestor.port}")
+    def accepted(self, assoc: Association) -> None:
+        stats = _AssocStats(assoc.calling_ae, f"{assoc.address}:{assoc.port}")
         with self._lock:
-            self._stats[id(event.assoc)] = stats
+            self._stats[assoc.key] = stats
         metrics.association(accepted=True)
         self._record("association-accepted", calling_ae=stats.calling_ae[:16],
-                     called_ae=self.settings.node.ae_title, address=str(requestor.address))
+                     called_ae=self.settings.node.ae_title, address=assoc.address)
 
-    def _ended(self, event) -> None:  # type: ignore[no-untyped-def]
+    def ended(self, assoc: Association, released: bool) -> None:
         with self._lock:
-            stats = self._stats.pop(id(event.assoc), None)
-        self.on_association_end(id(event.assoc))
+            stats = self._stats.pop(assoc.key, None)
+        self.on_association_end(assoc.key)
         if stats is None:
             return
-        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+        how = "released" if released else "aborted"
         if stats.stored or stats.failed:
             log.info("association from %s@%s %s: %d instance(s) stored, %d failed, %.1f MB in %.2f s, %d series",
                      stats.calling_ae, stats.address, how, stats.stored, stats.failed, stats.bytes / 1e6,
@@ -238,35 +167,26 @@ class StorageSCP:
                          count=stats.stored, seconds=time.monotonic() - stats.started,
                          detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
 
-    # -- services ---------------------------------------------------------------------------
-    def _conn_open(self, event) -> None:  # type: ignore[no-untyped-def]
-        set_nodelay(event)
-        sock = getattr(event.assoc.dul, "socket", None)
-        if sock is not None and not event.assoc.is_requestor:
-            budget = _Budget(int(self.settings.node.max_instance_mb * 1e6))
-            event.assoc.pacs_budget = budget
-            sock.recv = _bounded_recv(sock.recv, budget, str(event.address[0]))
-
-    def _echo(self, event) -> int:  # type: ignore[no-untyped-def]
-        _message_done(event)
-        return 0x0000
-
-    def _store(self, event) -> int | Dataset:  # type: ignore[no-untyped-def]
-        _message_done(event)
-        stats = self._stats.get(id(event.assoc))
-        calling = event.assoc.requestor.ae_title.strip()
+    # -- C-STORE ------------------------------------------------------------------------------
+    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray) -> Dataset:
+        started = time.monotonic()
+        stats = self._stats.get(assoc.key)
+        calling = assoc.calling_ae
+        transfer_syntax = assoc.contexts[context_id][1]
         try:
-            ds = event.dataset
-            ds.file_meta = event.file_meta
+            affected = str(command.get("AffectedSOPInstanceUID", "") or "")
+            meta = create_file_meta(sop_class_uid=UID(str(command.get("AffectedSOPClassUID", "") or "")),
+                                    sop_instance_uid=UID(affected), transfer_syntax=UID(transfer_syntax))
+            meta.SourceApplicationEntityTitle = calling[:16] or "UNKNOWN"
+            encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data))
+            ds = pydicom.dcmread(BytesIO(encoded))
             # read every element now (pydicom defers it): a truncated or garbled dataset is
             # refused here instead of failing later in a job
             check_lengths(ds)
             for _ in ds.iterall():
                 pass
-            check_pixel_data(ds, str(event.context.transfer_syntax))
-            encoded = event.encoded_dataset(include_meta=True)
-            affected = str(event.request.AffectedSOPInstanceUID or "")
-            stored = self.ingest.store(ds, encoded, calling, str(event.context.transfer_syntax), affected)
+            check_pixel_data(ds, transfer_syntax)
+            stored = self.ingest.store(ds, encoded, calling, transfer_syntax, affected)
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
             self._count(stats, ok=False)
@@ -281,9 +201,11 @@ class StorageSCP:
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
         self._count(stats, ok=True, size=len(encoded), series=stored.series_uid)
-        metrics.instance_received("dimse", len(encoded), event.timestamp)
-        self.on_instance(id(event.assoc), stored.series_uid)
-        return 0x0000
+        metrics.instance_received("dimse", len(encoded), started)
+        self.on_instance(assoc.key, stored.series_uid)
+        status = Dataset()
+        status.Status = 0x0000
+        return status
 
     @staticmethod
     def _count(stats: _AssocStats | None, ok: bool, size: int = 0, series: str | None = None) -> None:
@@ -301,35 +223,19 @@ class StorageSCP:
         node = self.settings.node
         self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
         self._audit_thread.start()
-        ae = AE(ae_title=node.ae_title)
-        ae.add_supported_context(Verification)
-        for context in AllStoragePresentationContexts:
-            ae.add_supported_context(context.abstract_syntax, ACCEPT_ORDER)
-        ae.maximum_associations = 32
-        ae.maximum_pdu_size = MAX_PDU
-        ae.network_timeout = 60
-        ae.acse_timeout = 30
-        ae.dimse_timeout = 60
-        handlers = [
-            (evt.EVT_CONN_OPEN, self._conn_open),
-            (evt.EVT_CONN_CLOSE, _conn_closed),
-            (evt.EVT_REQUESTED, self._requested),
-            (evt.EVT_ACCEPTED, self._accepted),
-            (evt.EVT_RELEASED, self._ended),
-            (evt.EVT_ABORTED, self._ended),
-            (evt.EVT_C_ECHO, self._echo),
-            (evt.EVT_C_STORE, self._store),
-        ]
+        contexts = [build_context(Verification)]
+        contexts += [build_context(cx.abstract_syntax, ACCEPT_ORDER) for cx in AllStoragePresentationContexts]
+        options = dict(max_associations=32, max_pdu=MAX_PDU, max_pdu_bytes=MAX_PDU_BYTES,
+                       max_message_bytes=int(node.max_instance_mb * 1e6), acse_timeout=30.0, network_timeout=60.0)
         tls = self.settings.tls
         context = server_context(tls) if tls.listening else None
         # [tls] without a port: node.port speaks TLS only; with one: plain on node.port, TLS there
         plain = context is None or tls.port is not None
         if plain:
-            self.server = ae.start_server((node.host, node.port), block=False, evt_handlers=handlers)
+            self.server = Acceptor(node.host, node.port, node.ae_title, self, contexts, **options)
         if context is not None:
-            secure = ae.start_server((node.host, tls.port if tls.port is not None else node.port), block=False,
-                                     evt_handlers=handlers, ssl_context=context)
-            _tls_accept_lazily(secure, ae.network_timeout)
+            secure = Acceptor(node.host, tls.port if tls.port is not None else node.port, node.ae_title, self,
+                              contexts, ssl_context=context, **options)
             if plain:
                 self.tls_server = secure
             else:
@@ -341,7 +247,6 @@ class StorageSCP:
             log.info("listening for DICOM TLS on %s:%d as AE %s (%s, client certificate %s)", node.host,
                      self.tls_port, node.ae_title, callers,
                      "required" if tls.require_client_certificate else "not required")
-
     @property
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server else 0

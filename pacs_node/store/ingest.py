@@ -7,7 +7,7 @@ import logging
 from dataclasses import dataclass
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import InvalidInstance
@@ -76,60 +76,60 @@ class Ingest:
         return Stored(sop_uid, series_uid, study_uid, previous is not None)
 
     @staticmethod
-    def _get_or_create(session: Session, model, where, **values):  # type: ignore[no-untyped-def]
-        row = session.execute(select(model).where(where)).scalar_one_or_none()
-        if row is None:
-            row = model(**values)
-            session.add(row)
-            session.flush()
-        return row
+    def _id_of(session: Session, table, where, **values) -> int:  # type: ignore[no-untyped-def]
+        found = session.execute(select(table.c.id).where(where)).scalar_one_or_none()
+        if found is None:
+            found = session.execute(insert(table).values(**values)).inserted_primary_key[0]
+        return int(found)
 
     def _index(self, session: Session, pkey: str, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
                transfer_syntax: str, rel: str, size: int, modality: str, calling_ae: str,
                expected: int | None) -> str | None:
-        """Index the instance; return the path it had before when it was already indexed."""
+        """Index the instance; return the path it had before when it was already indexed.
+
+        SQLAlchemy Core, not the ORM: this runs once per received instance, and the ORM's unit
+        of work cost more than the SQL itself (docs/performance.md).
+        """
         now = utcnow()
-        patient = self._get_or_create(session, Patient, Patient.key == pkey, key=pkey)
-        study = self._get_or_create(session, Study, Study.study_uid == study_uid, study_uid=study_uid, patient_id=patient.id)
+        series_t, instance_t = Series.__table__, Instance.__table__
         # row lock (PostgreSQL): concurrent associations of one series must not lose count
         # updates; SQLite transactions are serialized already (BEGIN IMMEDIATE)
-        series = session.execute(
-            select(Series).where(Series.series_uid == series_uid).with_for_update()).scalar_one_or_none()
-        if series is None:
-            series = Series(series_uid=series_uid, study_id=study.id, modality=modality, calling_ae=calling_ae,
-                            state="receiving", generation=1, instance_count=0, first_received_at=now,
-                            last_received_at=now)
-            session.add(series)
-            session.flush()
-        elif series.state != "receiving":
-            # A late or re-sent instance reopens a completed series; its jobs run again and,
-            # with deterministic result UIDs, replace the earlier results at the destination.
-            series.state = "receiving"
-            series.generation += 1
-            series.first_received_at = now
-            series.completed_at = None
-            series.completed_by = None
-        series.last_received_at = now
-        series.calling_ae = calling_ae
-        series.receiver = self.receiver
-        if expected:
-            series.expected_count = expected
-        instance = session.execute(select(Instance).where(Instance.sop_uid == sop_uid)).scalar_one_or_none()
-        previous = instance.path if instance is not None else None
-        if instance is None:
-            session.add(Instance(sop_uid=sop_uid, series_id=series.id, sop_class_uid=sop_class,
-                                 transfer_syntax=transfer_syntax, path=rel, size=size, received_at=now))
-            series.instance_count += 1
+        row = session.execute(select(series_t.c.id, series_t.c.state).where(series_t.c.series_uid == series_uid)
+                              .with_for_update()).first()
+        changes: dict = {"last_received_at": now, "calling_ae": calling_ae, "receiver": self.receiver}
+        if row is None:
+            patient_id = self._id_of(session, Patient.__table__, Patient.__table__.c.key == pkey, key=pkey)
+            study_id = self._id_of(session, Study.__table__, Study.__table__.c.study_uid == study_uid,
+                                   study_uid=study_uid, patient_id=patient_id)
+            series_id = int(session.execute(insert(series_t).values(
+                series_uid=series_uid, study_id=study_id, modality=modality, calling_ae=calling_ae, state="receiving",
+                generation=1, instance_count=0, first_received_at=now, last_received_at=now,
+                receiver=self.receiver)).inserted_primary_key[0])
         else:
-            if instance.series_id != series.id:
-                old = session.get(Series, instance.series_id)
-                if old is not None:
-                    old.instance_count = max(0, old.instance_count - 1)
-                series.instance_count += 1
-            instance.series_id = series.id
-            instance.sop_class_uid = sop_class
-            instance.transfer_syntax = transfer_syntax
-            instance.path = rel
-            instance.size = size
-            instance.received_at = now
+            series_id = int(row.id)
+            if row.state != "receiving":
+                # A late or re-sent instance reopens a completed series; its jobs run again and,
+                # with deterministic result UIDs, replace the earlier results at the destination.
+                changes.update(state="receiving", generation=series_t.c.generation + 1, first_received_at=now,
+                               completed_at=None, completed_by=None)
+        if expected:
+            changes["expected_count"] = expected
+        found = session.execute(select(instance_t.c.id, instance_t.c.series_id, instance_t.c.path)
+                                .where(instance_t.c.sop_uid == sop_uid)).first()
+        previous = found.path if found is not None else None
+        if found is None:
+            session.execute(insert(instance_t).values(
+                sop_uid=sop_uid, series_id=series_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
+                path=rel, size=size, received_at=now))
+            changes["instance_count"] = series_t.c.instance_count + 1
+        else:
+            if found.series_id != series_id:
+                count = series_t.c.instance_count
+                session.execute(update(series_t).where(series_t.c.id == found.series_id).values(
+                    instance_count=case((count > 0, count - 1), else_=0)))
+                changes["instance_count"] = series_t.c.instance_count + 1
+            session.execute(update(instance_t).where(instance_t.c.id == found.id).values(
+                series_id=series_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax, path=rel, size=size,
+                received_at=now))
+        session.execute(update(series_t).where(series_t.c.id == series_id).values(**changes))
         return previous

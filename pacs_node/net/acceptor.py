@@ -1,0 +1,415 @@
+"""The DICOM upper layer of the storage SCP: a lean acceptor, one thread per association.
+
+Why not pynetdicom's ``AE.start_server``: on this project's 2-core machines a pynetdicom SCP
+whose C-STORE handler does nothing at all accepts about 310 instances/s from DCMTK storescu
+(its DUL and association reactors hand every PDU between two threads and poll with 1 ms
+sleeps), which caps ingest far below what the disk allows (docs/performance.md). This module
+keeps pynetdicom for everything that is protocol knowledge: A-ASSOCIATE-RQ decoding and
+A-ASSOCIATE-AC encoding (``pynetdicom.pdu``), presentation context and role negotiation
+(``pynetdicom.presentation.negotiate_as_acceptor``), command set encoding (``pynetdicom.
+dsutils``), file meta (``create_file_meta``). What it adds is the transport: blocking reads of
+whole PDUs on the association's own thread, PDV fragments appended straight into one buffer
+per message, and the response written by the same thread. pynetdicom stays the SCU.
+
+Protocol behaviour (PS3.8): an association is rejected with A-ASSOCIATE-RJ (the handler's
+access decision, or "local limit exceeded" past ``max_associations``); anything malformed or
+unexpected gets an A-ABORT and the connection is closed; silence longer than the ACSE timeout
+(before the request) or the network timeout (after it) closes it too. C-ECHO is answered here;
+C-STORE goes to the handler; other DIMSE requests get status 0x0211 (unrecognised operation).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from io import BytesIO
+from typing import Protocol
+
+from pydicom.dataset import Dataset
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
+from pynetdicom.dsutils import decode, encode
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    AsynchronousOperationsWindowNegotiation,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+    SCP_SCU_RoleSelectionNegotiation,
+)
+from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+log = logging.getLogger(__name__)
+
+C_STORE_RQ, C_ECHO_RQ, C_CANCEL_RQ = 0x0001, 0x0030, 0x0FFF
+NO_DATASET = 0x0101
+STATUS_UNRECOGNISED_OPERATION = 0x0211
+
+# A-ABORT source 2 = service provider; reasons (PS3.8 9.3.8)
+ABORT_UNRECOGNISED_PDU, ABORT_UNEXPECTED_PDU, ABORT_INVALID_PARAMETER = 0x01, 0x02, 0x06
+
+
+class Abort(Exception):
+    """Send an A-ABORT with this reason and close the connection."""
+
+    def __init__(self, reason: int, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class Closed(Exception):
+    """The peer closed the connection, or the read timed out."""
+
+
+@dataclass
+class Association:
+    calling_ae: str
+    called_ae: str
+    address: str
+    port: int
+    #: accepted presentation contexts: id -> (abstract syntax, transfer syntax)
+    contexts: dict[int, tuple[str, str]] = field(default_factory=dict)
+    peer_max_pdu: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def key(self) -> int:
+        return id(self)
+
+
+class Handler(Protocol):
+    def admit(self, calling_ae: str, address: str) -> str | None:
+        """None to accept the association, else why it is rejected (logged and audited by the handler)."""
+
+    def accepted(self, assoc: Association) -> None: ...
+
+    def ended(self, assoc: Association, released: bool) -> None: ...
+
+    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray) -> Dataset:
+        """Store one instance; return the response status (Status, and ErrorComment on failure)."""
+
+
+def _pdu(pdu_type: int, body: bytes) -> bytes:
+    return struct.pack(">BBL", pdu_type, 0, len(body)) + body
+
+
+def abort_pdu(reason: int, source: int = 0x02) -> bytes:
+    return _pdu(0x07, bytes((0, 0, source, reason)))
+
+
+def reject_pdu(result: int, source: int, reason: int) -> bytes:
+    return _pdu(0x03, bytes((0, result, source, reason)))
+
+
+RELEASE_RP = _pdu(0x06, b"\x00" * 4)
+
+
+def command_pdu(context_id: int, command: Dataset) -> bytes:
+    """One P-DATA-TF carrying a whole command set (group length filled in)."""
+    command.CommandGroupLength = 0
+    raw = encode(command, True, True)
+    command.CommandGroupLength = len(raw) - 12  # the group length element itself: tag, length, UL
+    raw = encode(command, True, True)
+    return _pdu(0x04, struct.pack(">LBB", len(raw) + 2, context_id, 0x03) + raw)
+
+
+class Acceptor:
+    """Listens on (host, port); serves each association on a thread of its own."""
+
+    def __init__(self, host: str, port: int, ae_title: str, handler: Handler, contexts: list[PresentationContext], *,
+                 ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_pdu: int = 1 << 20,
+                 max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30, acse_timeout: float = 30.0,
+                 network_timeout: float = 60.0) -> None:
+        self.ae_title = ae_title
+        self.handler = handler
+        self.contexts = contexts
+        self.ssl_context = ssl_context
+        self.max_associations = max_associations
+        self.max_pdu = max_pdu
+        self.max_pdu_bytes = max_pdu_bytes
+        self.max_message_bytes = max_message_bytes
+        self.acse_timeout = acse_timeout
+        self.network_timeout = network_timeout
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._active = 0
+        self._stopping = False
+        self.socket = socket.create_server((host, port), backlog=128)
+        self.server_address = self.socket.getsockname()
+        self._thread = threading.Thread(target=self._accept_loop, name=f"dicom-accept-{self.server_address[1]}",
+                                        daemon=True)
+        self._thread.start()
+
+    # -- listening ---------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                conn, address = self.socket.accept()
+            except OSError:
+                if self._stopping:
+                    return
+                time.sleep(0.05)  # e.g. out of file descriptors: don't spin
+                continue
+            with self._lock:
+                self._connections.add(conn)
+            threading.Thread(target=self._serve, args=(conn, address), name=f"dicom-{address[0]}:{address[1]}",
+                             daemon=True).start()
+
+    def shutdown(self) -> None:
+        """Stop listening and close every open association's connection."""
+        self._stopping = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+        except OSError:
+            pass
+        self.socket.close()
+        with self._lock:
+            connections = list(self._connections)
+        for conn in connections:
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._thread.join(timeout=5)
+
+    # -- one connection ----------------------------------------------------------------------
+    def _serve(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        sock: socket.socket = conn
+        assoc: Association | None = None
+        released = False
+        counted = False
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(self.acse_timeout)
+            if self.ssl_context is not None:
+                # the handshake runs here, under the timeout, not in the accepting thread
+                sock = self.ssl_context.wrap_socket(conn, server_side=True)
+            with self._lock:
+                self._active += 1
+                counted = True
+                over_limit = self._active > self.max_associations
+            assoc = self._associate(sock, address, over_limit)
+            if assoc is None:
+                return
+            sock.settimeout(self.network_timeout)
+            released = self._run(sock, assoc)
+        except Abort as exc:
+            log.warning("association from %s:%d aborted: %s", address[0], address[1], exc)
+            try:
+                sock.sendall(abort_pdu(exc.reason))
+            except OSError:
+                pass
+        except Closed as exc:
+            if assoc is not None:
+                log.info("association from %s@%s:%d ended without release: %s", assoc.calling_ae, address[0],
+                         address[1], exc)
+        except ssl.SSLError as exc:
+            log.warning("TLS connection from %s:%d refused: %s", address[0], address[1], exc.reason or exc)
+        except OSError as exc:
+            log.info("connection from %s:%d closed: %s", address[0], address[1], exc)
+        except Exception:  # noqa: BLE001 - one broken association must not take the listener down
+            log.exception("association from %s:%d failed", address[0], address[1])
+            try:
+                sock.sendall(abort_pdu(0x00))
+            except OSError:
+                pass
+        finally:
+            try:
+                sock.close()
+            except OSError:
+                pass
+            with self._lock:
+                self._connections.discard(conn)
+                if counted:
+                    self._active -= 1
+            if assoc is not None:
+                self.handler.ended(assoc, released)
+
+    def _read_pdu(self, sock: socket.socket) -> tuple[int, bytearray]:
+        header = self._read(sock, 6)
+        pdu_type, length = header[0], struct.unpack_from(">L", header, 2)[0]
+        if pdu_type not in (1, 2, 3, 4, 5, 6, 7):
+            raise Abort(ABORT_UNRECOGNISED_PDU, f"unrecognised PDU type 0x{pdu_type:02x}")
+        if length > self.max_pdu_bytes:
+            raise Abort(ABORT_INVALID_PARAMETER, f"a PDU of {length} bytes exceeds the {self.max_pdu_bytes}-byte limit")
+        return pdu_type, self._read(sock, length)
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            try:
+                k = sock.recv_into(view[got:], n - got)
+            except socket.timeout:
+                raise Closed("timed out waiting for the peer") from None
+            if k == 0:
+                raise Closed("connection closed by the peer")
+            got += k
+        return buf
+
+    def _associate(self, sock: socket.socket, address: tuple[str, int], over_limit: bool) -> Association | None:
+        pdu_type, body = self._read_pdu(sock)
+        if pdu_type != 0x01:
+            raise Abort(ABORT_UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
+        try:
+            rq = A_ASSOCIATE_RQ()
+            rq.decode(bytes(_pdu(0x01, bytes(body))))
+            primitive = rq.to_primitive()
+            calling = str(primitive.calling_ae_title or "").strip()
+            called = str(primitive.called_ae_title or "").strip()
+            proposed = list(primitive.presentation_context_definition_list)
+        except Exception as exc:  # noqa: BLE001 - pynetdicom raises many types on garbage
+            raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
+        reason = self.handler.admit(calling, address[0])
+        if reason is not None:
+            sock.sendall(reject_pdu(0x01, 0x01, 0x03))  # permanent, service user, calling AE not recognised
+            return None
+        if over_limit:
+            log.warning("association from %s@%s rejected: %d associations open (the limit)", calling, address[0],
+                        self.max_associations)
+            sock.sendall(reject_pdu(0x02, 0x03, 0x02))  # transient, provider (presentation), local limit exceeded
+            return None
+        if not proposed:
+            raise Abort(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-RQ without presentation contexts")
+
+        info = list(primitive.user_information or [])
+        roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
+                 for item in info if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
+        results, ac_roles = negotiate_as_acceptor(proposed, self.contexts, roles)
+        assoc = Association(calling, called, address[0], address[1])
+        for cx in results:
+            if cx.result == 0x00 and cx.context_id is not None:
+                assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        for item in info:
+            if isinstance(item, MaximumLengthNotification):
+                assoc.peer_max_pdu = int(item.maximum_length_received or 0)
+
+        ac = A_ASSOCIATE()
+        ac.application_context_name = primitive.application_context_name
+        ac.calling_ae_title = primitive.calling_ae_title
+        ac.called_ae_title = primitive.called_ae_title
+        ac.result = 0x00
+        ac.result_source = 0x01
+        ac.presentation_context_definition_results_list = results
+        max_length = MaximumLengthNotification()
+        max_length.maximum_length_received = self.max_pdu
+        impl_uid = ImplementationClassUIDNotification()
+        impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        impl_version = ImplementationVersionNameNotification()
+        impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        user_info: list = [max_length, impl_uid, impl_version, *ac_roles]
+        if any(isinstance(item, AsynchronousOperationsWindowNegotiation) for item in info):
+            window = AsynchronousOperationsWindowNegotiation()
+            window.maximum_number_operations_invoked = 1
+            window.maximum_number_operations_performed = 1
+            user_info.append(window)
+        ac.user_information = user_info
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(ac)
+        sock.sendall(pdu.encode())
+        self.handler.accepted(assoc)
+        return assoc
+
+    def _run(self, sock: socket.socket, assoc: Association) -> bool:
+        """Serve DIMSE messages until release (True) or abort by the peer (False)."""
+        command_bytes = bytearray()
+        command: Dataset | None = None
+        command_context = 0
+        data = bytearray()
+        while True:
+            pdu_type, body = self._read_pdu(sock)
+            if pdu_type == 0x05:  # A-RELEASE-RQ
+                sock.sendall(RELEASE_RP)
+                return True
+            if pdu_type == 0x07:  # A-ABORT
+                return False
+            if pdu_type != 0x04:
+                raise Abort(ABORT_UNEXPECTED_PDU, f"unexpected PDU type 0x{pdu_type:02x} on an open association")
+            view = memoryview(body)
+            offset, end = 0, len(body)
+            if end < 6:
+                raise Abort(ABORT_INVALID_PARAMETER, "P-DATA-TF without a presentation data value")
+            while offset < end:
+                if end - offset < 6:
+                    raise Abort(ABORT_INVALID_PARAMETER, "truncated presentation data value item")
+                length = struct.unpack_from(">L", body, offset)[0]
+                if length < 2 or offset + 4 + length > end:
+                    raise Abort(ABORT_INVALID_PARAMETER, f"presentation data value item length {length} is invalid")
+                context_id, control = body[offset + 4], body[offset + 5]
+                fragment = view[offset + 6: offset + 4 + length]
+                offset += 4 + length
+                if context_id not in assoc.contexts:
+                    raise Abort(ABORT_INVALID_PARAMETER, f"presentation context {context_id} was not accepted")
+                if control & 0x01:  # command fragment
+                    if command is not None:
+                        raise Abort(ABORT_UNEXPECTED_PDU, "a command arrived before the previous one's data set")
+                    command_bytes += fragment
+                    if len(command_bytes) > 65536:
+                        raise Abort(ABORT_INVALID_PARAMETER, "command set longer than 64 KiB")
+                    if not control & 0x02:
+                        continue
+                    command = self._decode_command(command_bytes)
+                    command_bytes = bytearray()
+                    command_context = context_id
+                    if int(command.get("CommandDataSetType", NO_DATASET)) == NO_DATASET:
+                        self._dispatch(sock, assoc, command_context, command, None)
+                        command = None
+                else:
+                    if command is None:
+                        raise Abort(ABORT_UNEXPECTED_PDU, "a data set fragment arrived without its command")
+                    data += fragment
+                    if len(data) > self.max_message_bytes:
+                        log.warning("association from %s@%s aborted: its instance exceeds [node] max_instance_mb "
+                                    "(%.0f MB)", assoc.calling_ae, assoc.address, self.max_message_bytes / 1e6)
+                        raise Abort(ABORT_INVALID_PARAMETER, "data set exceeds the size limit")
+                    if control & 0x02:
+                        self._dispatch(sock, assoc, command_context, command, data)
+                        command, data = None, bytearray()
+
+    @staticmethod
+    def _decode_command(raw: bytearray) -> Dataset:
+        try:
+            command = decode(BytesIO(bytes(raw)), True, True)
+            field_ = int(command.CommandField)
+            int(command.get("MessageID", 0) or 0)
+        except Exception as exc:  # noqa: BLE001
+            raise Abort(ABORT_INVALID_PARAMETER, f"unreadable command set ({type(exc).__name__})") from None
+        if field_ & 0x8000:
+            raise Abort(ABORT_UNEXPECTED_PDU, f"a response (command field 0x{field_:04x}) sent to the SCP")
+        return command
+
+    def _dispatch(self, sock: socket.socket, assoc: Association, context_id: int, command: Dataset,
+                  data: bytearray | None) -> None:
+        field_ = int(command.CommandField)
+        if field_ == C_CANCEL_RQ:
+            return
+        rsp = Dataset()
+        rsp.CommandGroupLength = 0
+        sop_class = command.get("AffectedSOPClassUID")
+        if sop_class is not None:
+            rsp.AffectedSOPClassUID = sop_class
+        rsp.CommandField = field_ | 0x8000
+        rsp.MessageIDBeingRespondedTo = int(command.get("MessageID", 0) or 0)
+        rsp.CommandDataSetType = NO_DATASET
+        if field_ == C_ECHO_RQ:
+            rsp.Status = 0x0000
+        elif field_ == C_STORE_RQ:
+            if "AffectedSOPInstanceUID" in command:
+                rsp.AffectedSOPInstanceUID = command.AffectedSOPInstanceUID
+            if data is None:
+                rsp.Status, rsp.ErrorComment = 0xC000, "C-STORE-RQ without a data set"
+            else:
+                for element in self.handler.c_store(assoc, context_id, command, data):
+                    rsp[element.tag] = element
+        else:
+            log.warning("association from %s@%s: DIMSE command 0x%04x is not supported", assoc.calling_ae,
+                        assoc.address, field_)
+            rsp.Status = STATUS_UNRECOGNISED_OPERATION
+        sock.sendall(command_pdu(context_id, rsp))
