@@ -182,18 +182,14 @@ class Acceptor:
         sock: socket.socket = conn
         assoc: Association | None = None
         released = False
-        counted = False
+        counted: list[bool] = []
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.acse_timeout)
             if self.ssl_context is not None:
                 # the handshake runs here, under the timeout, not in the accepting thread
                 sock = self.ssl_context.wrap_socket(conn, server_side=True)
-            with self._lock:
-                self._active += 1
-                counted = True
-                over_limit = self._active > self.max_associations
-            assoc = self._associate(sock, address, over_limit)
+            assoc = self._associate(sock, address, counted)
             if assoc is None:
                 return
             sock.settimeout(self.network_timeout)
@@ -254,7 +250,7 @@ class Acceptor:
             got += k
         return buf
 
-    def _associate(self, sock: socket.socket, address: tuple[str, int], over_limit: bool) -> Association | None:
+    def _associate(self, sock: socket.socket, address: tuple[str, int], counted: list[bool]) -> Association | None:
         pdu_type, body = self._read_pdu(sock)
         if pdu_type != 0x01:
             raise Abort(ABORT_UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
@@ -267,6 +263,12 @@ class Acceptor:
             proposed = list(primitive.presentation_context_definition_list)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many types on garbage
             raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
+        # only a connection that sent a well-formed request takes an association slot: silent or
+        # garbage connections (closed at once, or at the ACSE timeout) never turn callers away
+        with self._lock:
+            self._active += 1
+            counted.append(True)
+            over_limit = self._active > self.max_associations
         reason = self.handler.admit(calling, address[0])
         if reason is not None:
             sock.sendall(reject_pdu(0x01, 0x01, 0x03))  # permanent, service user, calling AE not recognised

@@ -1,0 +1,113 @@
+"""The SCP's upper layer (pacs_node/net/acceptor.py) against real callers and raw sockets:
+association slots, silent connections, an unsupported DIMSE request, release and abort.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import sys
+import time
+from io import BytesIO
+from pathlib import Path
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from pynetdicom.dsutils import decode
+from pynetdicom.sop_class import Verification
+
+from pacs_node.net.acceptor import command_pdu
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from fuzz_store import CALLING, associate_rq  # noqa: E402
+
+PEERS = [{"name": "raw", "ae_title": CALLING}, {"name": "probe", "ae_title": "PROBE"}]
+
+
+def associate(port: int):  # type: ignore[no-untyped-def]
+    ae = AE(ae_title="PROBE")
+    ae.add_requested_context(Verification)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+    return ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+
+
+def read_pdu(sock: socket.socket) -> tuple[int, bytes]:
+    def exactly(n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            chunk = sock.recv(n - len(buf))
+            if not chunk:
+                raise ConnectionError("closed")
+            buf += chunk
+        return buf
+    header = exactly(6)
+    return header[0], exactly(struct.unpack(">L", header[2:])[0])
+
+
+def test_association_slots_silent_connections_do_not_count_and_the_33rd_is_rejected(node_factory):
+    node = node_factory(PEERS, [])
+    # 40 connections that never send a request: they must not take association slots
+    silent = [socket.create_connection(("127.0.0.1", node.port)) for _ in range(40)]
+    try:
+        held = [associate(node.port) for _ in range(32)]
+        assert all(a.is_established for a in held)
+        extra = associate(node.port)
+        assert extra.is_rejected, "a 33rd concurrent association was accepted"
+        held.pop().release()
+        time.sleep(0.2)
+        again = associate(node.port)
+        assert again.is_established, "a freed slot was not given to the next caller"
+        assert again.send_c_echo().Status == 0x0000
+        again.release()
+        for a in held:
+            a.release()
+    finally:
+        for s in silent:
+            s.close()
+    assert "32 associations open (the limit)" in node.log()
+
+
+def test_unsupported_dimse_request_gets_0211_and_the_association_stays_usable(node_factory):
+    node = node_factory(PEERS, [])
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(associate_rq())
+        kind, _ = read_pdu(sock)
+        assert kind == 0x02, "association not accepted"
+        find = Dataset()
+        find.AffectedSOPClassUID = Verification
+        find.CommandField = 0x0020  # C-FIND-RQ, on a Verification context
+        find.MessageID = 7
+        find.Priority = 0
+        find.CommandDataSetType = 0x0101
+        sock.sendall(command_pdu(1, find))
+        kind, body = read_pdu(sock)
+        assert kind == 0x04
+        rsp = decode(BytesIO(body[6:]), True, True)
+        assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8020, 7, 0x0211)
+
+        echo = Dataset()
+        echo.AffectedSOPClassUID = Verification
+        echo.CommandField = 0x0030
+        echo.MessageID = 8
+        echo.CommandDataSetType = 0x0101
+        sock.sendall(command_pdu(1, echo))
+        kind, body = read_pdu(sock)
+        rsp = decode(BytesIO(body[6:]), True, True)
+        assert (rsp.CommandField, rsp.MessageIDBeingRespondedTo, rsp.Status) == (0x8030, 8, 0x0000)
+
+        sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\0" * 4)  # A-RELEASE-RQ
+        kind, _ = read_pdu(sock)
+        assert kind == 0x06, "no A-RELEASE-RP"
+
+    # a data set fragment with no command before it: A-ABORT, and the node serves the next caller
+    with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+        sock.sendall(associate_rq())
+        assert read_pdu(sock)[0] == 0x02
+        pdv = struct.pack(">LBB", 6, 1, 0x02) + b"\0" * 4  # data, last fragment
+        sock.sendall(struct.pack(">BBL", 0x04, 0, len(pdv)) + pdv)
+        kind, body = read_pdu(sock)
+        assert kind == 0x07 and body[2] == 0x02, "expected an A-ABORT from the service provider"
+    assert "a data set fragment arrived without its command" in node.log()
+    a = associate(node.port)
+    assert a.is_established and a.send_c_echo().Status == 0x0000
+    a.release()
