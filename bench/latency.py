@@ -2,7 +2,7 @@
 the last result acknowledged by the destination.
 
 Usage: .venv/bin/python bench/latency.py [--pipelines ct-denoise-classical] [--series ct/ge-head-tilt]
-                                         [--quiet 2.0] [--reps 2] [--json F]
+                                         [--quiet 1.5] [--reps 2] [--json F]
 
 A fresh node (SQLite, fsync on) and a DCMTK storescp destination; storescu sends the series
 and releases; stages come from the job row: completion wait (last instance -> series
@@ -100,7 +100,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipelines", default="ct-denoise-classical")
     ap.add_argument("--series", default="ct/ge-head-tilt")
-    ap.add_argument("--quiet", type=float, default=2.0)
+    ap.add_argument("--quiet", type=float, default=1.5, help="quiet_seconds (default: the shipped 1.5)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--json")
     args = ap.parse_args()

@@ -27,7 +27,7 @@ class NodeSettings:
 
 @dataclass(frozen=True)
 class CompletionSettings:
-    quiet_seconds: float = 2.0
+    quiet_seconds: float = 1.5
     max_wait_seconds: float = 600.0
     #: complete as soon as ImagesInAcquisition instances of the series have arrived
     use_images_in_acquisition: bool = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 
 import pydicom
 from sqlalchemy import select
@@ -78,11 +79,27 @@ class Node:
             thread = threading.Thread(target=target, args=(self._stop,), name=name, daemon=True)
             thread.start()
             self._threads.append(thread)
+        if self.run_worker:
+            # load the rules' pipelines (models, weights) now, not in the first job's latency
+            preload = threading.Thread(target=self._preload_pipelines, name="preload", daemon=True)
+            preload.start()
         from .web import start_operations  # web console, /metrics, STOW-RS, webhooks; threads end with _stop
         self._threads.extend(start_operations(self, self._stop))
         log.info("node started: storage %s, database %s, worker %s, %d rule(s)", self.settings.node.storage_dir,
                  self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
                  len(self.settings.rules))
+
+    def _preload_pipelines(self) -> None:
+        from .pipelines import get_pipeline
+
+        for name in sorted({rule.pipeline for rule in self.settings.rules}):
+            started = time.monotonic()
+            try:
+                get_pipeline(name)
+            except Exception as exc:  # noqa: BLE001 - the job that needs it will fail with the reason
+                log.error("pipeline %s cannot be loaded: %s", name, exc)
+                continue
+            log.info("pipeline %s loaded in %.1f s", name, time.monotonic() - started)
 
     def stop(self) -> None:
         self._stop.set()

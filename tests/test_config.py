@@ -15,7 +15,7 @@ def test_shipped_config_loads_with_documented_defaults():
     assert settings.node.ae_title == "PACSNODE"
     assert settings.node.database_url.startswith("sqlite:///")
     assert settings.node.storage_dir.is_absolute()
-    assert settings.completion.quiet_seconds == 2.0
+    assert settings.completion.quiet_seconds == 1.5
     assert settings.rules[0].pipeline == "ct-denoise-classical"
     # every key of the shipped file's sections is a real setting (unknown keys raise), and
     # every setting is documented in it
