@@ -240,8 +240,9 @@ class Worker:
             job.state, job.error, job.finished_at = "failed", message, utcnow()
             job.timings = _fmt(timings)
             job.lease_owner = job.lease_until = None
+            # with the state change: the job-end watchers read these rows (notify.JobWatcher)
+            audit.add(session, "job-failed", job_id=job_id, detail=message[:200])
         self.db.run(go)
-        audit.record(self.db, "job-failed", job_id=job_id, detail=message[:200])
 
     def _hand_over(self, item: JobInput, count: int, timings: dict[str, float], result_path: str) -> None:
         def go(session: Session) -> str:
@@ -429,9 +430,14 @@ class Sender:
                 job.finished_at = utcnow()
                 job.state = "failed" if bad else "done"
                 job.error = "; ".join(f"{d.destination}: {d.last_error}" for d in bad)[:1000] or None
-                if job.state == "done":  # with the state change: a crash can't split them
+                # with the state change, so a crash can't split them; the job-end watchers
+                # (metrics, webhooks) read these rows, not the job's state, which a retry changes
+                if job.state == "done":
                     audit.add(session, "job-done", job_id=job.id, seconds=_seconds(job.last_instance_at, job.finished_at),
                               count=job.result_count)
+                else:
+                    audit.add(session, "job-failed", job_id=job.id, count=job.result_count,
+                              seconds=_seconds(job.last_instance_at, job.finished_at), detail=(job.error or "")[:200])
                 closed.append(job)
             return closed
 

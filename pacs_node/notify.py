@@ -1,7 +1,7 @@
 """Job-end notifications: a watcher that sees jobs end, and signed webhook calls with retries.
 
-The watcher reads ended jobs from the job table (the worker and sender stay unaware of it)
-and hands each end to its observers: the webhook notifier and the metrics. A webhook body
+The watcher reads job ends from their audit rows (written in the transaction that ends the
+job; the worker and sender stay unaware of the watcher) and hands each end to its observers: the webhook notifier and the metrics. A webhook body
 carries UIDs, pipeline, outcome and timings, never a patient name or ID. It is signed with
 HMAC-SHA256 over "<timestamp>.<body>" (header X-PacsNode-Signature: sha256=<hex>), so a
 receiver can check both origin and freshness. A call that fails is retried with backoff; a
@@ -66,10 +66,14 @@ class JobEnded:
     #: seconds per stage: completion, queue, load, model, encode, write, send, total
     stages: dict[str, float | None] = field(default_factory=dict)
     deliveries: tuple[DeliveryOutcome, ...] = ()
+    #: id of the job-end audit row this end was read from
+    end_id: int | None = None
 
     @property
     def key(self) -> str:
         """Identifies this end of the job (a retried job ends again, with a new key)."""
+        if self.end_id is not None:
+            return f"{self.job_id}@end{self.end_id}"
         return f"{self.job_id}@{self.finished_at.isoformat()}"
 
 
@@ -94,21 +98,43 @@ def job_stages(job: Job) -> dict[str, float | None]:
     return stages
 
 
-def ended_job(session: Session, job: Job) -> JobEnded:
+#: audit events written in the transaction that ends a job (pacs_node/jobs.py, web cancel)
+END_EVENTS = ("job-done", "job-failed", "job-cancelled")
+
+
+def ended_job(session: Session, job: Job, end: AuditEvent | None = None) -> JobEnded:
+    """The end of ``job``; with ``end`` (its job-end audit row) the outcome, time and error of
+    that end, even when the job has been retried (and its row changed) since."""
     series = session.get(Series, job.series_id)
     study = session.get(Study, series.study_id) if series else None
     deliveries = session.execute(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)).scalars()
+    outcome, error, finished_at = job.state, job.error or None, job.finished_at
+    if end is not None:
+        outcome = "done" if end.event == "job-done" else "failed"
+        finished_at = end.at
+        if outcome == "failed":
+            # the job's own (longer) message while it still is in that failed state
+            error = ((job.error if job.state == "failed" else None)
+                     or (f"cancelled {end.detail}" if end.event == "job-cancelled" else end.detail) or None)
+        else:
+            error = None
     return JobEnded(
-        job_id=job.id, rule=job.rule, pipeline=job.pipeline, outcome=job.state, error=(job.error or None),
+        job_id=job.id, rule=job.rule, pipeline=job.pipeline, outcome=outcome, error=error,
         study_uid=study.study_uid if study else "", series_uid=series.series_uid if series else "",
-        generation=job.generation, result_count=job.result_count or 0, finished_at=job.finished_at,
+        generation=job.generation, result_count=job.result_count or 0, finished_at=finished_at,
         stages=job_stages(job),
         deliveries=tuple(DeliveryOutcome(d.destination, d.state, d.sent_count, d.failed_count, d.last_status)
-                         for d in deliveries))
+                         for d in deliveries),
+        end_id=end.id if end is not None else None)
 
 
 class JobWatcher:
-    """Polls the job table for jobs that ended and calls each observer once per end."""
+    """Polls the job-end audit rows and calls each observer once per end.
+
+    Those rows are written in the transaction that ends the job and never change, so every
+    end is seen once, also a failure that `jobs retry` turned back into a queued job before
+    this poll ran (the job row alone would show only its latest state).
+    """
 
     def __init__(self, db: Database, observers: list[Callable[[JobEnded], None]], interval: float = 0.5,
                  lookback: dt.timedelta = LOOKBACK) -> None:
@@ -116,21 +142,30 @@ class JobWatcher:
         self.observers = observers
         self.interval = interval
         self.watermark = utcnow() - lookback
-        self._seen: dict[str, dt.datetime] = {}
+        self._seen: dict[int, dt.datetime] = {}
 
     def poll(self) -> list[JobEnded]:
-        # A job's finished_at is set before its transaction commits, so a job may become
+        # An audit row's time is set before its transaction commits, so a row may become
         # visible with a time just below the newest one seen: look back a minute and dedupe.
         since = self.watermark - dt.timedelta(seconds=60)
 
         def read(session: Session) -> list[JobEnded]:
-            jobs = session.execute(select(Job).where(Job.state.in_(("done", "failed")), Job.finished_at.is_not(None),
-                                                     Job.finished_at >= since).order_by(Job.finished_at)).scalars().all()
-            return [ended_job(session, j) for j in jobs if f"{j.id}@{j.finished_at.isoformat()}" not in self._seen]
+            ends = session.execute(select(AuditEvent).where(AuditEvent.event.in_(END_EVENTS), AuditEvent.at >= since)
+                                   .order_by(AuditEvent.at, AuditEvent.id)).scalars().all()
+            out = []
+            for end in ends:
+                if end.id in self._seen or end.job_id is None:
+                    continue
+                job = session.get(Job, end.job_id)
+                if job is None:
+                    self._seen[end.id] = end.at
+                    continue
+                out.append(ended_job(session, job, end))
+            return out
 
         ended = self.db.run(read)
         for job in ended:
-            self._seen[job.key] = job.finished_at
+            self._seen[job.end_id] = job.finished_at  # type: ignore[index]
             self.watermark = max(self.watermark, job.finished_at)
             for observer in self.observers:
                 try:

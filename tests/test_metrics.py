@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 
 from pacs_node import metrics
 from pacs_node.notify import DeliveryOutcome, JobEnded, JobWatcher
-from pacs_node.store.index import Database, Job, Patient, Series, Study, utcnow
+from pacs_node.store.index import AuditEvent, Database, Job, Patient, Series, Study, utcnow
 
 
 def value(name: str, **labels: str) -> float:
@@ -46,6 +46,8 @@ def test_queue_depth_per_pipeline_and_the_watcher(tmp_path: Path) -> None:
                                                ("b", "done"), ("b", "failed")], start=1):
             session.add(Job(id=i, series_id=1, rule=f"r{i}", pipeline=pipeline, state=state,
                             finished_at=now if state in ("done", "failed") else None))
+            if state in ("done", "failed"):  # as jobs.py does: the end's audit row in the same transaction
+                session.add(AuditEvent(event=f"job-{state}", job_id=i, at=now, detail="boom" if state == "failed" else ""))
 
     db.run(rows)
     metrics.watch_database(db)
@@ -60,9 +62,22 @@ def test_queue_depth_per_pipeline_and_the_watcher(tmp_path: Path) -> None:
     watcher = JobWatcher(db, [seen.append])
     assert sorted(j.outcome for j in watcher.poll()) == ["done", "failed"]
     assert watcher.poll() == []  # each end once
-    db.run(lambda s: s.execute(Job.__table__.update().where(Job.id == 6).values(
-        state="done", finished_at=utcnow() + dt.timedelta(seconds=1))))
-    assert [(j.job_id, j.outcome) for j in watcher.poll()] == [(6, "done")]  # a retried job ends again
+
+    def fail_then_retry_and_finish(session) -> None:  # type: ignore[no-untyped-def]
+        # job 5 fails again and is retried and done before the next poll: its job row says only
+        # "done", its two audit rows say what happened
+        t = utcnow()
+        session.add(AuditEvent(event="job-failed", job_id=5, at=t, detail="RuntimeError: out of memory"))
+        session.add(AuditEvent(event="job-done", job_id=5, at=t + dt.timedelta(milliseconds=5)))
+        session.execute(Job.__table__.update().where(Job.id == 5).values(state="done", error=None,
+                                                                           finished_at=t + dt.timedelta(milliseconds=5)))
+
+    db.run(fail_then_retry_and_finish)
+    ends = watcher.poll()
+    assert [(j.job_id, j.outcome, j.error) for j in ends] == [(5, "failed", "RuntimeError: out of memory"),
+                                                             (5, "done", None)]
+    assert ends[0].key != ends[1].key  # a webhook per end
+    assert watcher.poll() == []
     assert seen[0].series_uid == "1.2.3" and seen[0].study_uid == "1.2"
     db.dispose()
 

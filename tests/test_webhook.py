@@ -137,7 +137,7 @@ def test_processes_sharing_postgresql_call_once_per_job(tmp_path):
 
     from pacs_node.config import parse
     from pacs_node.notify import WebhookNotifier
-    from pacs_node.store.index import Database, Job, Patient, Series, Study, utcnow
+    from pacs_node.store.index import AuditEvent, Database, Job, Patient, Series, Study, utcnow
 
     admin = os.environ.get("PACS_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
     name = f"pacsnode_test_{uuid.uuid4().hex[:10]}"
@@ -162,6 +162,7 @@ def test_processes_sharing_postgresql_call_once_per_job(tmp_path):
                     session.flush()
                 session.add(Job(id=job_id, series_id=1, generation=job_id, rule="r", pipeline="p", state="done",
                             finished_at=utcnow()))
+                session.add(AuditEvent(event="job-done", job_id=job_id))  # as jobs.py writes it, same transaction
             dbs[0].run(go)
 
         end_job(1)

@@ -59,9 +59,7 @@ def start_operations(node: "Node", stop: threading.Event) -> list[threading.Thre
         if job.finished_at >= started:  # jobs that ended before this process started were counted by it
             metrics.observe_job(job)
 
-    # metrics count what ends from now on: no look back. The watcher reads job rows, so a
-    # failed job retried before the next poll is seen only as done: poll often (known race,
-    # see docs/operations.md; the fix is to read append-only job-end audit rows instead)
+    # metrics count what ends from now on: no look back (the watcher reads job-end audit rows)
     loops = [("job-watcher", JobWatcher(node.db, [count], interval=0.2, lookback=dt.timedelta(0)).run)]
     if notifier.configured:
         loops.append(("webhooks", notifier.run))

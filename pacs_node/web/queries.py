@@ -220,18 +220,20 @@ def jobs(db: Database, state: str | None, limit: int = 200) -> list[JobRow]:
 
 def cancel(db: Database, job_id: int, user: str) -> str:
     """Cancel a queued job: it ends as failed (retry runs it again); a running job is not stopped."""
+    from .. import audit
+
     def go(session: Session) -> int:
-        return session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
+        done = session.execute(update(Job).where(Job.id == job_id, Job.state == "queued").values(
             state="failed", error=f"cancelled by {user} in the web console", finished_at=utcnow())).rowcount
+        if done == 1:  # with the state change: the job-end watchers read this row
+            audit.add(session, "job-cancelled", job_id=job_id, detail=f"by {user}")
+        return done
 
     if db.run(go) != 1:
         state = db.run(lambda s: getattr(s.get(Job, job_id), "state", None))
         if state is None:
             raise LookupError(f"job {job_id} does not exist")
         raise ValueError(f"job {job_id} is {state}; only a queued job can be cancelled")
-    from .. import audit
-
-    audit.record(db, "job-cancelled", job_id=job_id, detail=f"by {user}")
     return f"job {job_id}: cancelled"
 
 
