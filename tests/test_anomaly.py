@@ -102,6 +102,24 @@ def test_smoke_training_writes_loadable_weights(tmp_path: Path) -> None:
     assert not out.with_suffix(".partial.safetensors").exists()
 
 
+def test_the_committed_train_config_runs_as_a_smoke_run(tmp_path: Path) -> None:
+    """models/anomaly-mr/train.toml parses, and its settings (flags override steps and batch) train."""
+    config = Path(__file__).resolve().parents[1] / "models/anomaly-mr/train.toml"
+    rng = np.random.default_rng(2)
+    cache = tmp_path / "slices.npz"
+    np.savez(cache, images=(rng.random((4, 128, 128)) * 0.7).astype(np.float16), sources=np.array(["synthetic"] * 4))
+    out = tmp_path / "model.safetensors"
+    assert train_main(["--config", str(config), "--data", str(tmp_path), "--cache", str(cache), "--steps", "3",
+                       "--batch", "2", "--calibrate-slices", "2", "--out", str(out)]) == 0
+    _, cfg = load_model(out)
+    import tomllib
+
+    settings = tomllib.loads(config.read_text())
+    assert cfg.arch == settings["arch"] and list(cfg.channels) == settings["channels"]
+    assert cfg.target_sigma == settings["target_sigma"] and list(cfg.hole_sizes) == settings["hole_sizes"]
+    assert cfg.score == settings["score"] and cfg.combine == settings["combine"]
+
+
 def test_smoke_training_of_the_older_variants(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     cache = tmp_path / "slices.npz"

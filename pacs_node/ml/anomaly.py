@@ -67,6 +67,12 @@ class AnomalyConfig:
     #: standardised residual, so that +/- pairs (an edge predicted a pixel off) cancel while a
     #: blob brighter or darker than predicted keeps its score
     score: str = "abs"
+    #: prob-inpaint: the modelled quantity is the image Gaussian-smoothed at this sigma (px; 0:
+    #: the pixels themselves): the local mean intensity is far more predictable than cortical
+    #: texture, and lesions (radius >= 2.5 px) survive the smoothing
+    target_sigma: float = 0.0
+    #: prob-inpaint: also score the left-right mirrored slice and average (test-time augmentation)
+    tta_flip: bool = False
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -340,6 +346,15 @@ def laplace_nll(x: torch.Tensor, loc: torch.Tensor, raw_scale: torch.Tensor, cfg
 
 
 def prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``_prob_inpaint_maps``, averaged with that of the mirrored slice if ``cfg.tta_flip``."""
+    z, loc, b = _prob_inpaint_maps(net, images, cfg)
+    if not cfg.tta_flip:
+        return z, loc, b
+    zf, locf, bf = (t.flip(-1) for t in _prob_inpaint_maps(net, images.flip(-1), cfg))
+    return (z + zf) / 2, (loc + locf) / 2, (b + bf) / 2
+
+
+def _prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Standardised residual |x - loc| / scale of every pixel (signed if ``cfg.score`` is
     "signed"), combined over the passes in which it was hidden, and the mean location and scale
     predicted for it (all (B, 1, H, W))."""
@@ -348,11 +363,12 @@ def prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) 
     scale_total = torch.zeros_like(images)
     count = torch.zeros_like(images)
     weight_total = torch.zeros_like(images)
+    target = smooth(images, cfg.target_sigma)
     for side in cfg.hole_sizes or (cfg.mask_px,):
         for holes, centre in shifted_grid_holes(tuple(images.shape), side, max(1, cfg.hole_shifts), with_weights=True):
             loc, raw, _ = net(inpainting_input(images, holes), sample=False)
             b = laplace_scale(raw, cfg)
-            z = (images - loc) / b
+            z = (target - loc) / b
             if cfg.score != "signed":
                 z = z.abs()
             if cfg.combine == "max":  # the pass with the largest |z| (sign kept)

@@ -36,6 +36,7 @@ from .anomaly import (
     load_model,
     residual_maps,
     save_model,
+    smooth,
     to_canvas,
 )
 from .lesions import insert_lesions
@@ -204,7 +205,7 @@ def random_holes(shape: tuple[int, ...], gen: torch.Generator, count: tuple[int,
 
 
 
-def training_holes(shape: tuple[int, ...], gen: torch.Generator, side: tuple[int, int] = (10, 32)) -> torch.Tensor:
+def training_holes(shape: tuple[int, ...], gen: torch.Generator, side: tuple[int, int] = (12, 36)) -> torch.Tensor:
     """prob-inpaint training masks: per image, either a grid of squares like the inference grids
     (random side and phase) or a few random rectangles."""
     b, _, h, w = shape
@@ -257,7 +258,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         if cfg.arch == "prob-inpaint":
             holes = training_holes(clean.shape, gen)
             loc, raw_scale, _ = net(inpainting_input(clean, holes))
-            nll = laplace_nll(clean, loc, raw_scale, cfg, beta=beta)
+            nll = laplace_nll(smooth(clean, cfg.target_sigma), loc, raw_scale, cfg, beta=beta)
             rec = (nll * holes).sum() / holes.sum().clamp_min(1.0)  # hidden pixels only
             mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
         elif cfg.arch == "inpaint-unet":
@@ -323,6 +324,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--hole-shifts", type=int, default=None, help="prob-inpaint: grid phases per side and axis")
     p.add_argument("--combine", choices=("mean", "max", "centre"), default=None)
     p.add_argument("--score", choices=("abs", "signed"), default=None, help="prob-inpaint: smooth(|z|) or |smooth(z)|")
+    p.add_argument("--channels", default=None, help="U-Net widths per level, e.g. 16,32,64,96,128")
+    p.add_argument("--target-sigma", type=float, default=None,
+                   help="prob-inpaint: model the image smoothed at this sigma (px) instead of raw pixels")
+    p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
+                   help="prob-inpaint: average the score with that of the mirrored slice")
     p.add_argument("--smooth-sigma", type=float, default=None, help="score smoothing (px; the baseline uses the same)")
     p.add_argument("--calibrate-slices", type=int, default=256)
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
@@ -338,12 +344,14 @@ def train_main(argv: list[str]) -> int:
         settings = tomllib.loads(known.config.read_text())
         unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
-                                     "combine", "smooth_sigma", "calibrate_slices", "score"}
+                                     "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
+                                     "target_sigma", "channels"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
-        if isinstance(settings.get("hole_sizes"), list):
-            settings["hole_sizes"] = ",".join(str(v) for v in settings["hole_sizes"])
+        for key in ("hole_sizes", "channels"):
+            if isinstance(settings.get(key), list):
+                settings[key] = ",".join(str(v) for v in settings[key])
         p.set_defaults(**settings)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -360,6 +368,12 @@ def train_main(argv: list[str]) -> int:
         cfg.combine = args.combine
     if args.score is not None:
         cfg.score = args.score
+    if args.channels:
+        cfg.channels = tuple(int(v) for v in str(args.channels).split(","))
+    if args.target_sigma is not None:
+        cfg.target_sigma = float(args.target_sigma)
+    if args.tta_flip is not None:
+        cfg.tta_flip = bool(args.tta_flip)
     if args.smooth_sigma is not None:
         cfg.smooth_sigma = float(args.smooth_sigma)
     if args.data is None:
