@@ -11,6 +11,7 @@ import time
 from io import BytesIO
 from pathlib import Path
 
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom import AE
 from pynetdicom.dsutils import decode
@@ -111,3 +112,34 @@ def test_unsupported_dimse_request_gets_0211_and_the_association_stays_usable(no
     a = associate(node.port)
     assert a.is_established and a.send_c_echo().Status == 0x0000
     a.release()
+
+
+def test_connections_beyond_the_limit_are_closed_at_once():
+    """Each connection has a thread until it sends a request or the ACSE timeout passes: past
+    max_connections, a new one is closed straight away instead of adding threads without bound."""
+    from pacs_node.net.acceptor import Acceptor
+
+    class Refuse:
+        def admit(self, calling, address):  # type: ignore[no-untyped-def]
+            return "test"
+
+    acceptor = Acceptor("127.0.0.1", 0, "TEST", Refuse(), [], max_connections=3, acse_timeout=30)
+    port = acceptor.server_address[1]
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
+    try:
+        time.sleep(0.3)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        started = time.monotonic()
+        assert extra.recv(10) == b"", "the connection over the limit was not closed"
+        assert time.monotonic() - started < 3
+        extra.close()
+        held.pop().close()
+        time.sleep(0.3)
+        again = socket.create_connection(("127.0.0.1", port), timeout=1)
+        with pytest.raises(socket.timeout):  # kept open, waiting for its A-ASSOCIATE-RQ
+            again.recv(10)
+        again.close()
+    finally:
+        for s in held:
+            s.close()
+        acceptor.shutdown()

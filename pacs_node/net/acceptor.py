@@ -122,7 +122,8 @@ class Acceptor:
     """Listens on (host, port); serves each association on a thread of its own."""
 
     def __init__(self, host: str, port: int, ae_title: str, handler: Handler, contexts: list[PresentationContext], *,
-                 ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_pdu: int = 1 << 20,
+                 ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_connections: int = 512,
+                 max_pdu: int = 1 << 20,
                  max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30, acse_timeout: float = 30.0,
                  network_timeout: float = 60.0) -> None:
         self.ae_title = ae_title
@@ -130,6 +131,9 @@ class Acceptor:
         self.contexts = contexts
         self.ssl_context = ssl_context
         self.max_associations = max_associations
+        #: open connections of any kind (each has a thread; silent ones wait up to acse_timeout)
+        self.max_connections = max_connections
+        self._refused_logged = 0.0
         self.max_pdu = max_pdu
         self.max_pdu_bytes = max_pdu_bytes
         self.max_message_bytes = max_message_bytes
@@ -156,7 +160,17 @@ class Acceptor:
                 time.sleep(0.05)  # e.g. out of file descriptors: don't spin
                 continue
             with self._lock:
-                self._connections.add(conn)
+                full = len(self._connections) >= self.max_connections
+                if not full:
+                    self._connections.add(conn)
+            if full:
+                if time.monotonic() - self._refused_logged > 10:
+                    self._refused_logged = time.monotonic()
+                    log.warning("connection from %s:%d closed at once: %d connections open (the limit; silent "
+                                "ones are closed after %.0f s)", address[0], address[1], self.max_connections,
+                                self.acse_timeout)
+                conn.close()
+                continue
             threading.Thread(target=self._serve, args=(conn, address), name=f"dicom-{address[0]}:{address[1]}",
                              daemon=True).start()
 
