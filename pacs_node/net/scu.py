@@ -27,7 +27,14 @@ class SendReport:
 
 
 def set_nodelay(event) -> None:  # type: ignore[no-untyped-def]
-    """EVT_CONN_OPEN handler: disable Nagle (else ~40 ms per instance with delayed ACKs)."""
+    """EVT_CONN_OPEN handler: disable Nagle (else ~40 ms per instance with delayed ACKs).
+
+    Also shortens pynetdicom's reactor poll (1 ms by default) for this short, busy association:
+    each C-STORE waits on it twice. Measured here: 222-229 -> 262-284 instances/s to storescp,
+    same CPU time.
+    """
+    if hasattr(event.assoc.dul, "_run_loop_delay"):
+        event.assoc.dul._run_loop_delay = 0.0001
     sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
     if sock is not None:
         try:
