@@ -380,6 +380,9 @@ class Acceptor:
                 else:
                     if command is None:
                         raise Abort(ABORT_UNEXPECTED_PDU, "a data set fragment arrived without its command")
+                    if context_id != command_context:
+                        raise Abort(ABORT_INVALID_PARAMETER, f"data set on presentation context {context_id}, its "
+                                                             f"command on {command_context}")
                     data += fragment
                     if len(data) > self.max_message_bytes:
                         log.warning("association from %s@%s aborted: its instance exceeds [node] max_instance_mb "
