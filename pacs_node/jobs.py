@@ -19,6 +19,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from pydicom.dataset import Dataset
@@ -149,6 +150,8 @@ class Worker:
         self.pipelines = pipelines
         self.owner = new_owner()
         self.wake = threading.Event()
+        #: called after a job's results were handed over (the node wakes its sender with it)
+        self.on_hand_over: Callable[[], None] | None = None
 
     def claim(self) -> JobInput | None:
         """Take the next job: stat, then routine, then research (see config.toml [worker]).
@@ -261,6 +264,8 @@ class Worker:
             job.state = "sending" if targets else "done"
             if not targets:
                 job.finished_at = utcnow()
+                audit.add(session, "job-done", job_id=job.id, count=count,
+                          seconds=_seconds(job.last_instance_at, job.finished_at))
             return job.state
 
         state = self.db.run(go)
@@ -276,6 +281,8 @@ class Worker:
                 shutil.rmtree(other, ignore_errors=True)
         log.info("job %d (%s, series %s): %d result instance(s) encoded [%s]", item.job_id, item.pipeline,
                  item.series_uid, count, _fmt(timings))
+        if state == "sending" and self.on_hand_over is not None:
+            self.on_hand_over()
         if state == "done":
             log.info("job %d done: no destinations", item.job_id)
 

@@ -37,6 +37,7 @@ class Node:
         self.ingest = Ingest(self.db, self.files, settings.completion.use_images_in_acquisition, receiver=self.token)
         self.worker = Worker(self.db, self.files, settings)
         self.sender = Sender(self.db, self.files, settings)
+        self.worker.on_hand_over = self.sender.wake.set  # results go out at once, not at the next poll
         self.tracker = CompletionTracker(self.db, settings.completion, self._route, receiver=self.token,
                                          shared=not self.single_process)
         self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
