@@ -1,4 +1,7 @@
-"""Anomaly-map pipelines: per-slice reconstruction error of a model of normal anatomy, in [0, 1]."""
+"""Anomaly-map pipelines: per-slice reconstruction error of a model of normal anatomy, in [0, 1].
+
+For the served ``prob-inpaint`` model the "error" is the standardised inpainting residual
+|x - location| / scale; ``residual_maps`` computes it, the same code path as the eval command."""
 
 from __future__ import annotations
 
@@ -63,7 +66,9 @@ class AnomalyPipeline(Pipeline):
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
         return [ScoreMap(
             array=scores,
-            description=f"Anomaly map (reconstruction error, {self.model_name} {self.cfg.arch})",
+            description=(f"Anomaly map (standardised inpainting residual, {self.model_name} {self.cfg.arch})"
+                         if self.cfg.arch == "prob-inpaint" else
+                         f"Anomaly map (reconstruction error, {self.model_name} {self.cfg.arch})"),
             threshold=threshold,
             extra={"max_score": float(scores.max()) if scores.size else 0.0,
                    "fraction_above_threshold": float((scores >= threshold).mean()) if scores.size else 0.0},
@@ -78,7 +83,7 @@ def _normalise_mr(array: np.ndarray) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.1.0"
+    version = "0.2.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
