@@ -106,8 +106,15 @@ class DatabaseCollector(Collector):
         for pipeline, state, count in rows:
             depth.add_metric([pipeline, state], count)
         yield depth
-        torch = sys.modules.get("torch")  # only when a pipeline already loaded it: no import on scrape
-        if torch is not None and torch.cuda.is_available():
+        # only when a pipeline already loaded torch: no import on scrape. The node loads its
+        # pipelines in a thread at start, so torch may be half-imported here: then skip it.
+        cuda = getattr(sys.modules.get("torch"), "cuda", None)
+        try:
+            available = cuda is not None and bool(cuda.is_available())
+        except Exception:  # noqa: BLE001 - a half-initialised module raises all sorts
+            available = False
+        if available:
+            torch = sys.modules["torch"]
             gpu = GaugeMetricFamily("pacs_node_gpu_memory_bytes", "GPU memory held by this process",
                                     labels=["device", "kind"])
             for i in range(torch.cuda.device_count()):
