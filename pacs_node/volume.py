@@ -10,6 +10,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset
+from pydicom.pixels import pixel_array as decode_pixels
 
 from .errors import SeriesLoadError
 
@@ -106,8 +107,11 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
     ordered = sorted(items, key=lambda it: _sort_key(it[1], normal if has_geometry else None))
 
     shape = (int(first.Rows), int(first.Columns))
-    slices = []
-    for path, ds in ordered:
+    # one float32 volume written in place: no per-slice temporaries to stack, and no decoded
+    # array cached on each dataset (pydicom's ds.pixel_array keeps one, which the encoder
+    # would then copy along with the header)
+    array = np.empty((len(ordered), *shape), dtype=np.float32)
+    for k, (path, ds) in enumerate(ordered):
         if int(ds.get("NumberOfFrames", 1) or 1) != 1:
             raise SeriesLoadError(f"{path.name}: multi-frame images are not supported")
         if (int(ds.Rows), int(ds.Columns)) != shape:
@@ -117,12 +121,15 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         if ds.get("SamplesPerPixel", 1) != 1:
             raise SeriesLoadError(f"{path.name}: colour images are not supported")
         try:
-            pixels = ds.pixel_array
+            pixels = decode_pixels(ds)
         except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
             raise SeriesLoadError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
         slope, intercept = rescale_of(ds)
-        slices.append(pixels.astype(np.float32) * np.float32(slope) + np.float32(intercept))
+        out = array[k]
+        out[...] = pixels  # as pixels.astype(np.float32), then the rescale in float32
+        out *= np.float32(slope)
+        out += np.float32(intercept)
 
     if has_geometry:
         positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in ordered])
@@ -131,7 +138,7 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         positions[:, 2] = np.arange(len(ordered), dtype=float)
     spacing = first.get("PixelSpacing") or first.get("ImagerPixelSpacing") or [1.0, 1.0]
     return Volume(
-        array=np.stack(slices).astype(np.float32, copy=False),
+        array=array,
         positions=positions,
         row_direction=row_dir,
         column_direction=col_dir,
