@@ -92,15 +92,27 @@ class Orthanc(Target):
 
 class PacsNode(Target):
     name, ae = "pacs-node", "PACSNODE"
+    receivers = 1
 
     def start(self) -> None:
         self.work.mkdir(parents=True)
         (self.work / "node.toml").write_text(
             f'[node]\nhost = "127.0.0.1"\nport = {self.port}\nstorage_dir = "storage"\n'
-            f'database_url = "sqlite:///node.db"\nallow_any_caller = true\nlog_level = "WARNING"\n')
+            f'database_url = "sqlite:///node.db"\nallow_any_caller = true\nlog_level = "INFO"\n'
+            f'receivers = {self.receivers}\n')
+        log = open(self.work / "node.log", "wb")
         self.proc = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(self.work / "node.toml")],
-                                     cwd=self.work, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                     cwd=self.work, env=ENV, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
+        end = time.monotonic() + 60  # extra receiver processes: wait until they listen too
+        while (self.receivers > 1 and time.monotonic() < end
+               and (self.work / "node.log").read_text().count("pacs_node.receivers: receiver process") <
+               2 * (self.receivers - 1)):  # "... started" and "... listening" for each
+            time.sleep(0.2)
+
+
+class PacsNode2(PacsNode):
+    name, receivers = "pacs-node-r2", 2
 
 
 def send(target: Target, files: list[Path], conc: int) -> float:
@@ -121,12 +133,13 @@ def main() -> int:
     ap.add_argument("--series", default="ct/vhf-head", help="folder under the data cache (default ct/vhf-head)")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--conc", default="1,4,8")
-    ap.add_argument("--targets", default="dcmtk-storescp,orthanc,pacs-node")
+    ap.add_argument("--targets", default="dcmtk-storescp,orthanc,pacs-node",
+                    help="any of dcmtk-storescp, orthanc, pacs-node, pacs-node-r2 ([node] receivers = 2)")
     ap.add_argument("--json")
     args = ap.parse_args()
     files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())
     size_mb = sum(p.stat().st_size for p in files) / 1e6
-    kinds = {k.name: k for k in (StoreSCP, Orthanc, PacsNode)}
+    kinds = {k.name: k for k in (StoreSCP, Orthanc, PacsNode, PacsNode2)}
     targets = [kinds[t] for t in args.targets.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}

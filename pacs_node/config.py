@@ -23,6 +23,8 @@ class NodeSettings:
     log_level: str = "INFO"
     #: largest DICOM message (one instance) an association may send; larger ones are aborted
     max_instance_mb: float = 2048.0
+    #: processes listening on the DICOM port (1 = the node process only)
+    receivers: int = 1
 
 
 @dataclass(frozen=True)
@@ -278,7 +280,10 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
         allow_any_caller=_take(n, "allow_any_caller", "node.", bool, d.allow_any_caller),
         log_level=_take(n, "log_level", "node.", str, d.log_level).upper(),
         max_instance_mb=float(_take(n, "max_instance_mb", "node.", float, d.max_instance_mb)),
+        receivers=_take(n, "receivers", "node.", int, d.receivers),
     )
+    if not 1 <= node.receivers <= 16:
+        raise ConfigError("node.receivers", f"{node.receivers} is not between 1 and 16")
     if node.max_instance_mb <= 0:
         raise ConfigError("node.max_instance_mb", f"{node.max_instance_mb} must be above 0")
     if node.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):

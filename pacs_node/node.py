@@ -43,6 +43,7 @@ class Node:
         self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self.receivers = None
 
     def _route(self, session: Session, series: Series) -> None:
         """Called in the completion transaction: decide the rules and queue their jobs."""
@@ -72,7 +73,13 @@ class Node:
         self.files.remove_temp_files()
         # with SQLite and the worker in this process, every 'running' job is ours from before
         recover(self.db, single_process=self.single_process and self.run_worker)
-        self.scp.start()
+        extra = self.settings.node.receivers - 1
+        self.scp.start(reuse_port=extra > 0)
+        if extra > 0:
+            from .receivers import ReceiverPool
+
+            self.receivers = ReceiverPool(self.settings, self.token, self.tracker, extra)
+            self.receivers.start()
         loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
         if self.run_worker:
             loops.append(("worker", self.worker.run))
@@ -107,6 +114,8 @@ class Node:
         self.tracker.wake.set()
         self.worker.wake.set()
         self.sender.wake.set()
+        if self.receivers is not None:
+            self.receivers.stop()
         self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)

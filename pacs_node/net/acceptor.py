@@ -125,7 +125,7 @@ class Acceptor:
                  ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_connections: int = 512,
                  max_pdu: int = 1 << 20,
                  max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30, acse_timeout: float = 30.0,
-                 network_timeout: float = 60.0) -> None:
+                 network_timeout: float = 60.0, reuse_port: bool = False, thread_prefix: str = "dicom") -> None:
         self.ae_title = ae_title
         self.handler = handler
         self.contexts = contexts
@@ -138,12 +138,14 @@ class Acceptor:
         self.max_pdu_bytes = max_pdu_bytes
         self.max_message_bytes = max_message_bytes
         self.acse_timeout = acse_timeout
+        self.thread_prefix = thread_prefix  # association threads are named (and logged) <prefix>-<peer>
         self.network_timeout = network_timeout
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._active = 0
         self._stopping = False
-        self.socket = socket.create_server((host, port), backlog=128)
+        # reuse_port: several processes listen on one port, the kernel spreads connections
+        self.socket = socket.create_server((host, port), backlog=128, reuse_port=reuse_port)
         self.server_address = self.socket.getsockname()
         self._thread = threading.Thread(target=self._accept_loop, name=f"dicom-accept-{self.server_address[1]}",
                                         daemon=True)
@@ -171,7 +173,7 @@ class Acceptor:
                                 self.acse_timeout)
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, address), name=f"dicom-{address[0]}:{address[1]}",
+            threading.Thread(target=self._serve, args=(conn, address), name=f"{self.thread_prefix}-{address[0]}:{address[1]}",
                              daemon=True).start()
 
     def shutdown(self) -> None:

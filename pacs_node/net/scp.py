@@ -219,20 +219,25 @@ class StorageSCP:
         else:
             stats.failed += 1
 
-    def start(self) -> None:
+    def start(self, reuse_port: bool = False, extra_tls_listener: bool = True, thread_prefix: str = "dicom") -> None:
+        """Listen on node.port (and [tls] port); ``reuse_port`` when receiver processes share
+        the port, ``extra_tls_listener=False`` in those (the main process serves [tls] port)."""
         node = self.settings.node
         self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
         self._audit_thread.start()
         contexts = [build_context(Verification)]
         contexts += [build_context(cx.abstract_syntax, ACCEPT_ORDER) for cx in AllStoragePresentationContexts]
         options = dict(max_associations=32, max_pdu=MAX_PDU, max_pdu_bytes=MAX_PDU_BYTES,
-                       max_message_bytes=int(node.max_instance_mb * 1e6), acse_timeout=30.0, network_timeout=60.0)
+                       max_message_bytes=int(node.max_instance_mb * 1e6), acse_timeout=30.0, network_timeout=60.0,
+                       reuse_port=reuse_port, thread_prefix=thread_prefix)
         tls = self.settings.tls
         context = server_context(tls) if tls.listening else None
         # [tls] without a port: node.port speaks TLS only; with one: plain on node.port, TLS there
         plain = context is None or tls.port is not None
         if plain:
             self.server = Acceptor(node.host, node.port, node.ae_title, self, contexts, **options)
+        if context is not None and plain and not extra_tls_listener:
+            context = None
         if context is not None:
             secure = Acceptor(node.host, tls.port if tls.port is not None else node.port, node.ae_title, self,
                               contexts, ssl_context=context, **options)

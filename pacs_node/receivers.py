@@ -1,0 +1,166 @@
+"""Extra receiver processes: more DICOM listeners on the node's port, one Python process each.
+
+The receive path is CPU-bound in one process (docs/performance.md): associations served by one
+process share its GIL, so four concurrent senders get no more than one. With ``[node]
+receivers = N`` the node starts N - 1 child processes that listen on the same port
+(``SO_REUSEPORT``: the kernel spreads new connections over the listening sockets). Each child
+stores and indexes instances exactly like the main process (same storage folder, same
+database; SQLite serialises writers across processes with ``BEGIN IMMEDIATE``), and reports
+to the main process what its completion tracker must know: an instance of a series arrived on
+association A, association A ended. Metrics events are forwarded the same way, so the main
+process's /metrics counts every instance.
+
+A child dies with the main process (``PR_SET_PDEATHSIG``, and a watchdog on the parent pid),
+and the main process restarts a child that died, ending the associations it had open.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing as mp
+import os
+import queue
+import signal
+import threading
+import time
+from typing import Any
+
+from . import logs, metrics
+from .complete import CompletionTracker
+from .config import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    try:  # Linux: SIGKILL when the parent dies
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - not Linux: the watchdog below still applies
+        pass
+
+    def watch() -> None:
+        while True:
+            if os.getppid() != parent_pid:
+                os._exit(0)
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
+
+
+def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid: int) -> None:
+    _die_with_parent(parent_pid)
+    logs.setup(settings.node.log_level)
+    from .net.scp import StorageSCP
+    from .store.files import FileStore
+    from .store.index import Database
+    from .store.ingest import Ingest
+
+    pid = os.getpid()
+    # the main process owns the metrics endpoint: forward what this process observes
+    metrics.instance_received = lambda transport, size, started=None: events.put(  # type: ignore[assignment]
+        ("m-instance", pid, transport, size, time.monotonic() - started if isinstance(started, float) else None))
+    metrics.association = lambda accepted: events.put(("m-association", pid, accepted))  # type: ignore[assignment]
+    db = Database(settings.node.database_url, run_migrations=False)
+    ingest = Ingest(db, FileStore(settings.node.storage_dir), settings.completion.use_images_in_acquisition,
+                    receiver=receiver_token)
+    scp = StorageSCP(settings, db, ingest,
+                     lambda key, series: events.put(("instance", pid, key, series)),
+                     lambda key: events.put(("end", pid, key, None)))
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
+    # its association threads log as receiver<pid>-<peer>
+    scp.start(reuse_port=True, extra_tls_listener=False, thread_prefix=f"receiver{pid}")
+    events.put(("ready", pid, 0, None))
+    done.wait()
+    scp.stop()
+    db.dispose()
+
+
+class ReceiverPool:
+    """Starts, watches and stops the extra receiver processes; feeds their events to the tracker."""
+
+    def __init__(self, settings: Settings, receiver_token: str, tracker: CompletionTracker, count: int) -> None:
+        self.settings = settings
+        self.token = receiver_token
+        self.tracker = tracker
+        self.count = count
+        self._ctx = mp.get_context("spawn")  # no fork of a process that runs threads
+        self.events = self._ctx.Queue()
+        self._procs: list[Any] = []
+        self._open: dict[int, set[tuple[int, int]]] = {}
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.ready = threading.Event()
+        self._ready_count = 0
+
+    def _spawn(self) -> Any:
+        proc = self._ctx.Process(target=_child_main, args=(self.settings, self.token, self.events, os.getpid()),
+                                 name="pacs-node-receiver", daemon=True)
+        proc.start()
+        log.info("receiver process %d started", proc.pid)
+        return proc
+
+    def start(self) -> None:
+        self._procs = [self._spawn() for _ in range(self.count)]
+        self._thread = threading.Thread(target=self._run, name="receivers", daemon=True)
+        self._thread.start()
+
+    def _handle(self, event: tuple) -> None:
+        kind, pid = event[0], event[1]
+        if kind == "instance":
+            key = (pid, event[2])
+            self._open.setdefault(pid, set()).add(key)
+            self.tracker.instance_received(key, event[3])
+        elif kind == "end":
+            key = (pid, event[2])
+            self._open.get(pid, set()).discard(key)
+            self.tracker.association_ended(key)
+        elif kind == "m-instance":
+            _, _, transport, size, seconds = event
+            metrics.instance_received(transport, size, time.monotonic() - seconds if seconds is not None else None)
+        elif kind == "m-association":
+            metrics.association(event[2])
+        elif kind == "ready":
+            log.info("receiver process %d listening", pid)
+            self._ready_count += 1
+            if self._ready_count >= self.count:
+                self.ready.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._handle(self.events.get(timeout=0.5))
+                continue
+            except queue.Empty:
+                pass
+            except Exception:  # noqa: BLE001 - one bad event must not stop the feed
+                log.exception("receiver event could not be handled")
+                continue
+            for i, proc in enumerate(self._procs):
+                if proc.is_alive() or self._stop.is_set():
+                    continue
+                log.error("receiver process %d exited (code %s); its open associations end now, restarting it",
+                          proc.pid, proc.exitcode)
+                for key in self._open.pop(proc.pid, set()):
+                    self.tracker.association_ended(key)
+                self._procs[i] = self._spawn()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for proc in self._procs:
+            if proc.is_alive():
+                proc.terminate()  # SIGTERM: the child stops its listener and flushes its audit rows
+        for proc in self._procs:
+            proc.join(timeout=30)
+            if proc.is_alive():
+                proc.kill()
+        # what they reported while stopping
+        try:
+            while True:
+                self._handle(self.events.get_nowait())
+        except (queue.Empty, OSError, ValueError):
+            pass
+        if self._thread is not None:
+            self._thread.join(timeout=5)
