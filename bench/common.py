@@ -34,12 +34,15 @@ def wait_port(port: int, timeout: float = 60) -> None:
     raise RuntimeError(f"port {port} did not open within {timeout:.0f} s")
 
 
+def memory_kib(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a live process in KiB: its resident memory now and its peak so far."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory (VmHWM) of a live process, in MB."""
     try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+        return memory_kib(pid)[1] / 1024
+    except (OSError, KeyError):
+        return float("nan")

@@ -40,8 +40,9 @@ from pydicom.filereader import _read_file_meta_info, read_file_meta_info, read_p
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE, evt
 
-REPO = Path(__file__).resolve().parent.parent
-BIN = Path(sys.executable).parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import BIN, free_port, memory_kib  # noqa: E402
+
 PIPELINE = "ct-denoise-classical"
 
 
@@ -114,12 +115,6 @@ def dataset_bytes(path: Path) -> bytes:
         read_preamble(fh, False)
         _read_file_meta_info(fh)  # leaves fh just after the file meta group
         return fh.read()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def port_open(port: int) -> bool:
@@ -296,9 +291,7 @@ class Node:
     def memory_kib(self) -> tuple[int, int]:
         """(VmRSS, VmHWM) of the node process in KiB: now and the peak so far."""
         assert self.proc is not None
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines()
-                      if ":" in line)
-        return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
+        return memory_kib(self.proc.pid)
 
     def phase(self) -> str:
         """What the node is doing right now, from its database: receive, infer, send or idle."""

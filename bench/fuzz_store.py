@@ -78,6 +78,15 @@ def file_with(meta_sop: str, syntax: str, body: bytes, path: Path) -> Path:
     return path
 
 
+def overwrite_spans(draw, data: bytes, max_spans: int, max_chunk: int) -> bytes:  # type: ignore[no-untyped-def]
+    """``data`` with 1..max_spans random spans overwritten by 1..max_chunk random bytes each."""
+    for _ in range(draw(st.integers(1, max_spans))):
+        at = draw(st.integers(0, len(data) - 1))
+        chunk = draw(st.binary(min_size=1, max_size=max_chunk))
+        data = data[:at] + chunk + data[at + len(chunk):]
+    return data
+
+
 @st.composite
 def malformed_instance(draw, base: Path) -> tuple[str, str, bytes, str]:  # type: ignore[no-untyped-def]
     """(kind, transfer syntax, dataset bytes, SOP UID for the request) of one malformed C-STORE, from the file ``base``."""
@@ -111,10 +120,7 @@ def malformed_instance(draw, base: Path) -> tuple[str, str, bytes, str]:  # type
     if kind == "truncate":
         body = body[: draw(st.integers(0, len(body) - 1))]
     elif kind == "overwrite":
-        for _ in range(draw(st.integers(1, 8))):
-            at = draw(st.integers(0, len(body) - 1))
-            chunk = draw(st.binary(min_size=1, max_size=8))
-            body = body[:at] + chunk + body[at + len(chunk):]
+        body = overwrite_spans(draw, body, 8, 8)
     elif kind == "length":
         # an element's length field: explicit VR short form at +6 (2 bytes), implicit at +4 (4 bytes)
         tag = draw(st.sampled_from([(0x0008, 0x0018), (0x0020, 0x000D), (0x0028, 0x0010), (0x7FE0, 0x0010),
@@ -332,10 +338,7 @@ def malformed_pdus(draw) -> tuple[str, bytes]:  # type: ignore[no-untyped-def]
     rq = associate_rq()
     data = rq + (echo_pdata() if draw(st.booleans()) else b"")
     if kind == "overwrite":
-        for _ in range(draw(st.integers(1, 6))):
-            at = draw(st.integers(0, len(data) - 1))
-            chunk = draw(st.binary(min_size=1, max_size=4))
-            data = data[:at] + chunk + data[at + len(chunk):]
+        data = overwrite_spans(draw, data, 6, 4)
     elif kind == "length":
         at = draw(st.sampled_from([2, 74, 76, 78, len(rq) + 2, len(rq) + 6]))
         data = data[:at] + draw(st.binary(min_size=2, max_size=4)) + data[at + 4:]

@@ -29,13 +29,6 @@ from common import BIN, ENV, free_port, peak_rss_mb, wait_port  # noqa: E402
 from pacs_node.datasets import data_dir  # noqa: E402
 
 
-
-
-
-
-
-
-
 class Target:
     name = ""
     ae = ""

@@ -31,10 +31,6 @@ from pacs_node.datasets import data_dir  # noqa: E402
 ADMIN = os.environ.get("PACS_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
-
-
-
-
 def make_series(work: Path, count: int, slices: int) -> list[Path]:
     src = sorted((data_dir() / "ct" / "ge-head-tilt").glob("*.dcm"))[8:8 + slices]
     folders = []

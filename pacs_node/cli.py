@@ -63,11 +63,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     log.info("worker %s started (pipelines: %s, device: %s)", worker.owner,
              ",".join(pipelines) if pipelines else "all", args.device or "auto")
     if pipelines:
-        from .pipelines import get_pipeline
+        from .pipelines import preload
 
-        for name in pipelines:  # load models once, up front, and keep them resident
-            get_pipeline(name)
-            log.info("pipeline %s loaded%s", name, _gpu_memory())
+        preload(pipelines)  # load models once, up front, and keep them resident
     stop = threading.Event()
     import signal
 
@@ -75,16 +73,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     worker.run(stop)
     return 0
-
-
-def _gpu_memory() -> str:
-    try:
-        import torch
-    except ImportError:
-        return ""
-    if not torch.cuda.is_available():
-        return ""
-    return f" (GPU memory allocated: {torch.cuda.memory_allocated() / 2**20:.0f} MiB)"
 
 
 def cmd_send(args: argparse.Namespace) -> int:

@@ -19,8 +19,8 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 from pathlib import Path
+from typing import Callable
 
 from pydicom.dataset import Dataset
 from sqlalchemy import and_, case, or_, select, update
@@ -65,6 +65,14 @@ def create_jobs(session: Session, series: Series, rules: list[Rule]) -> list[Job
 
 def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
     return (b - a).total_seconds() if a and b else None
+
+
+def _audit_end(session: Session, job: Job) -> None:
+    """The job-done / job-failed audit row, added in the transaction that ends ``job``: a crash
+    can't split them, and the job-end watchers (metrics, webhooks) read these rows, not the job
+    row, which a retry changes."""
+    audit.add(session, f"job-{job.state}", job_id=job.id, count=job.result_count,
+              seconds=_seconds(job.last_instance_at, job.finished_at), detail=(job.error or "")[:200])
 
 
 def in_window(window: str, now: dt.datetime | None = None) -> bool:
@@ -243,8 +251,7 @@ class Worker:
             job.state, job.error, job.finished_at = "failed", message, utcnow()
             job.timings = _fmt(timings)
             job.lease_owner = job.lease_until = None
-            # with the state change: the job-end watchers read these rows (notify.JobWatcher)
-            audit.add(session, "job-failed", job_id=job_id, detail=message[:200])
+            _audit_end(session, job)
         self.db.run(go)
 
     def _hand_over(self, item: JobInput, count: int, timings: dict[str, float], result_path: str) -> None:
@@ -264,8 +271,7 @@ class Worker:
             job.state = "sending" if targets else "done"
             if not targets:
                 job.finished_at = utcnow()
-                audit.add(session, "job-done", job_id=job.id, count=count,
-                          seconds=_seconds(job.last_instance_at, job.finished_at))
+                _audit_end(session, job)
             return job.state
 
         state = self.db.run(go)
@@ -437,14 +443,7 @@ class Sender:
                 job.finished_at = utcnow()
                 job.state = "failed" if bad else "done"
                 job.error = "; ".join(f"{d.destination}: {d.last_error}" for d in bad)[:1000] or None
-                # with the state change, so a crash can't split them; the job-end watchers
-                # (metrics, webhooks) read these rows, not the job's state, which a retry changes
-                if job.state == "done":
-                    audit.add(session, "job-done", job_id=job.id, seconds=_seconds(job.last_instance_at, job.finished_at),
-                              count=job.result_count)
-                else:
-                    audit.add(session, "job-failed", job_id=job.id, count=job.result_count,
-                              seconds=_seconds(job.last_instance_at, job.finished_at), detail=(job.error or "")[:200])
+                _audit_end(session, job)
                 closed.append(job)
             return closed
 

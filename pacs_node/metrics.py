@@ -114,12 +114,11 @@ class DatabaseCollector(Collector):
         except Exception:  # noqa: BLE001 - a half-initialised module raises all sorts
             available = False
         if available:
-            torch = sys.modules["torch"]
             gpu = GaugeMetricFamily("pacs_node_gpu_memory_bytes", "GPU memory held by this process",
                                     labels=["device", "kind"])
-            for i in range(torch.cuda.device_count()):
-                gpu.add_metric([str(i), "allocated"], torch.cuda.memory_allocated(i))
-                gpu.add_metric([str(i), "reserved"], torch.cuda.memory_reserved(i))
+            for i in range(cuda.device_count()):
+                gpu.add_metric([str(i), "allocated"], cuda.memory_allocated(i))
+                gpu.add_metric([str(i), "reserved"], cuda.memory_reserved(i))
             yield gpu
 
 

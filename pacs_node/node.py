@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-import time
 
 import pydicom
 from sqlalchemy import select
@@ -89,25 +88,15 @@ class Node:
             self._threads.append(thread)
         if self.run_worker:
             # load the rules' pipelines (models, weights) now, not in the first job's latency
-            preload = threading.Thread(target=self._preload_pipelines, name="preload", daemon=True)
-            preload.start()
+            from .pipelines import preload
+
+            names = sorted({rule.pipeline for rule in self.settings.rules})
+            threading.Thread(target=preload, args=(names, False), name="preload", daemon=True).start()
         from .web import start_operations  # web console, /metrics, STOW-RS, webhooks; threads end with _stop
         self._threads.extend(start_operations(self, self._stop))
         log.info("node started: storage %s, database %s, worker %s, %d rule(s)", self.settings.node.storage_dir,
                  self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
                  len(self.settings.rules))
-
-    def _preload_pipelines(self) -> None:
-        from .pipelines import get_pipeline
-
-        for name in sorted({rule.pipeline for rule in self.settings.rules}):
-            started = time.monotonic()
-            try:
-                get_pipeline(name)
-            except Exception as exc:  # noqa: BLE001 - the job that needs it will fail with the reason
-                log.error("pipeline %s cannot be loaded: %s", name, exc)
-                continue
-            log.info("pipeline %s loaded in %.1f s", name, time.monotonic() - started)
 
     def stop(self) -> None:
         self._stop.set()

@@ -1,7 +1,8 @@
 """Job-end notifications: a watcher that sees jobs end, and signed webhook calls with retries.
 
 The watcher reads job ends from their audit rows (written in the transaction that ends the
-job; the worker and sender stay unaware of the watcher) and hands each end to its observers: the webhook notifier and the metrics. A webhook body
+job; the worker and sender stay unaware of the watcher) and hands each end to its observers:
+the webhook notifier and the metrics. A webhook body
 carries UIDs, pipeline, outcome and timings, never a patient name or ID. It is signed with
 HMAC-SHA256 over "<timestamp>.<body>" (header X-PacsNode-Signature: sha256=<hex>), so a
 receiver can check both origin and freshness. A call that fails is retried with backoff; a
@@ -71,10 +72,8 @@ class JobEnded:
 
     @property
     def key(self) -> str:
-        """Identifies this end of the job (a retried job ends again, with a new key)."""
-        if self.end_id is not None:
-            return f"{self.job_id}@end{self.end_id}"
-        return f"{self.job_id}@{self.finished_at.isoformat()}"
+        """Identifies this end of the job (a retried job ends again, with its own audit row)."""
+        return f"{self.job_id}@end{self.end_id}"
 
 
 def _seconds(a: dt.datetime | None, b: dt.datetime | None) -> float | None:
@@ -102,30 +101,26 @@ def job_stages(job: Job) -> dict[str, float | None]:
 END_EVENTS = ("job-done", "job-failed", "job-cancelled")
 
 
-def ended_job(session: Session, job: Job, end: AuditEvent | None = None) -> JobEnded:
-    """The end of ``job``; with ``end`` (its job-end audit row) the outcome, time and error of
-    that end, even when the job has been retried (and its row changed) since."""
+def ended_job(session: Session, job: Job, end: AuditEvent) -> JobEnded:
+    """The end of ``job`` that its audit row ``end`` records: outcome, time and error of that
+    end, even when the job has been retried (and its row changed) since."""
     series = session.get(Series, job.series_id)
     study = session.get(Study, series.study_id) if series else None
     deliveries = session.execute(select(Delivery).where(Delivery.job_id == job.id).order_by(Delivery.id)).scalars()
-    outcome, error, finished_at = job.state, job.error or None, job.finished_at
-    if end is not None:
-        outcome = "done" if end.event == "job-done" else "failed"
-        finished_at = end.at
-        if outcome == "failed":
-            # the job's own (longer) message while it still is in that failed state
-            error = ((job.error if job.state == "failed" else None)
-                     or (f"cancelled {end.detail}" if end.event == "job-cancelled" else end.detail) or None)
-        else:
-            error = None
+    outcome = "done" if end.event == "job-done" else "failed"
+    error = None
+    if outcome == "failed":
+        # the job's own (longer) message while it still is in that failed state
+        error = ((job.error if job.state == "failed" else None)
+                 or (f"cancelled {end.detail}" if end.event == "job-cancelled" else end.detail) or None)
     return JobEnded(
         job_id=job.id, rule=job.rule, pipeline=job.pipeline, outcome=outcome, error=error,
         study_uid=study.study_uid if study else "", series_uid=series.series_uid if series else "",
-        generation=job.generation, result_count=job.result_count or 0, finished_at=finished_at,
+        generation=job.generation, result_count=job.result_count or 0, finished_at=end.at,
         stages=job_stages(job),
         deliveries=tuple(DeliveryOutcome(d.destination, d.state, d.sent_count, d.failed_count, d.last_status)
                          for d in deliveries),
-        end_id=end.id if end is not None else None)
+        end_id=end.id)
 
 
 class JobWatcher:

@@ -48,6 +48,21 @@ def _die_with_parent(parent_pid: int) -> None:
     threading.Thread(target=watch, name="parent-watchdog", daemon=True).start()
 
 
+class _ForwardedMetrics:
+    """StorageSCP's metrics calls in a receiver process, sent to the main process's /metrics."""
+
+    def __init__(self, events: Any) -> None:
+        self.events = events
+        self.pid = os.getpid()
+
+    def instance_received(self, transport: str, size: int, started: float | None = None) -> None:
+        seconds = time.monotonic() - started if isinstance(started, float) else None
+        self.events.put(("m-instance", self.pid, transport, size, seconds))
+
+    def association(self, accepted: bool) -> None:
+        self.events.put(("m-association", self.pid, accepted))
+
+
 def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid: int) -> None:
     _die_with_parent(parent_pid)
     logs.setup(settings.node.log_level)
@@ -57,16 +72,13 @@ def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid
     from .store.ingest import Ingest
 
     pid = os.getpid()
-    # the main process owns the metrics endpoint: forward what this process observes
-    metrics.instance_received = lambda transport, size, started=None: events.put(  # type: ignore[assignment]
-        ("m-instance", pid, transport, size, time.monotonic() - started if isinstance(started, float) else None))
-    metrics.association = lambda accepted: events.put(("m-association", pid, accepted))  # type: ignore[assignment]
     db = Database(settings.node.database_url, run_migrations=False)
     ingest = Ingest(db, FileStore(settings.node.storage_dir), settings.completion.use_images_in_acquisition,
                     receiver=receiver_token)
     scp = StorageSCP(settings, db, ingest,
                      lambda key, series: events.put(("instance", pid, key, series)),
                      lambda key: events.put(("end", pid, key, None)))
+    scp.metrics = _ForwardedMetrics(events)  # the main process owns the metrics endpoint
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
@@ -92,8 +104,6 @@ class ReceiverPool:
         self._open: dict[int, set[tuple[int, int]]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
-        self.ready = threading.Event()
-        self._ready_count = 0
 
     def _spawn(self) -> Any:
         proc = self._ctx.Process(target=_child_main, args=(self.settings, self.token, self.events, os.getpid()),
@@ -124,9 +134,6 @@ class ReceiverPool:
             metrics.association(event[2])
         elif kind == "ready":
             log.info("receiver process %d listening", pid)
-            self._ready_count += 1
-            if self._ready_count >= self.count:
-                self.ready.set()
 
     def _run(self) -> None:
         while not self._stop.is_set():

@@ -123,7 +123,7 @@ def test_connections_beyond_the_limit_are_closed_at_once():
         def admit(self, calling, address):  # type: ignore[no-untyped-def]
             return "test"
 
-    acceptor = Acceptor("127.0.0.1", 0, "TEST", Refuse(), [], max_connections=3, acse_timeout=30)
+    acceptor = Acceptor("127.0.0.1", 0, Refuse(), [], max_connections=3, acse_timeout=30)
     port = acceptor.server_address[1]
     held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(3)]
     try:

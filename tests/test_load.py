@@ -21,6 +21,7 @@ from pynetdicom.sop_class import Verification
 from conftest import tool
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from common import memory_kib  # noqa: E402
 from crash_soak import synthetic_ct_series  # noqa: E402
 
 SENDERS = 8
@@ -38,11 +39,6 @@ def echo_once(port: int) -> float:
     assoc.release()
     assert status and status.Status == 0
     return time.perf_counter() - t0
-
-
-def memory_kib(pid: int) -> tuple[int, int]:
-    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
-    return int(fields["VmRSS"].split()[0]), int(fields["VmHWM"].split()[0])
 
 
 def test_eight_concurrent_associations_of_300_instances(node_factory, tmp_path, capsys):

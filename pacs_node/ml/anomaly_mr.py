@@ -204,7 +204,6 @@ def random_holes(shape: tuple[int, ...], gen: torch.Generator, count: tuple[int,
     return holes
 
 
-
 def training_holes(shape: tuple[int, ...], gen: torch.Generator, side: tuple[int, int] = (12, 36)) -> torch.Tensor:
     """prob-inpaint training masks: per image, either a grid of squares like the inference grids
     (random side and phase) or a few random rectangles."""

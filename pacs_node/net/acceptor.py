@@ -69,13 +69,10 @@ class Closed(Exception):
 @dataclass
 class Association:
     calling_ae: str
-    called_ae: str
     address: str
     port: int
     #: accepted presentation contexts: id -> (abstract syntax, transfer syntax)
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)
-    peer_max_pdu: int = 0
-    started: float = field(default_factory=time.monotonic)
 
     @property
     def key(self) -> int:
@@ -121,12 +118,11 @@ def command_pdu(context_id: int, command: Dataset) -> bytes:
 class Acceptor:
     """Listens on (host, port); serves each association on a thread of its own."""
 
-    def __init__(self, host: str, port: int, ae_title: str, handler: Handler, contexts: list[PresentationContext], *,
+    def __init__(self, host: str, port: int, handler: Handler, contexts: list[PresentationContext], *,
                  ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_connections: int = 512,
-                 max_pdu: int = 1 << 20,
-                 max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30, acse_timeout: float = 30.0,
-                 network_timeout: float = 60.0, reuse_port: bool = False, thread_prefix: str = "dicom") -> None:
-        self.ae_title = ae_title
+                 max_pdu: int = 1 << 20, max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30,
+                 acse_timeout: float = 30.0, network_timeout: float = 60.0, reuse_port: bool = False,
+                 thread_prefix: str = "dicom") -> None:
         self.handler = handler
         self.contexts = contexts
         self.ssl_context = ssl_context
@@ -173,8 +169,8 @@ class Acceptor:
                                 self.acse_timeout)
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, address), name=f"{self.thread_prefix}-{address[0]}:{address[1]}",
-                             daemon=True).start()
+            threading.Thread(target=self._serve, args=(conn, address),
+                             name=f"{self.thread_prefix}-{address[0]}:{address[1]}", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop listening and close every open association's connection."""
@@ -198,14 +194,21 @@ class Acceptor:
         sock: socket.socket = conn
         assoc: Association | None = None
         released = False
-        counted: list[bool] = []
+        counted = False
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.acse_timeout)
             if self.ssl_context is not None:
                 # the handshake runs here, under the timeout, not in the accepting thread
                 sock = self.ssl_context.wrap_socket(conn, server_side=True)
-            assoc = self._associate(sock, address, counted)
+            request = self._read_request(sock)
+            # only a connection that sent a well-formed request takes an association slot: silent or
+            # garbage connections (closed at once, or at the ACSE timeout) never turn callers away
+            with self._lock:
+                self._active += 1
+                counted = True
+                over_limit = self._active > self.max_associations
+            assoc = self._accept(sock, address, request, over_limit)
             if assoc is None:
                 return
             sock.settimeout(self.network_timeout)
@@ -266,7 +269,8 @@ class Acceptor:
             got += k
         return buf
 
-    def _associate(self, sock: socket.socket, address: tuple[str, int], counted: list[bool]) -> Association | None:
+    def _read_request(self, sock: socket.socket) -> A_ASSOCIATE:
+        """The A-ASSOCIATE-RQ, decoded by pynetdicom; an A-ABORT for anything else."""
         pdu_type, body = self._read_pdu(sock)
         if pdu_type != 0x01:
             raise Abort(ABORT_UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
@@ -274,17 +278,16 @@ class Acceptor:
             rq = A_ASSOCIATE_RQ()
             rq.decode(bytes(_pdu(0x01, bytes(body))))
             primitive = rq.to_primitive()
-            calling = str(primitive.calling_ae_title or "").strip()
-            called = str(primitive.called_ae_title or "").strip()
-            proposed = list(primitive.presentation_context_definition_list)
+            list(primitive.presentation_context_definition_list)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many types on garbage
             raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
-        # only a connection that sent a well-formed request takes an association slot: silent or
-        # garbage connections (closed at once, or at the ACSE timeout) never turn callers away
-        with self._lock:
-            self._active += 1
-            counted.append(True)
-            over_limit = self._active > self.max_associations
+        return primitive
+
+    def _accept(self, sock: socket.socket, address: tuple[str, int], primitive: A_ASSOCIATE,
+                over_limit: bool) -> Association | None:
+        """Reject (None) or accept the request: negotiate contexts, send the A-ASSOCIATE-AC."""
+        calling = str(primitive.calling_ae_title or "").strip()
+        proposed = list(primitive.presentation_context_definition_list)
         reason = self.handler.admit(calling, address[0])
         if reason is not None:
             sock.sendall(reject_pdu(0x01, 0x01, 0x03))  # permanent, service user, calling AE not recognised
@@ -301,13 +304,10 @@ class Acceptor:
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
                  for item in info if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
         results, ac_roles = negotiate_as_acceptor(proposed, self.contexts, roles)
-        assoc = Association(calling, called, address[0], address[1])
+        assoc = Association(calling, address[0], address[1])
         for cx in results:
             if cx.result == 0x00 and cx.context_id is not None:
                 assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
-        for item in info:
-            if isinstance(item, MaximumLengthNotification):
-                assoc.peer_max_pdu = int(item.maximum_length_received or 0)
 
         ac = A_ASSOCIATE()
         ac.application_context_name = primitive.application_context_name

@@ -111,6 +111,9 @@ class StorageSCP:
         self.ingest = ingest
         self.on_instance = on_instance
         self.on_association_end = on_association_end
+        #: where instance and association counts go: this process's metrics, or a forwarder in
+        #: an extra receiver process (pacs_node.receivers)
+        self.metrics = metrics
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
         self.server = None
@@ -139,7 +142,7 @@ class StorageSCP:
             reason = f"calling AE title not recognized from host {address}"
         if reason:
             log.warning("association from %s@%s rejected: %s", calling, address, reason)
-            metrics.association(accepted=False)
+            self.metrics.association(accepted=False)
             self._record("association-rejected", calling_ae=calling[:16], address=address, detail=reason)
         return reason
 
@@ -147,7 +150,7 @@ class StorageSCP:
         stats = _AssocStats(assoc.calling_ae, f"{assoc.address}:{assoc.port}")
         with self._lock:
             self._stats[assoc.key] = stats
-        metrics.association(accepted=True)
+        self.metrics.association(accepted=True)
         self._record("association-accepted", calling_ae=stats.calling_ae[:16],
                      called_ae=self.settings.node.ae_title, address=assoc.address)
 
@@ -201,7 +204,7 @@ class StorageSCP:
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
         self._count(stats, ok=True, size=len(encoded), series=stored.series_uid)
-        metrics.instance_received("dimse", len(encoded), started)
+        self.metrics.instance_received("dimse", len(encoded), started)
         self.on_instance(assoc.key, stored.series_uid)
         status = Dataset()
         status.Status = 0x0000
@@ -231,27 +234,26 @@ class StorageSCP:
                        max_message_bytes=int(node.max_instance_mb * 1e6), acse_timeout=30.0, network_timeout=60.0,
                        reuse_port=reuse_port, thread_prefix=thread_prefix)
         tls = self.settings.tls
-        context = server_context(tls) if tls.listening else None
         # [tls] without a port: node.port speaks TLS only; with one: plain on node.port, TLS there
-        plain = context is None or tls.port is not None
+        plain = not tls.listening or tls.port is not None
+        secure = tls.listening and (not plain or extra_tls_listener)
         if plain:
-            self.server = Acceptor(node.host, node.port, node.ae_title, self, contexts, **options)
-        if context is not None and plain and not extra_tls_listener:
-            context = None
-        if context is not None:
-            secure = Acceptor(node.host, tls.port if tls.port is not None else node.port, node.ae_title, self,
-                              contexts, ssl_context=context, **options)
+            self.server = Acceptor(node.host, node.port, self, contexts, **options)
+        if secure:
+            listener = Acceptor(node.host, tls.port if plain else node.port, self, contexts,
+                                ssl_context=server_context(tls), **options)
             if plain:
-                self.tls_server = secure
+                self.tls_server = listener
             else:
-                self.server = secure
+                self.server = listener
         callers = "any caller" if node.allow_any_caller else f"{len(self.settings.peers)} known peer(s)"
         if plain:
             log.info("listening for DICOM on %s:%d as AE %s (%s)", node.host, self.port, node.ae_title, callers)
-        if context is not None:
+        if secure:
             log.info("listening for DICOM TLS on %s:%d as AE %s (%s, client certificate %s)", node.host,
                      self.tls_port, node.ae_title, callers,
                      "required" if tls.require_client_certificate else "not required")
+
     @property
     def port(self) -> int:
         return int(self.server.server_address[1]) if self.server else 0

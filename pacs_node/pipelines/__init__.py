@@ -8,12 +8,18 @@ kept (learned models stay resident).
 from __future__ import annotations
 
 import importlib
+import logging
+import sys
 import threading
+import time
+from typing import Iterable
 
 from ..errors import PacsNodeError
 from .base import DerivedVolume, Output, Pipeline, Requirements, ScoreMap
 
-__all__ = ["DerivedVolume", "Output", "Pipeline", "Requirements", "ScoreMap", "available", "get_pipeline"]
+__all__ = ["DerivedVolume", "Output", "Pipeline", "Requirements", "ScoreMap", "available", "get_pipeline", "preload"]
+
+log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, str] = {
     "ct-denoise-classical": "pacs_node.pipelines.ct_denoise_classical:CtDenoiseClassical",
@@ -52,3 +58,29 @@ def get_pipeline(name: str) -> Pipeline:
             raise PacsNodeError(f"pipeline '{name}' cannot be loaded: {exc}") from exc
         _instances[name] = cls()
         return _instances[name]
+
+
+def preload(names: Iterable[str], strict: bool = True) -> None:
+    """Create the pipelines ``names`` now (models, weights), not in their first job's time.
+
+    Logs each with its load time and, when a pipeline brought in torch with CUDA, the GPU memory
+    allocated. ``strict=False``: a pipeline that cannot be loaded is logged and skipped (its
+    jobs fail with the reason) instead of raising.
+    """
+    for name in names:
+        started = time.monotonic()
+        try:
+            get_pipeline(name)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless strict is off
+            if strict:
+                raise
+            log.error("pipeline %s cannot be loaded: %s", name, exc)
+            continue
+        log.info("pipeline %s loaded in %.1f s%s", name, time.monotonic() - started, _gpu_memory())
+
+
+def _gpu_memory() -> str:
+    torch = sys.modules.get("torch")  # only when a pipeline imported it: no torch import for this line
+    if torch is None or not torch.cuda.is_available():
+        return ""
+    return f" (GPU memory allocated: {torch.cuda.memory_allocated() / 2**20:.0f} MiB)"

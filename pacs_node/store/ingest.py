@@ -117,19 +117,17 @@ class Ingest:
         found = session.execute(select(instance_t.c.id, instance_t.c.series_id, instance_t.c.path)
                                 .where(instance_t.c.sop_uid == sop_uid)).first()
         previous = found.path if found is not None else None
+        values = dict(series_id=series_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax, path=rel,
+                      size=size, received_at=now)
         if found is None:
-            session.execute(insert(instance_t).values(
-                sop_uid=sop_uid, series_id=series_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax,
-                path=rel, size=size, received_at=now))
-            changes["instance_count"] = series_t.c.instance_count + 1
+            session.execute(insert(instance_t).values(sop_uid=sop_uid, **values))
         else:
-            if found.series_id != series_id:
+            if found.series_id != series_id:  # it moves: one fewer in the series it was in
                 count = series_t.c.instance_count
                 session.execute(update(series_t).where(series_t.c.id == found.series_id).values(
                     instance_count=case((count > 0, count - 1), else_=0)))
-                changes["instance_count"] = series_t.c.instance_count + 1
-            session.execute(update(instance_t).where(instance_t.c.id == found.id).values(
-                series_id=series_id, sop_class_uid=sop_class, transfer_syntax=transfer_syntax, path=rel, size=size,
-                received_at=now))
+            session.execute(update(instance_t).where(instance_t.c.id == found.id).values(**values))
+        if found is None or found.series_id != series_id:
+            changes["instance_count"] = series_t.c.instance_count + 1
         session.execute(update(series_t).where(series_t.c.id == series_id).values(**changes))
         return previous
