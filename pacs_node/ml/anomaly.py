@@ -5,7 +5,7 @@ pixel size and a fixed canvas), the networks, and the turn from reconstruction e
 score in [0, 1]. Modality-specific parts (intensity normalisation, data, training) live in the
 modality modules.
 
-Three interchangeable networks (``AnomalyConfig.arch``), all giving a "normal-looking" version
+Four interchangeable networks (``AnomalyConfig.arch``), all giving a "normal-looking" version
 of a slice whose residual marks what the model could not explain:
 - ``vae``: convolutional VAE with a spatial latent (16 x 16 at a 128 canvas), no skips;
 - ``dae-unet``: a U-Net trained to remove coarse, low-frequency noise (Kascenas et al., MIDL
@@ -48,7 +48,8 @@ class AnomalyConfig:
     """Everything needed to rebuild the network and its scoring; stored beside the weights."""
 
     #: "vae" (SpatialVAE, reconstruction through a spatial latent), "dae-unet" (DenoisingUNet
-    #: removing coarse noise) or "inpaint-unet" (the same U-Net filling masked squares from context)
+    #: removing coarse noise), "inpaint-unet" (the same U-Net filling masked squares from context)
+    #: or "prob-inpaint" (that U-Net predicting a Laplace location and scale: the served model)
     arch: str = "vae"
     #: inpainting: side of the masked squares at inference (a grid with period 2x, 4 passes)
     mask_px: int = 24
