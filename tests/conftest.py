@@ -37,6 +37,25 @@ def wait_for(predicate: Callable[[], object], timeout: float, what: str, interva
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
+def associate_noting_rejection(ae, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """``ae.associate(...)`` and the A-ASSOCIATE-RJ PDU the peer sent, if any.
+
+    pynetdicom can report a fast rejection as an abort (its DUL closes the socket on the RJ
+    before its ACSE thread checks that the connection is up), so ``is_rejected`` alone is racy.
+    """
+    from pynetdicom import evt
+    from pynetdicom.pdu import A_ASSOCIATE_RJ
+
+    seen: list = []
+
+    def note(event):  # type: ignore[no-untyped-def]
+        if isinstance(event.pdu, A_ASSOCIATE_RJ):
+            seen.append(event.pdu)
+
+    assoc = ae.associate(*args, evt_handlers=[(evt.EVT_PDU_RECV, note)], **kwargs)
+    return assoc, (seen[0] if seen else None)
+
+
 def port_open(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)

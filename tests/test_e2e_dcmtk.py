@@ -13,7 +13,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage, Verification
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
-from conftest import dciodvfy_errors, storescu, tool, wait_for
+from conftest import associate_noting_rejection, dciodvfy_errors, storescu, tool, wait_for
 
 PEERS = lambda scp_port: [  # noqa: E731
     {"name": "modality", "ae_title": "STORESCU"},
@@ -106,9 +106,9 @@ def test_unknown_caller_rejected_and_bad_dataset_refused_while_node_keeps_servin
     assert "Calling AE Title Not Recognized" in echo.stdout + echo.stderr
     ae = AE(ae_title="INTRUDER")
     ae.add_requested_context(Verification)
-    assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
-    assert assoc.is_rejected
-    assert assoc.acceptor.primitive.diagnostic == 0x03
+    assoc, rejection = associate_noting_rejection(ae, "127.0.0.1", node.port, ae_title="PACSNODE")
+    assert not assoc.is_established and rejection is not None
+    assert rejection.reason_diagnostic == 0x03
 
     # a real file whose dataset has empty Study/Series/SOP UIDs (de-identification damage)
     damaged = sorted((data / "ct" / "abdomen-j2k").glob("*"))[0]

@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from pynetdicom import AE
 from pynetdicom.sop_class import SecondaryCaptureImageStorage, Verification
 
-from conftest import free_port, port_open, tool, wait_for
+from conftest import associate_noting_rejection, free_port, port_open, tool, wait_for
 from pacs_node.config import ConfigError, Peer, TlsSettings, parse
 from pacs_node.net.scu import SendError, send_files
 from pacs_node.net.tls import client_context, context_for_peer
@@ -88,9 +88,9 @@ def tls_echo(port: int, tls: TlsSettings | None, calling: str = "TLSSCU") -> str
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.network_timeout = ae.connection_timeout = 15
     args = (client_context(tls), "127.0.0.1") if tls else None
-    assoc = ae.associate("127.0.0.1", port, ae_title="PACSNODE", tls_args=args)
+    assoc, rejection = associate_noting_rejection(ae, "127.0.0.1", port, ae_title="PACSNODE", tls_args=args)
     if not assoc.is_established:
-        return "rejected" if assoc.is_rejected else "no association"
+        return "rejected" if rejection is not None else "no association"
     status = assoc.send_c_echo()
     assoc.release()
     return "ok" if status and status.Status == 0 else "failed"

@@ -121,8 +121,8 @@ class Acceptor:
     def __init__(self, host: str, port: int, handler: Handler, contexts: list[PresentationContext], *,
                  ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_connections: int = 512,
                  max_pdu: int = 1 << 20, max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30,
-                 acse_timeout: float = 30.0, network_timeout: float = 60.0, reuse_port: bool = False,
-                 thread_prefix: str = "dicom") -> None:
+                 acse_timeout: float = 30.0, network_timeout: float = 60.0, artim_timeout: float = 5.0,
+                 reuse_port: bool = False, thread_prefix: str = "dicom") -> None:
         self.handler = handler
         self.contexts = contexts
         self.ssl_context = ssl_context
@@ -136,6 +136,8 @@ class Acceptor:
         self.acse_timeout = acse_timeout
         self.thread_prefix = thread_prefix  # association threads are named (and logged) <prefix>-<peer>
         self.network_timeout = network_timeout
+        #: how long to wait for the peer to close after our last PDU (PS3.8 ARTIM timer)
+        self.artim_timeout = artim_timeout
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._active = 0
@@ -195,6 +197,7 @@ class Acceptor:
         assoc: Association | None = None
         released = False
         counted = False
+        said_last = False  # we sent the last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.acse_timeout)
@@ -210,13 +213,15 @@ class Acceptor:
                 over_limit = self._active > self.max_associations
             assoc = self._accept(sock, address, request, over_limit)
             if assoc is None:
+                said_last = True
                 return
             sock.settimeout(self.network_timeout)
-            released = self._run(sock, assoc)
+            released = said_last = self._run(sock, assoc)
         except Abort as exc:
             log.warning("association from %s:%d aborted: %s", address[0], address[1], exc)
             try:
                 sock.sendall(abort_pdu(exc.reason))
+                said_last = True
             except OSError:
                 pass
         except Closed as exc:
@@ -231,19 +236,35 @@ class Acceptor:
             log.exception("association from %s:%d failed", address[0], address[1])
             try:
                 sock.sendall(abort_pdu(0x00))
+                said_last = True
             except OSError:
                 pass
         finally:
+            if counted:
+                with self._lock:
+                    self._active -= 1
+            if assoc is not None:
+                self.handler.ended(assoc, released)
+            if said_last:
+                self._await_peer_close(sock)
             try:
                 sock.close()
             except OSError:
                 pass
             with self._lock:
                 self._connections.discard(conn)
-                if counted:
-                    self._active -= 1
-            if assoc is not None:
-                self.handler.ended(assoc, released)
+
+    def _await_peer_close(self, sock: socket.socket) -> None:
+        """DICOM PS3.8 state Sta13: after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT it is the
+        requestor that closes the transport connection; wait for that (up to the ARTIM timeout).
+        Closing first can make the peer see a dropped connection instead of our last PDU (a
+        rejection then reads as an abort)."""
+        try:
+            sock.settimeout(self.artim_timeout)
+            while sock.recv(4096):
+                pass
+        except (OSError, ValueError):
+            pass
 
     def _read_pdu(self, sock: socket.socket) -> tuple[int, bytearray]:
         header = self._read(sock, 6)
