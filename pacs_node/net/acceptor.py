@@ -197,7 +197,7 @@ class Acceptor:
         assoc: Association | None = None
         released = False
         counted = False
-        said_last = False  # we sent the last PDU (A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT)
+        said_last = False  # we sent the last PDU of a well-behaved peer (A-ASSOCIATE-RJ or A-RELEASE-RP)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(self.acse_timeout)
@@ -221,7 +221,6 @@ class Acceptor:
             log.warning("association from %s:%d aborted: %s", address[0], address[1], exc)
             try:
                 sock.sendall(abort_pdu(exc.reason))
-                said_last = True
             except OSError:
                 pass
         except Closed as exc:
@@ -236,7 +235,6 @@ class Acceptor:
             log.exception("association from %s:%d failed", address[0], address[1])
             try:
                 sock.sendall(abort_pdu(0x00))
-                said_last = True
             except OSError:
                 pass
         finally:
@@ -254,15 +252,20 @@ class Acceptor:
             with self._lock:
                 self._connections.discard(conn)
 
-    def _await_peer_close(self, sock: socket.socket) -> None:
-        """DICOM PS3.8 state Sta13: after our A-ASSOCIATE-RJ, A-RELEASE-RP or A-ABORT it is the
-        requestor that closes the transport connection; wait for that (up to the ARTIM timeout).
-        Closing first can make the peer see a dropped connection instead of our last PDU (a
-        rejection then reads as an abort)."""
+    def _await_peer_close(self, sock: socket.socket, limit: int = 1 << 16) -> None:
+        """DICOM PS3.8 state Sta13: after our A-ASSOCIATE-RJ or A-RELEASE-RP it is the requestor
+        that closes the transport connection; wait for that (up to the ARTIM timeout, reading
+        at most ``limit`` bytes). Closing first can make the peer see a dropped connection
+        instead of our last PDU (a rejection then reads as an abort). After an A-ABORT of ours
+        (a protocol error, maybe a flood) the connection is closed at once."""
         try:
             sock.settimeout(self.artim_timeout)
-            while sock.recv(4096):
-                pass
+            left = limit
+            while left > 0:
+                chunk = sock.recv(min(4096, left))
+                if not chunk:
+                    break
+                left -= len(chunk)
         except (OSError, ValueError):
             pass
 
