@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from pacs_node.ml.anomaly import (AnomalyConfig, from_canvas, inpainting_input, load_model, residual_maps,
                                   shifted_grid_holes, to_canvas)
@@ -88,7 +89,7 @@ def test_smoke_training_writes_loadable_weights(tmp_path: Path) -> None:
     np.savez(cache, images=images.astype(np.float16), sources=np.array(["synthetic"] * 8))
     out = tmp_path / "model.safetensors"
     rc = train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "4",
-                     "--crop", "64", "--hole-shifts", "2", "--out", str(out)])
+                     "--arch", "prob-inpaint", "--crop", "64", "--hole-shifts", "2", "--out", str(out)])
     assert rc == 0 and out.exists()
     net, cfg = load_model(out)
     assert isinstance(cfg, AnomalyConfig) and cfg.error_scale > 0
@@ -116,8 +117,58 @@ def test_the_committed_train_config_runs_as_a_smoke_run(tmp_path: Path) -> None:
 
     settings = tomllib.loads(config.read_text())
     assert cfg.arch == settings["arch"] and list(cfg.channels) == settings["channels"]
-    assert cfg.target_sigma == settings["target_sigma"] and list(cfg.hole_sizes) == settings["hole_sizes"]
-    assert cfg.score == settings["score"] and cfg.combine == settings["combine"]
+    assert list(cfg.disc_channels) == settings["disc_channels"] and cfg.tta_flip == settings["tta_flip"]
+    assert cfg.smooth_sigma == settings["smooth_sigma"]
+
+
+def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
+    """The served architecture (DRAEM): trains on self-made anomalies, saves, reloads, and maps
+    (B, 1, H, W) slices to a smoothed probability in [0, 1] (error scale 1)."""
+    rng = np.random.default_rng(4)
+    yy, xx = np.mgrid[:128, :128]
+    heads = np.stack([((yy - 64) ** 2 / 45 ** 2 + (xx - 64) ** 2 / (36 + i) ** 2 < 1) * 0.7 for i in range(6)])
+    cache = tmp_path / "slices.npz"
+    np.savez(cache, images=(heads + rng.random(heads.shape) * 0.05).astype(np.float16),
+             sources=np.array(["synthetic"] * 6))
+    out = tmp_path / "rd.safetensors"
+    assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "3",
+                       "--crop", "64", "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
+                       "--tta-flip", "--acquisition", "--out", str(out)]) == 0
+    net, cfg = load_model(out)
+    assert cfg.arch == "recon-disc" and cfg.error_scale == 1.0 and cfg.disc_channels == (4, 4, 8, 8, 16, 4)
+    err, recon = residual_maps(net, torch.from_numpy(heads[:2, None].astype(np.float32)), cfg)
+    assert err.shape == recon.shape == (2, 1, 128, 128)
+    assert float(err.min()) >= 0.0 and float(err.max()) <= 1.0
+    assert float(err[0, 0, 0, 0]) == 0.0  # outside the head: masked
+
+
+def test_training_anomalies_are_visible_inside_the_head_and_labelled() -> None:
+    from pacs_node.ml.synth_anomaly import corrupt, corrupt_batch
+
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[:96, :96]
+    head = (((yy - 48) ** 2 + (xx - 48) ** 2) < 40 ** 2).astype(np.float32) * 0.6
+    head += ndimage_texture(rng)
+    other = np.roll(head, 7, axis=0) * 1.3
+    near_head = ndimage.binary_dilation(head > 0.05, iterations=5)  # soft edges spill a little
+    labelled = 0
+    for _ in range(30):
+        out, label = corrupt(head, other, rng)
+        assert out.shape == head.shape and label.shape == head.shape
+        assert not (label > 0)[~near_head].any(), "a training anomaly outside the head"
+        if label.any():
+            labelled += 1
+            changed = np.abs(out - head)[label > 0]
+            assert changed.mean() > 0.01, "a labelled anomaly that changed nothing"
+    assert labelled >= 20
+    batch = np.stack([head] * 40)
+    out, labels = corrupt_batch(batch, np.random.default_rng(6), p_normal=0.25)
+    untouched = [np.array_equal(o, head) and not lab.any() for o, lab in zip(out, labels)]
+    assert 3 <= sum(untouched) <= 20  # about a quarter left normal (and labelled 0)
+
+
+def ndimage_texture(rng: np.random.Generator) -> np.ndarray:
+    return ndimage.gaussian_filter(rng.standard_normal((96, 96)), 2.0).astype(np.float32) * 0.05
 
 
 def test_smoke_training_of_the_older_variants(tmp_path: Path) -> None:

@@ -40,6 +40,7 @@ from .anomaly import (
     to_canvas,
 )
 from .lesions import insert_lesions
+from .synth_anomaly import corrupt_batch
 
 log = logging.getLogger(__name__)
 
@@ -154,8 +155,9 @@ def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> Slice
 # ------------------------------------------------------------------------------ augmentation
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Geometry (affine, flips), intensity (gamma, gain, bias field), blur and noise."""
+def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True) -> torch.Tensor:
+    """Geometry (affine, flips), intensity (gamma, gain, bias field), then (``degrade``) a mild
+    blur and noise."""
     b = batch.shape[0]
 
     def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
@@ -178,6 +180,8 @@ def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     bias = F.interpolate(torch.randn((b, 1, 4, 4), generator=gen) * 0.12, size=x.shape[-2:], mode="bicubic",
                          align_corners=False)
     x = x * torch.exp(bias)
+    if not degrade:
+        return x.clamp(0.0, 1.5)
     blur = torch.rand(b, generator=gen) < 0.25
     if blur.any():
         k = torch.tensor([0.25, 0.5, 0.25])
@@ -185,6 +189,37 @@ def augment(batch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         x[blur] = xb
     x = x + torch.randn(x.shape, generator=gen) * u(0.0, 0.04).view(b, 1, 1, 1)
     return x.clamp(0.0, 1.5)
+
+
+def acquisition(images: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
+    """recon-disc: how another scanner might have acquired the slice, drawn once per sample and
+    applied alike to every tensor of ``images`` (the corrupted slice and its clean original):
+    blur (sigma 0.3-1.5 px, 60 %), a lower resolution (1.3-2x, 30 %: like an interpolated
+    series), then Gaussian or Rician noise (sigma 0-0.05). Applied *after* the training
+    anomalies, so that an anomaly is as smooth or as noisy as the rest of its slice and
+    smoothness itself is never the cue."""
+    b, _, h, w = images[0].shape
+    blur = (torch.rand(b, generator=gen) < 0.6) * (0.3 + 1.2 * torch.rand(b, generator=gen))
+    lowres = (torch.rand(b, generator=gen) < 0.3) * (1.3 + 0.7 * torch.rand(b, generator=gen))
+    sigma = 0.05 * torch.rand(b, generator=gen)
+    rician = torch.rand(b, generator=gen) < 0.3
+    n1 = torch.randn(images[0].shape, generator=gen) * sigma.view(b, 1, 1, 1)
+    n2 = torch.randn(images[0].shape, generator=gen) * sigma.view(b, 1, 1, 1)
+    out = []
+    for x in images:
+        x = x.clone()
+        for i in range(b):
+            xi = x[i:i + 1]
+            if blur[i] > 0:
+                xi = smooth(xi, float(blur[i]))
+            if lowres[i] > 0:
+                size = (max(8, round(h / float(lowres[i]))), max(8, round(w / float(lowres[i]))))
+                xi = F.interpolate(F.interpolate(xi, size=size, mode="bilinear", antialias=True, align_corners=False),
+                                   size=(h, w), mode="bilinear", align_corners=False)
+            x[i:i + 1] = xi
+        x = torch.where(rician.view(b, 1, 1, 1), torch.sqrt((x + n1) ** 2 + n2 ** 2), x + n1)
+        out.append(x.clamp(0.0, 1.5))
+    return out
 
 
 # ---------------------------------------------------------------------------------- training
@@ -234,7 +269,8 @@ def random_crops(batch: torch.Tensor, size: int, gen: torch.Generator) -> torch.
 def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
-          beta: float = 0.5) -> torch.nn.Module:
+          beta: float = 0.5, sample_weights: np.ndarray | None = None,
+          acquisition_aug: bool = False) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -247,14 +283,29 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
     data = torch.from_numpy(images[:, None])
+    np_rng = np.random.default_rng(seed)  # recon-disc training anomalies
     start = time.time()
     net.train()
     for step in range(1, steps + 1):
-        idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
-        clean = augment(data[idx], gen)
+        if sample_weights is None:
+            idx = torch.randint(0, data.shape[0], (batch,), generator=gen)
+        else:
+            idx = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), batch, replacement=True,
+                                    generator=gen)
+        clean = augment(data[idx], gen, degrade=not acquisition_aug)
         if crop:
             clean = random_crops(clean, crop, gen)
-        if cfg.arch == "prob-inpaint":
+        if cfg.arch == "recon-disc":
+            corrupted, labels = corrupt_batch(clean[:, 0].numpy(), np_rng)
+            x, y = torch.from_numpy(corrupted)[:, None], torch.from_numpy(labels)[:, None]
+            if acquisition_aug:
+                x, clean = acquisition([x, clean], gen)
+            logits, recon, _ = net(x)
+            # anomalous pixels are ~2 % of a crop: weight them 10x (BCE + soft Dice did not learn)
+            seg = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(10.0))
+            rec = (recon - clean).abs().mean() + seg
+            mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
+        elif cfg.arch == "prob-inpaint":
             holes = training_holes(clean.shape, gen)
             loc, raw_scale, _ = net(inpainting_input(clean, holes))
             nll = laplace_nll(smooth(clean, cfg.target_sigma), loc, raw_scale, cfg, beta=beta)
@@ -277,7 +328,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         sched.step()
         if step % log_every == 0 or step == steps:
             minutes = (time.time() - start) / 60
-            print(f"step {step}/{steps} {'nll' if cfg.arch == 'prob-inpaint' else 'l1'} {rec.item():.4f} kl {kl_divergence(mu, logvar).item():.1f} "
+            print(f"step {step}/{steps} {'nll' if cfg.arch == 'prob-inpaint' else 'loss'} {rec.item():.4f} kl {kl_divergence(mu, logvar).item():.1f} "
                   f"{minutes:.1f} min", flush=True)
             if checkpoint is not None:
                 save_model(net, cfg, checkpoint)
@@ -314,8 +365,10 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--limit", type=int, default=None, help="use only the first N slices (smoke runs)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--arch", choices=("prob-inpaint", "inpaint-unet", "dae-unet", "vae"), default="prob-inpaint",
-                   help="prob-inpaint: U-Net predicting a Laplace distribution for masked pixels (served); "
+    p.add_argument("--arch", choices=("recon-disc", "prob-inpaint", "inpaint-unet", "dae-unet", "vae"),
+                   default="recon-disc",
+                   help="recon-disc: reconstructive + discriminative U-Nets trained on self-made anomalies "
+                        "(DRAEM; served); prob-inpaint: U-Net predicting a Laplace distribution for masked pixels; "
                         "inpaint-unet: U-Net filling masked squares; dae-unet: denoising U-Net; vae: spatial-latent VAE")
     p.add_argument("--crop", type=int, default=0, help="train on random crops of this side (0: whole canvas)")
     p.add_argument("--beta", type=float, default=0.5, help="prob-inpaint: beta of the beta-weighted NLL")
@@ -324,12 +377,17 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--combine", choices=("mean", "max", "centre"), default=None)
     p.add_argument("--score", choices=("abs", "signed"), default=None, help="prob-inpaint: smooth(|z|) or |smooth(z)|")
     p.add_argument("--channels", default=None, help="U-Net widths per level, e.g. 16,32,64,96,128")
+    p.add_argument("--disc-channels", default=None, help="recon-disc: discriminative U-Net widths, e.g. 16,32,64,96,128")
     p.add_argument("--target-sigma", type=float, default=None,
                    help="prob-inpaint: model the image smoothed at this sigma (px) instead of raw pixels")
     p.add_argument("--tta-flip", action=argparse.BooleanOptionalAction, default=None,
                    help="prob-inpaint: average the score with that of the mirrored slice")
     p.add_argument("--smooth-sigma", type=float, default=None, help="score smoothing (px; the baseline uses the same)")
     p.add_argument("--calibrate-slices", type=int, default=256)
+    p.add_argument("--balance-sources", action=argparse.BooleanOptionalAction, default=False,
+                   help="draw each training series equally often (default: each slice equally often)")
+    p.add_argument("--acquisition", action=argparse.BooleanOptionalAction, default=False,
+                   help="recon-disc: blur / resolution / noise applied after the training anomalies")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -344,11 +402,12 @@ def train_main(argv: list[str]) -> int:
         unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
-                                     "target_sigma", "channels"}
+                                     "target_sigma", "channels", "disc_channels", "balance_sources",
+                                     "acquisition"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
-        for key in ("hole_sizes", "channels"):
+        for key in ("hole_sizes", "channels", "disc_channels"):
             if isinstance(settings.get(key), list):
                 settings[key] = ",".join(str(v) for v in settings[key])
         p.set_defaults(**settings)
@@ -369,6 +428,8 @@ def train_main(argv: list[str]) -> int:
         cfg.score = args.score
     if args.channels:
         cfg.channels = tuple(int(v) for v in str(args.channels).split(","))
+    if args.disc_channels:
+        cfg.disc_channels = tuple(int(v) for v in str(args.disc_channels).split(","))
     if args.target_sigma is not None:
         cfg.target_sigma = float(args.target_sigma)
     if args.tta_flip is not None:
@@ -384,13 +445,21 @@ def train_main(argv: list[str]) -> int:
     images = sset.images[: args.limit] if args.limit else sset.images
     print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
+    weights = None
+    if args.balance_sources:
+        sources = np.array(sset.sources[: len(images)])
+        weights = np.array([1.0 / (sources == src).sum() for src in sources])
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
-                log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta)
+                log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
+                sample_weights=weights, acquisition_aug=args.acquisition)
     train_minutes = (time.time() - started) / 60
-    cfg.error_scale = calibrate(net, images, cfg, count=args.calibrate_slices)
+    # recon-disc scores a probability (0.5: as likely anomalous as not); the others a residual
+    # that calibration maps to [0, 1]
+    cfg.error_scale = 1.0 if cfg.arch == "recon-disc" else calibrate(net, images, cfg, count=args.calibrate_slices)
     cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
+                 "balance_sources": args.balance_sources, "acquisition": args.acquisition,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
     save_model(net, cfg, args.out)

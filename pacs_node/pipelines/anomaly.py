@@ -1,7 +1,9 @@
 """Anomaly-map pipelines: per-slice reconstruction error of a model of normal anatomy, in [0, 1].
 
-For the served ``prob-inpaint`` model the "error" is the standardised inpainting residual
-|x - location| / scale; ``residual_maps`` computes it, the same code path as the eval command."""
+For the served ``recon-disc`` model (DRAEM) the score is the discriminative network's
+probability that a pixel differs from the model's normal-looking reconstruction because of an
+anomaly, smoothed; for ``prob-inpaint`` the standardised inpainting residual |x - location| /
+scale. ``residual_maps`` computes either, the same code path as the eval command."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ from .base import Output, Pipeline, Requirements, ScoreMap
 class ModelNotAvailable(PacsNodeError):
     def __init__(self, name: str, path: str) -> None:
         super().__init__(f"model {name}: no weights at {path} (train it with 'pacs-node models train {name}')")
+
+
+_SCORE_KIND = {"recon-disc": "learned reconstruction discrepancy", "prob-inpaint": "standardised inpainting residual"}
 
 
 class AnomalyPipeline(Pipeline):
@@ -66,9 +71,8 @@ class AnomalyPipeline(Pipeline):
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
         return [ScoreMap(
             array=scores,
-            description=(f"Anomaly map (standardised inpainting residual, {self.model_name} {self.cfg.arch})"
-                         if self.cfg.arch == "prob-inpaint" else
-                         f"Anomaly map (reconstruction error, {self.model_name} {self.cfg.arch})"),
+            description=f"Anomaly map ({_SCORE_KIND.get(self.cfg.arch, 'reconstruction error')}, "
+                        f"{self.model_name} {self.cfg.arch})",
             threshold=threshold,
             extra={"max_score": float(scores.max()) if scores.size else 0.0,
                    "fraction_above_threshold": float((scores >= threshold).mean()) if scores.size else 0.0},

@@ -1,0 +1,106 @@
+"""Self-supervised training anomalies for the ``recon-disc`` anomaly model (DRAEM-style).
+
+The model learns what normal anatomy looks like from normal slices only; to learn *where* an
+image departs from it, it is shown normal slices with local corruptions drawn here, and the
+mask of what was corrupted. These corruptions are deliberately broader than, and generated
+differently from, the evaluation lesions (``pacs_node.ml.lesions``: elliptical blobs at a
+multiple of the local tissue level):
+
+- **shapes**: smooth noise (Perlin-like, as in DRAEM) minus a radial fall-off, thresholded:
+  irregular regions, sometimes in pieces, of radius 2-16 px, centred anywhere in the head
+  (skull and scalp included: the model must learn that those are normal there too);
+- **content**, one of:
+  - *foreign patch*: the same region of another slice, shifted, blended in (Foreign Patch
+    Interpolation, Tan et al. 2020);
+  - *intensity shift*: an additive or multiplicative change of the region;
+  - *fill*: a random level with random texture (noise of random grain);
+  - *smear*: the region blurred or its texture replaced (structure lost, mean kept);
+- **edges**: soft, with random width; opacity random.
+
+The label is the corrupted region where the change is visible (smoothed difference above a
+small level): a change that cannot be seen must not be learnt as an anomaly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+
+def _noise_shape(shape: tuple[int, int], centre: tuple[int, int], radius: float,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Boolean mask of an irregular region of about ``radius`` around ``centre``: smooth noise
+    (Perlin-like) minus a radial fall-off, thresholded at 0 (may come in several pieces)."""
+    sigma = float(rng.uniform(1.0, max(1.5, radius / 1.5)))
+    field = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma)
+    field /= field.std() + 1e-6
+    yy, xx = np.mgrid[0:shape[0], 0:shape[1]].astype(np.float32)
+    dist2 = ((yy - centre[0]) ** 2 + (xx - centre[1]) ** 2) / radius ** 2
+    return (float(rng.uniform(0.3, 1.0)) * field + 1.0 - dist2) > 0
+
+
+def _texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    t = ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), float(rng.uniform(0.5, 3.0)))
+    return t / (t.std() + 1e-6)
+
+
+def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
+            foreground_level: float = 0.06) -> tuple[np.ndarray, np.ndarray]:
+    """One training anomaly in ``image`` (normalised, 2D). ``other`` is another normal slice
+    (same size) for foreign patches. Returns the corrupted image and its label (float 0/1)."""
+    h, w = image.shape
+    fg = ndimage.gaussian_filter(image, 1.0) > foreground_level
+    if fg.mean() < 0.05:
+        return image.copy(), np.zeros_like(image)
+    inner = ndimage.binary_erosion(fg, iterations=4)
+    pool = np.argwhere(inner if inner.any() and rng.random() < 0.8 else fg)
+    cy, cx = pool[rng.integers(len(pool))]
+    radius = float(np.exp(rng.uniform(np.log(2.0), np.log(16.0))))
+    region = _noise_shape((h, w), (int(cy), int(cx)), radius, rng) & fg
+    if region.sum() < 6:
+        return image.copy(), np.zeros_like(image)
+    level = float(np.median(image[fg]))
+    kind = rng.choice(["foreign", "shift", "fill", "smear"], p=[0.3, 0.3, 0.25, 0.15])
+    if kind == "foreign":
+        dy, dx = (int(v) for v in rng.integers(-h // 4, h // 4 + 1, size=2))
+        source = np.roll(other, (dy, dx), axis=(0, 1))
+        if rng.random() < 0.5:
+            source = source[:, ::-1]
+        content = source * float(rng.uniform(0.7, 1.4))
+    elif kind == "shift":
+        if rng.random() < 0.5:
+            content = image * float(rng.choice([rng.uniform(0.1, 0.8), rng.uniform(1.2, 2.5)]))
+        else:
+            content = image + float(rng.choice([-1, 1]) * rng.uniform(0.1, 0.7)) * level
+    elif kind == "fill":
+        content = np.full_like(image, float(rng.uniform(0.0, 1.6)) * level)
+        content = content + float(rng.uniform(0.0, 0.25)) * level * _texture((h, w), rng)
+    else:
+        if rng.random() < 0.5:
+            content = ndimage.gaussian_filter(image, float(rng.uniform(2.0, 5.0)))
+        else:
+            mean = ndimage.gaussian_filter(image, 4.0)
+            content = mean * (1.0 + float(rng.uniform(0.1, 0.4)) * _texture((h, w), rng))
+    edge = float(rng.uniform(0.3, 2.0))
+    alpha = ndimage.gaussian_filter(region.astype(np.float32), edge) * float(rng.uniform(0.6, 1.0))
+    out = image * (1.0 - alpha) + content.astype(np.float32) * alpha
+    out = np.clip(out, 0.0, 1.5).astype(np.float32)
+    visible = np.abs(ndimage.gaussian_filter(out - image, 1.0)) > 0.06 * max(level, 0.1)
+    label = (alpha > 0.3) & visible
+    return out, label.astype(np.float32)
+
+
+def corrupt_batch(images: np.ndarray, rng: np.random.Generator, p_normal: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+    """``corrupt`` for a batch (N, H, W); a fraction ``p_normal`` is left untouched (label 0),
+    and a quarter of the others get a second anomaly."""
+    out = images.astype(np.float32, copy=True)
+    labels = np.zeros_like(out)
+    n = len(images)
+    for i in range(n):
+        if rng.random() < p_normal:
+            continue
+        other = images[(i + 1 + int(rng.integers(max(1, n - 1)))) % n]
+        for _ in range(2 if rng.random() < 0.25 else 1):
+            out[i], lab = corrupt(out[i], other, rng)
+            labels[i] = np.maximum(labels[i], lab)
+    return out, labels
