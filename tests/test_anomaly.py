@@ -241,6 +241,18 @@ def test_eval_command_reports_model_and_baseline(tmp_path: Path) -> None:
         assert set(result[method]) >= {"auroc", "auprc", "best_dice"}
         assert 0.0 <= result[method]["auroc"] <= 1.0
     assert result["slices"] > 10 and out_png.stat().st_size > 10_000
+    # the model card's claim: the served model ranks held-out pixels better than the threshold
+    assert result["model"]["auroc"] > result["baseline"]["auroc"]
+    assert "sagittal slices 60..109" in result["data"]
+
+
+@needs_weights
+def test_eval_command_scores_the_validation_splits_apart_from_the_held_out_block(tmp_path: Path) -> None:
+    out_json = tmp_path / "gap.json"
+    assert eval_main(["--data", str(_data_dir()), "--split", "val-uih-gap", "--seed", "97", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["slices"] == 10 and "55..59 and 110..114" in result["data"]
+    assert result["lesion_pixels"] > 0
 
 
 def test_untrained_ct_model_is_refused_with_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

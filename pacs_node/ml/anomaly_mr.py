@@ -142,6 +142,16 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> np.nda
     return got[max(0, mid - count // 2): mid + count // 2]
 
 
+def gap_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
+    """Model-selection slices from the held-out scanner: the UIH gap slices on each side of the
+    held-out block (used neither for training nor for the reported evaluation; adjacent to the
+    held-out block, so not independent of it)."""
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    lo, hi = HELD_OUT[0], HELD_OUT[1]
+    picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
+    return np.stack(_canvas_slices(((arr[i], vol.spacing[1:]) for i in picks), cfg, min_fg=0.2))
+
+
 def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
@@ -580,6 +590,14 @@ def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], 
     plt.close(fig)
 
 
+SPLITS = {
+    "held-out": (f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} (every 2nd)", held_out_slices),
+    "val-studyforrest": ("mr/studyforrest-t1 central odd sagittal slices", validation_slices),
+    "val-uih-gap": (f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0] - HOLDOUT_GAP}..{HELD_OUT[0] - 1} and "
+                    f"{HELD_OUT[1]}..{HELD_OUT[1] + HOLDOUT_GAP - 1}", gap_slices),
+}
+
+
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"pacs-node models eval {MODEL_NAME}")
     p.add_argument("--data", type=Path, required=True, help="unpacked shared data (folder holding mr/)")
@@ -588,15 +606,19 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--split", choices=tuple(SPLITS), default="held-out",
+                   help="held-out: the reported evaluation; val-studyforrest / val-uih-gap: the model-selection "
+                        "slices (the model card used seeds 97, 98, 99 there)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     net, cfg = load_model(args.model)
-    normal = held_out_slices(args.data, cfg)
+    what, pick = SPLITS[args.split]
+    normal = pick(args.data, cfg)
     case = make_eval_cases(normal, cfg, seed=args.seed)
     res = evaluate(net, cfg, case)
     maps = res.pop("_maps")
-    res["data"] = f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} (every 2nd), synthetic lesions seed {args.seed}"
-    print(f"held-out slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
+    res["data"] = f"{what}, synthetic lesions seed {args.seed}"
+    print(f"{args.split} slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
     print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
     for name, key in ((f"model ({cfg.arch})", "model"), ("intensity baseline", "baseline")):
         m = res[key]

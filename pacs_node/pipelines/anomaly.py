@@ -87,7 +87,7 @@ def _normalise_mr(array: np.ndarray) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.2.0"
+    version = "0.3.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
