@@ -380,13 +380,19 @@ def laplace_nll(x: torch.Tensor, loc: torch.Tensor, raw_scale: torch.Tensor, cfg
     return nll * b.detach() ** beta if beta > 0 else nll
 
 
+def _mirror_averaged(maps_of, images: torch.Tensor, enabled: bool) -> tuple[torch.Tensor, ...]:
+    """``maps_of(images)``, each map averaged with its counterpart from the left-right mirrored
+    slice (flipped back) when ``enabled`` (test-time augmentation, ``cfg.tta_flip``)."""
+    maps = maps_of(images)
+    if not enabled:
+        return maps
+    mirrored = maps_of(images.flip(-1))
+    return tuple((m + f.flip(-1)) / 2 for m, f in zip(maps, mirrored))
+
+
 def prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``_prob_inpaint_maps``, averaged with that of the mirrored slice if ``cfg.tta_flip``."""
-    z, loc, b = _prob_inpaint_maps(net, images, cfg)
-    if not cfg.tta_flip:
-        return z, loc, b
-    zf, locf, bf = (t.flip(-1) for t in _prob_inpaint_maps(net, images.flip(-1), cfg))
-    return (z + zf) / 2, (loc + locf) / 2, (b + bf) / 2
+    return _mirror_averaged(lambda x: _prob_inpaint_maps(net, x, cfg), images, cfg.tta_flip)
 
 
 def _prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -423,13 +429,11 @@ def _prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig)
 def recon_disc_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """recon-disc: per-pixel anomaly probability and the reconstruction (averaged with those of
     the mirrored slice if ``cfg.tta_flip``)."""
-    logits, recon, _ = net(images, sample=False)
-    prob = torch.sigmoid(logits)
-    if cfg.tta_flip:
-        logits_f, recon_f, _ = net(images.flip(-1), sample=False)
-        prob = (prob + torch.sigmoid(logits_f).flip(-1)) / 2
-        recon = (recon + recon_f.flip(-1)) / 2
-    return prob, recon
+    def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, recon, _ = net(x, sample=False)
+        return torch.sigmoid(logits), recon
+
+    return _mirror_averaged(maps_of, images, cfg.tta_flip)
 
 
 def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:

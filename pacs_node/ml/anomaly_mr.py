@@ -422,6 +422,8 @@ def train_main(argv: list[str]) -> int:
                 settings[key] = ",".join(str(v) for v in settings[key])
         p.set_defaults(**settings)
     args = p.parse_args(argv)
+    if args.acquisition and args.arch != "recon-disc":
+        p.error("--acquisition applies to --arch recon-disc only (it replaces the blur and noise of augment)")
     torch.set_num_threads(args.threads)
     cfg = AnomalyConfig(modality="MR", arch=args.arch)
     if args.noise_std is not None:
@@ -456,9 +458,9 @@ def train_main(argv: list[str]) -> int:
     print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
     weights = None
-    if args.balance_sources:
-        sources = np.array(sset.sources[: len(images)])
-        weights = np.array([1.0 / (sources == src).sum() for src in sources])
+    if args.balance_sources:  # each slice weighted by 1 / (slices of its series)
+        _, series_of, counts = np.unique(sset.sources[: len(images)], return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[series_of]
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
                 log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
