@@ -118,6 +118,42 @@ def test_smoke_train_writes_loadable_weights(smoke_weights):
     assert (smoke_weights / "train_history.json").exists()
 
 
+def test_gpu_recipe_wide_generator_beside_the_small_ones(smoke_weights, tmp_path):
+    """train_gpu.toml's path on the CPU: --init keeps the other generators, a generator of another
+    width starts afresh, batches come from worker processes, --time-budget sets the step counts,
+    and each generator's own width survives the save / load round trip."""
+    import json
+
+    import pacs_node.ml.mr_superres as srs
+    from pacs_node.ml.mr_superres_net import generator_arch, load_generators
+
+    cfg = tmp_path / "wide.toml"
+    cfg.write_text('version = "9.9.9"\nchannels = 16\nblocks = 2\nbatch = 4\n'
+                   'patch_inplane = { "2" = 32, "4" = 64 }\n'
+                   '[[tasks]]\nname = "inplane2"\npretrain_steps = 100000\ngan_steps = 25000\nl1_baseline = true\n')
+    mp = pytest.MonkeyPatch()
+    mp.setattr(srs, "build_bank", lambda data, cache, c: _phantom_bank())
+    try:
+        rc = srs.train_main(["--config", str(cfg), "--init", str(smoke_weights), "--out", str(tmp_path / "out"),
+                             "--workers", "2", "--time-budget", "3", "--threads", "1"])
+    finally:
+        mp.undo()
+    assert rc == 0
+    ms = load_generators(tmp_path / "out" / "model.safetensors")
+    arch = {name: generator_arch(g) for name, g in ms.generators.items()}
+    assert arch["inplane2"] == (16, 2)
+    assert arch["inplane4"] == arch["through2"] == (32, 6)  # kept from --init
+    assert ms.meta["arch"]["inplane2"] == [16, 2]
+    done = ms.meta["tasks"]["inplane2"]
+    # the budget cut the config's 100,000 + 25,000 steps down to what fits in about 3 s
+    assert 61 <= done["pretrain_steps"] < 100_000 and 1 <= done["gan_steps"] < 25_000
+    assert done["workers"] == 2
+    history = json.loads((tmp_path / "out" / "train_history.json").read_text())
+    assert any(r["phase"] == "budget" and r["task"] == "inplane2" for r in history)
+    l1 = load_generators(tmp_path / "out" / "l1_baseline.safetensors")
+    assert generator_arch(l1.generators["inplane2"]) == (16, 2)
+
+
 def _mr_volume(nz=3, ny=40, nx=36):
     from pacs_node.volume import Volume
 

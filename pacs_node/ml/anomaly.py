@@ -299,7 +299,7 @@ def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
     """Separable Gaussian blur of (B, 1, H, W)."""
     if sigma <= 0:
         return maps
-    k = gaussian_kernel(sigma)
+    k = gaussian_kernel(sigma).to(maps.device, maps.dtype)
     r = (k.numel() - 1) // 2
     out = F.conv2d(F.pad(maps, (r, r, 0, 0), mode="replicate"), k.view(1, 1, 1, -1))
     return F.conv2d(F.pad(out, (0, 0, r, r), mode="replicate"), k.view(1, 1, -1, 1))

@@ -235,9 +235,54 @@ class TrainConfig:
 
 # --- training -------------------------------------------------------------------------------
 
+class _BatchStream:
+    """Endless training batches; with DataLoader workers each worker draws from its own seeded rng.
+
+    The DataLoader takes the workers' batches in turn, so a run with the same number of workers
+    sees the same batches in the same order (workers=0: one rng, the single-process stream).
+    """
+
+    def __init__(self, bank, is_uih, axis, scale, patch, cfg: "TrainConfig", seed: int) -> None:
+        self.args = (bank, is_uih, axis, scale, patch, cfg)
+        self.seed = seed
+
+    def batches(self, rng: np.random.Generator):
+        bank, is_uih, axis, scale, patch, cfg = self.args
+        while True:
+            yield make_batch(bank, rng, axis, scale, patch, cfg.batch, is_uih=is_uih,
+                             uih_fraction=cfg.uih_fraction, min_patch_signal=cfg.min_patch_signal)
+
+    def loader(self, workers: int, pin_memory: bool = False):
+        import torch
+
+        if workers <= 0:
+            rng = np.random.default_rng(self.seed)
+            for lr, base, hr in self.batches(rng):
+                yield torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
+            return
+
+        stream = self
+
+        class _Iter(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                info = torch.utils.data.get_worker_info()
+                rng = np.random.default_rng([stream.seed, info.id if info else 0])
+                for lr, base, hr in stream.batches(rng):
+                    yield torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
+
+        yield from torch.utils.data.DataLoader(_Iter(), batch_size=None, num_workers=workers,
+                                               prefetch_factor=4, persistent_workers=True, pin_memory=pin_memory)
+
+
 def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, max_steps: int | None,
-                log_every: int = 50, init: Path | None = None):
-    """Returns (gan_generator, l1_generator or None, history)."""
+                log_every: int = 50, init: Path | None = None, device: str = "cpu", workers: int = 0,
+                time_budget: float | None = None):
+    """Returns (gan_generator, l1_generator or None, history).
+
+    ``time_budget`` (seconds, GPU runs): the config's step counts set the ratio of L1 to GAN steps;
+    after 60 L1 steps the speed is measured and both counts are scaled to fill the budget (the
+    steps taken are logged and returned in the history).
+    """
     import copy
 
     import torch
@@ -258,23 +303,42 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
         return min(k, max_steps) if max_steps else k
 
     n_pre, n_gan = n(task.pretrain_steps), n(task.gan_steps)
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     gen = Generator(scale, axis, cfg.channels, cfg.blocks)
     init_l1 = None
     if init is not None:  # continue from earlier weights (a second stage, or a longer run on a GPU)
         from .mr_superres_net import load_generators
 
-        gen.load_state_dict(load_generators(init / "model.safetensors").generators[task.name].state_dict())
-        if task.l1_baseline and (init / "l1_baseline.safetensors").exists():
-            init_l1 = load_generators(init / "l1_baseline.safetensors").generators[task.name].state_dict()
+        from .mr_superres_net import generator_arch
+
+        start = load_generators(init / "model.safetensors").generators.get(task.name)
+        if start is None or generator_arch(start) != generator_arch(gen):
+            # another width or depth than this config's (say a wide GPU generator next to the
+            # small CPU ones): this task starts afresh; the folder's other generators are kept
+            log.info("%s: %s has no %d x %d generator of this task; training it from scratch", task.name, init,
+                     cfg.channels, cfg.blocks)
+        else:
+            gen.load_state_dict(start.state_dict())
+            if task.l1_baseline and (init / "l1_baseline.safetensors").exists():
+                init_l1 = load_generators(init / "l1_baseline.safetensors").generators[task.name].state_dict()
     history: list[dict] = []
     t0 = time.time()
 
     bank, is_uih = bank
+    gen.to(dev)
+    if workers > 0:
+        stream = _BatchStream(bank, is_uih, axis, scale, patch, cfg, cfg.seed + 1000 * idx).loader(
+            workers, pin_memory=dev.type == "cuda")
+    else:  # the single-process stream of earlier runs (same rng, so CPU runs reproduce their weights)
+        stream = (tuple(torch.from_numpy(a) for a in b)
+                  for b in _BatchStream(bank, is_uih, axis, scale, patch, cfg, 0).batches(rng))
 
     def batch():
-        lr, base, hr = make_batch(bank, rng, axis, scale, patch, cfg.batch, is_uih=is_uih,
-                                  uih_fraction=cfg.uih_fraction, min_patch_signal=cfg.min_patch_signal)
-        return torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
+        return tuple(t.to(dev, non_blocking=True) for t in next(stream))
 
     def cosine(opt, step, total, lr0):
         for g in opt.param_groups:
@@ -284,7 +348,26 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
     opt = torch.optim.Adam(gen.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
     run_loss = run_zf = 0.0
     run_n = 0
-    for step in range(n_pre):
+    step = 0
+    t_mark = None
+    while step < n_pre:
+        if time_budget and step == 10:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            t_mark = time.time()
+        if time_budget and step == 60 and t_mark is not None:
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            per_step = (time.time() - t_mark) / 50
+            # a GAN step also trains the discriminator (two passes) and, with l1_baseline, a second generator
+            gan_cost = 3.2 if task.l1_baseline else 2.4
+            k = time_budget / max(per_step * (n_pre + gan_cost * n_gan), 1e-9)
+            n_pre, n_gan = max(61, int(n_pre * k)), max(1, int(n_gan * k))
+            total = n_pre + n_gan
+            log.info("%s: %.1f ms per L1 step; time budget %.0fs -> %d L1 + %d GAN steps", task.name,
+                     1000 * per_step, time_budget, n_pre, n_gan)
+            history.append({"task": task.name, "phase": "budget", "ms_per_l1_step": 1000 * per_step,
+                            "pretrain_steps": n_pre, "gan_steps": n_gan, "device": str(dev)})
         cosine(opt, step, total, cfg.lr)
         lr, base, hr = batch()
         loss = F.l1_loss(gen(lr, base), hr)
@@ -302,6 +385,7 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
             history.append({"task": task.name, "phase": "l1", "step": step, "loss": loss_m, "zerofill_l1": zf})
             log.info("%s l1 %d/%d loss %.5f (zero-fill %.5f, ratio %.3f) %.0fs", task.name, step, n_pre, loss_m,
                      zf, loss_m / max(zf, 1e-12), time.time() - t0)
+        step += 1
 
     l1_gen = None
     if task.l1_baseline:
@@ -311,9 +395,15 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
             l1_gen.load_state_dict(init_l1)
         opt_l1 = torch.optim.Adam(l1_gen.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
         opt_l1.load_state_dict(opt.state_dict())
-    disc = Discriminator(cfg.disc_channels)
+    disc = Discriminator(cfg.disc_channels).to(dev)
     opt_d = torch.optim.Adam(disc.parameters(), lr=cfg.lr, betas=(0.9, 0.99))
+    gan_started = time.time()
+    gan_done = 0
     for step in range(n_gan):
+        if time_budget and step > 0 and time.time() - t0 > 1.25 * time_budget:
+            log.warning("%s: over the time budget, GAN phase stopped at step %d of %d", task.name, step, n_gan)
+            break
+        gan_done = step + 1
         cosine(opt, n_pre + step, total, cfg.lr)
         lr, base, hr = batch()
         sr = gen(lr, base)
@@ -345,9 +435,12 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
             history.append(rec)
             log.info("%s gan %d/%d pixel %.5f adv %.3f disc %.3f %.0fs", task.name, step, n_gan, pix.item(),
                      adv.item(), loss_d.item(), time.time() - t0)
-    gen.eval()
+    log.info("%s: GAN phase %.0fs, task %.0fs", task.name, time.time() - gan_started, time.time() - t0)
+    history.append({"task": task.name, "phase": "done", "pretrain_steps": n_pre, "gan_steps": gan_done,
+                    "seconds": round(time.time() - t0, 1)})
+    gen.cpu().eval()
     if l1_gen is not None:
-        l1_gen.eval()
+        l1_gen.cpu().eval()
     return gen, l1_gen, history
 
 
@@ -362,6 +455,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--steps-scale", type=float, default=1.0, help="multiply every step count")
     p.add_argument("--max-steps", type=int, default=0, help="cap every phase at this many steps (smoke runs)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="processes preparing batches (0: in the training process, the CPU recipe)")
+    p.add_argument("--time-budget", type=float, default=0.0,
+                   help="seconds per task: scale the config's step counts to fill it (GPU runs)")
     p.add_argument("--init", type=Path, default=None,
                    help="folder with model.safetensors (and l1_baseline.safetensors) to continue from; "
                         "its other generators are kept in the output")
@@ -386,25 +484,30 @@ def train_main(argv: list[str]) -> int:
     if isinstance(bank, list):  # a plain list of slices (tests): no UIH tags
         bank = (bank, np.zeros(len(bank), bool))
     log.info("training bank: %d slices, %d UIH (%.0fs)", len(bank[0]), int(bank[1].sum()), time.time() - t0)
-    gens, l1s, history = {}, {}, []
+    gens, l1s, history, meta_tasks = {}, {}, [], {}
     if args.init is not None:
         from .mr_superres_net import load_generators
 
-        gens = dict(load_generators(args.init / "model.safetensors").generators)
+        init_set = load_generators(args.init / "model.safetensors")
+        gens = dict(init_set.generators)
+        meta_tasks = dict(init_set.meta.get("tasks", {}))
         if (args.init / "l1_baseline.safetensors").exists():
             l1s = dict(load_generators(args.init / "l1_baseline.safetensors").generators)
         hist_file = args.init / "train_history.json"
         if hist_file.exists():
             history = json.loads(hist_file.read_text())
     for task in tasks:
-        g, l1, h = _train_task(task, cfg, bank, args.steps_scale, args.max_steps or None, init=args.init)
+        g, l1, h = _train_task(task, cfg, bank, args.steps_scale, args.max_steps or None, init=args.init,
+                               device=args.device, workers=args.workers, time_budget=args.time_budget or None)
         gens[task.name] = g
         if l1 is not None:
             l1s[task.name] = l1
         history += h
+        meta_tasks[task.name] = {"steps_scale": args.steps_scale, "max_steps": args.max_steps, "device": args.device,
+                                 "workers": args.workers, **next(r for r in reversed(h) if r["phase"] == "done")}
         meta = {"version": cfg.version, "channels": cfg.channels, "blocks": cfg.blocks, "seed": cfg.seed,
                 "heldout_uih_sagittal": list(HELDOUT_UIH), "guard": GUARD,
-                "tasks": {t: {"steps_scale": args.steps_scale, "max_steps": args.max_steps} for t in gens},
+                "tasks": dict(meta_tasks),
                 "config": args.config.name, "init": str(args.init) if args.init else None}
         # write after every task so that a long run leaves usable weights behind
         save_generators(args.out / "model.safetensors", gens, meta)

@@ -121,8 +121,15 @@ def save_generators(path: Path, gens: dict[str, Generator], meta: dict) -> None:
     for name, g in gens.items():
         for k, v in g.state_dict().items():
             tensors[f"{name}.{k}"] = v.detach().cpu().contiguous()
+    # each generator's own width and depth (a file may mix a wide x2 generator with small others)
+    meta = {**meta, "arch": {name: list(generator_arch(g)) for name, g in gens.items()}}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"meta": json.dumps(meta)})
+
+
+def generator_arch(gen: Generator) -> tuple[int, int]:
+    """(channels, residual blocks) of a generator."""
+    return int(gen.head.out_channels), len(gen.body)
 
 
 def load_generators(path: Path) -> ModelSet:
@@ -131,11 +138,13 @@ def load_generators(path: Path) -> ModelSet:
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("meta", "{}"))
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    ch, blocks = int(meta.get("channels", 48)), int(meta.get("blocks", 6))
+    default = (int(meta.get("channels", 48)), int(meta.get("blocks", 6)))
+    arch = meta.get("arch", {})
     gens: dict[str, Generator] = {}
     for name in sorted({k.split(".", 1)[0] for k in tensors}):
         axis, scale = parse_task(name)
-        g = Generator(scale, axis, ch, blocks)
+        ch, blocks = arch.get(name, default)
+        g = Generator(scale, axis, int(ch), int(blocks))
         g.load_state_dict({k.split(".", 1)[1]: v for k, v in tensors.items() if k.startswith(name + ".")})
         g.eval()
         gens[name] = g
@@ -176,11 +185,12 @@ def _run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8) ->
     base = base_upsample(lr, gen.scale, gen.axis)
     scale = norm_scale(lr, floor)[:, None, None]
     out = np.empty_like(base)
+    dev = next(gen.parameters()).device  # the pipeline puts the generators on its device
     for i in range(0, len(lr), batch):
         s = scale[i:i + batch]
-        x = torch.from_numpy(lr[i:i + batch] / s)[:, None]
-        b = torch.from_numpy(base[i:i + batch] / s)[:, None]
-        out[i:i + batch] = gen(x, b)[:, 0].numpy() * s
+        x = torch.from_numpy(lr[i:i + batch] / s)[:, None].to(dev)
+        b = torch.from_numpy(base[i:i + batch] / s)[:, None].to(dev)
+        out[i:i + batch] = gen(x, b)[:, 0].float().cpu().numpy() * s
     return out
 
 

@@ -16,7 +16,7 @@ from ..errors import PacsNodeError, UnsupportedInput
 from ..ml.anomaly import AnomalyConfig, from_canvas, load_model, residual_maps, to_canvas, to_score
 from ..models_dir import model_path
 from ..volume import Volume
-from .base import Output, Pipeline, Requirements, ScoreMap
+from .base import Output, Pipeline, Requirements, ScoreMap, device
 
 
 class ModelNotAvailable(PacsNodeError):
@@ -44,7 +44,8 @@ class AnomalyPipeline(Pipeline):
         if not path.exists():
             raise ModelNotAvailable(self.model_name, str(path))
         self.net, self.cfg = load_model(path)
-        self.net.eval()
+        self.device = torch.device(device())
+        self.net.to(self.device).eval()
 
     def scores(self, volume: Volume, batch_size: int = 16) -> np.ndarray:
         cfg: AnomalyConfig = self.cfg
@@ -57,8 +58,8 @@ class AnomalyPipeline(Pipeline):
                 planes.append(canvas)
                 grids.append(grid)
             with torch.inference_mode():
-                err, _ = residual_maps(self.net, torch.from_numpy(np.stack(planes)[:, None]), cfg)
-            score = to_score(err[:, 0], cfg)
+                err, _ = residual_maps(self.net, torch.from_numpy(np.stack(planes)[:, None]).to(self.device), cfg)
+            score = to_score(err[:, 0].float().cpu(), cfg)
             for i, grid in enumerate(grids):
                 out[start + i] = from_canvas(score[i], grid)
         return np.clip(out, 0.0, 1.0)

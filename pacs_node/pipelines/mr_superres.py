@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import PacsNodeError, UnsupportedInput
 from ..volume import Volume
-from .base import DerivedVolume, Output, Pipeline, Requirements
+from .base import DerivedVolume, Output, Pipeline, Requirements, device
 
 
 class MrSuperres(Pipeline):
@@ -37,6 +37,8 @@ class MrSuperres(Pipeline):
                                 "'pacs-node models train mr-superres')")
         self.models = load_generators(path)
         self.model_version = self.models.version
+        for gen in self.models.generators.values():
+            gen.to(device())
 
     def run(self, volume: Volume, params: Mapping[str, Any]) -> list[Output]:
         from ..ml.mr_superres_net import superres_inplane, superres_through, task_name
