@@ -6,18 +6,21 @@
 #
 # Needs beside the repo (not committed): .gpu/whl/ with the wheels the GPU image lacks
 # (pydicom, monai) and .gpu/data/ holding unpack.sh and mr/*.tar.xz (copies of ../shared/data).
-# SR_BUDGET (seconds per mr-superres task, default 240) sizes the training.
+# SR_BUDGET (seconds per mr-superres task, default 240) sizes the training; TRAIN=0 skips it
+# (measurements and the GPU tests only, about 2 minutes).
 #
+# 0. the pipelines' CUDA paths against their CPU paths (tests/test_gpu.py, skipped on CI)
 # 1. ct-denoise throughput at 512 x 512 (bench/model_ct_denoise.py --device cuda)
 # 2. mr-superres GPU recipe (models/mr-superres/train_gpu.toml): in-plane x2 and x4 generators,
 #    trained side by side on the one GPU, each with its own batch workers
 # 3. model stage of the MR pipelines on the GPU (bench/model_pipelines.py), committed weights
-#    and the new mr-superres weights
+#    and (TRAIN=1) the new mr-superres weights
 set -u
 OUT=${OUT:-/tmp/pacs-node-gpu}
 SR_BUDGET=${SR_BUDGET:-240}
 DEVICE=${DEVICE:-cuda}   # dry run on a CPU machine: DEVICE=cpu SR_BUDGET=20 SLICES=2 CT_ARGS="--batches 1 --series 2"
 SLICES=${SLICES:-40}
+TRAIN=${TRAIN:-1}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 exec > >(tee -a "$OUT/session.log") 2>&1
@@ -32,6 +35,8 @@ export PYTHONPATH=/tmp/site:$PWD
 export PACS_NODE_SHARED=$PWD/.gpu PACS_NODE_DATA=/tmp/pacs-node-data
 bash .gpu/data/unpack.sh "$PACS_NODE_DATA" || exit 1
 stamp "data unpacked"
+python3 -m pytest -q --noconftest -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -n 15
+stamp "GPU tests done"
 
 # the training bank (CPU work) while the GPU measures ct-denoise
 python3 -c '
@@ -44,6 +49,7 @@ python3 bench/model_ct_denoise.py --device "$DEVICE" ${CT_ARGS:-} | tee "$OUT/be
 wait $bank_pid || exit 1
 stamp "ct-denoise measured, bank built"
 
+if [ "$TRAIN" = 1 ]; then
 train() {  # task workers
   python3 -c 'import sys; from pacs_node.ml.mr_superres import train_main; sys.exit(train_main(sys.argv[1:]))' \
     --config models/mr-superres/train_gpu.toml --init models/mr-superres --tasks "$1" --out "/tmp/sr-$1" \
@@ -84,8 +90,9 @@ for name in ("ct-denoise", "anomaly-mr"):
 EOF
 cp /tmp/models/mr-superres/*.safetensors /tmp/models/mr-superres/train_history.json "$OUT/" 2>/dev/null
 stamp "weights merged"
+fi
 
 python3 bench/model_pipelines.py --device "$DEVICE" --slices "$SLICES" | tee -a "$OUT/bench.txt"
-PACS_NODE_MODELS=/tmp/models python3 bench/model_pipelines.py --device "$DEVICE" --slices "$SLICES" \
+[ "$TRAIN" = 1 ] && PACS_NODE_MODELS=/tmp/models python3 bench/model_pipelines.py --device "$DEVICE" --slices "$SLICES" \
   --json "$OUT/pipelines_new.json" | tee -a "$OUT/bench.txt"
 stamp "done"

@@ -24,7 +24,7 @@ from .base import DerivedVolume, Output, Pipeline, Requirements, device
 
 class MrSuperres(Pipeline):
     name = "mr-superres"
-    version = "1.0.0"
+    version = "1.1.0"
     requires = Requirements(modalities=("MR",), min_slices=1)
 
     def __init__(self, weights: Path | None = None) -> None:
