@@ -184,6 +184,23 @@ def test_smoke_training_of_the_older_variants(tmp_path: Path) -> None:
         assert err.shape == (1, 1, 128, 128)
 
 
+def test_contrast_curves_are_monotone_keep_the_range_and_are_off_by_default() -> None:
+    from pacs_node.ml.anomaly_mr import augment, contrast_curve
+
+    gen = torch.Generator().manual_seed(3)
+    ramp = torch.linspace(0, 1.5, 31).view(1, 1, 1, 31).repeat(8, 1, 1, 1)
+    curved = contrast_curve(ramp, gen)
+    assert bool((curved.diff(dim=-1) >= -1e-6).all())  # order of grey levels kept
+    assert torch.allclose(curved[..., 0], torch.zeros(8)) and torch.allclose(curved[..., -1], torch.full((8,), 1.5))
+    assert float((curved - ramp).abs().max()) > 0.05  # and it does change the contrast
+    # curves=0 (the served recipe) draws nothing extra: same output as before the option existed
+    batch = torch.rand(4, 1, 32, 32)
+    a = augment(batch, torch.Generator().manual_seed(5), curves=0.0)
+    b = augment(batch, torch.Generator().manual_seed(5))
+    c = augment(batch, torch.Generator().manual_seed(5), curves=1.0)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
 def test_shifted_grids_hide_every_pixel() -> None:
     for side, shifts in ((24, 1), (24, 2), (16, 4), (20, 3)):
         masks = shifted_grid_holes((1, 1, 128, 128), side, shifts)

@@ -165,9 +165,25 @@ def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> Slice
 # ------------------------------------------------------------------------------ augmentation
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True) -> torch.Tensor:
-    """Geometry (affine, flips), intensity (gamma, gain, bias field), then (``degrade``) a mild
-    blur and noise."""
+def contrast_curve(x: torch.Tensor, gen: torch.Generator, knots: int = 6, top: float = 1.5) -> torch.Tensor:
+    """A random monotone intensity mapping per image (piecewise linear through ``knots`` points
+    on [0, top], 0 -> 0 and top -> top, each segment's slope 0.25-1.75x): another scanner's or
+    sequence's grey-level relations between tissues, beyond what a gamma curve can make."""
+    b = x.shape[0]
+    step = top / (knots - 1)
+    rises = (0.25 + 1.5 * torch.rand((b, knots - 1), generator=gen)) * step
+    fp = torch.cat([torch.zeros((b, 1)), torch.cumsum(rises, dim=1)], dim=1)
+    fp = fp * (top / fp[:, -1:])
+    pos = (x.clamp(0.0, top) / step).view(b, -1)
+    i = pos.floor().clamp(max=knots - 2).long()
+    t = pos - i
+    lo, hi = torch.gather(fp, 1, i), torch.gather(fp, 1, i + 1)
+    return (lo + (hi - lo) * t).view_as(x)
+
+
+def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, curves: float = 0.0) -> torch.Tensor:
+    """Geometry (affine, flips), intensity (gamma, gain, random contrast curves with probability
+    ``curves``, bias field), then (``degrade``) a mild blur and noise."""
     b = batch.shape[0]
 
     def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
@@ -186,6 +202,9 @@ def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True) -> 
     x = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     x = x.clamp_min(0.0) ** u(0.7, 1.4).view(b, 1, 1, 1)
+    if curves > 0:  # drawn only when asked, so the served recipe's random stream is unchanged
+        pick = torch.rand(b, generator=gen) < curves
+        x = torch.where(pick.view(b, 1, 1, 1), contrast_curve(x, gen), x)
     x = x * u(0.8, 1.2).view(b, 1, 1, 1)
     bias = F.interpolate(torch.randn((b, 1, 4, 4), generator=gen) * 0.12, size=x.shape[-2:], mode="bicubic",
                          align_corners=False)
@@ -280,7 +299,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
-          acquisition_aug: bool = False) -> torch.nn.Module:
+          acquisition_aug: bool = False, curves: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -302,7 +321,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         else:
             idx = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), batch, replacement=True,
                                     generator=gen)
-        clean = augment(data[idx], gen, degrade=not acquisition_aug)
+        clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves)
         if crop:
             clean = random_crops(clean, crop, gen)
         if cfg.arch == "recon-disc":
@@ -398,6 +417,8 @@ def train_main(argv: list[str]) -> int:
                    help="draw each training series equally often (default: each slice equally often)")
     p.add_argument("--acquisition", action=argparse.BooleanOptionalAction, default=False,
                    help="recon-disc: blur / resolution / noise applied after the training anomalies")
+    p.add_argument("--contrast-curves", type=float, default=0.0,
+                   help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -413,7 +434,7 @@ def train_main(argv: list[str]) -> int:
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition"}
+                                     "acquisition", "contrast_curves"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -464,7 +485,7 @@ def train_main(argv: list[str]) -> int:
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
                 log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
-                sample_weights=weights, acquisition_aug=args.acquisition)
+                sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves)
     train_minutes = (time.time() - started) / 60
     # recon-disc scores a probability (0.5: as likely anomalous as not); the others a residual
     # that calibration maps to [0, 1]
@@ -472,6 +493,7 @@ def train_main(argv: list[str]) -> int:
     cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
                  "balance_sources": args.balance_sources, "acquisition": args.acquisition,
+                 "contrast_curves": args.contrast_curves,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
     save_model(net, cfg, args.out)
