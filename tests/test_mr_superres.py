@@ -34,6 +34,19 @@ def test_kspace_crop_samples_hr_pixel_s_times_m(scale):
     assert abs(float(lr.mean()) - float(hr.mean())) < 1e-5
 
 
+@pytest.mark.parametrize("shape", [(3, 57, 46), (1, 33, 33)])
+@pytest.mark.parametrize("scale", [2, 4])
+def test_torch_zero_fill_matches_the_numpy_one(shape, scale):
+    """The pipeline's GPU path zero-fills with torch.fft; on CPU tensors it must agree too."""
+    import torch
+
+    x = np.random.default_rng(4).normal(size=shape).astype(np.float32)
+    ref = kspace.zerofill_upsample(x, scale)
+    got = kspace.zerofill_upsample_torch(torch.from_numpy(x), scale).numpy()
+    assert got.shape == ref.shape
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("kernel", ["bicubic", "lanczos"])
 def test_true_grid_baselines_keep_input_samples(kernel):
     rng = np.random.default_rng(1)

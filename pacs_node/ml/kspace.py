@@ -76,6 +76,24 @@ def zerofill_upsample(lr: np.ndarray, scale: int) -> np.ndarray:
     return kspace_resize(lr, (h * scale, w * scale))
 
 
+def zerofill_upsample_torch(lr, scale: int):
+    """:func:`zerofill_upsample` on a torch tensor, on its own device (the GPU path of the
+    mr-superres pipeline): the same centred zero-fill, in complex64."""
+    import torch
+
+    h, w = lr.shape[-2:]
+    shape = (h * scale, w * scale)
+    spec = torch.fft.fftshift(torch.fft.fft2(lr.float(), norm="forward"), dim=(-2, -1))
+    out = torch.zeros(spec.shape[:-2] + shape, dtype=spec.dtype, device=spec.device)
+    src, dst = [], []
+    for n_in, n_out in zip((h, w), shape):
+        c = n_in // 2  # upsampling: all of the input spectrum, DC on DC
+        src.append(slice(0, n_in))
+        dst.append(slice(n_out // 2 - c, n_out // 2 - c + n_in))
+    out[(..., *dst)] = spec[(..., *src)]
+    return torch.fft.ifft2(torch.fft.ifftshift(out, dim=(-2, -1)), norm="forward").real
+
+
 def crop_to_multiple(img: np.ndarray, multiple: int) -> tuple[np.ndarray, tuple[int, int]]:
     """Crop the last two axes to a multiple of ``multiple``, keeping the centre.
 

@@ -182,10 +182,20 @@ def run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8, ens
 @torch.no_grad()
 def _run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8) -> np.ndarray:
     lr = np.asarray(lr, dtype=np.float32)
-    base = base_upsample(lr, gen.scale, gen.axis)
     scale = norm_scale(lr, floor)[:, None, None]
-    out = np.empty_like(base)
     dev = next(gen.parameters()).device  # the pipeline puts the generators on its device
+    if dev.type == "cuda" and gen.axis == "inplane":
+        # the zero-fill baseline on the GPU as well (on the host it is most of the time there)
+        s = gen.scale
+        out = np.empty((len(lr), lr.shape[-2] * s, lr.shape[-1] * s), np.float32)
+        for i in range(0, len(lr), batch):
+            sc = torch.from_numpy(scale[i:i + batch]).to(dev)
+            x = torch.from_numpy(lr[i:i + batch]).to(dev)
+            b = kspace.zerofill_upsample_torch(x, s)
+            out[i:i + batch] = (gen((x / sc)[:, None], (b / sc)[:, None])[:, 0].float() * sc).cpu().numpy()
+        return out
+    base = base_upsample(lr, gen.scale, gen.axis)
+    out = np.empty_like(base)
     for i in range(0, len(lr), batch):
         s = scale[i:i + batch]
         x = torch.from_numpy(lr[i:i + batch] / s)[:, None].to(dev)
