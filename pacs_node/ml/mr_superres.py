@@ -236,11 +236,10 @@ class TrainConfig:
 # --- training -------------------------------------------------------------------------------
 
 class _BatchStream:
-    """Endless training batches; with DataLoader workers each worker draws from its own seeded rng.
-
-    The DataLoader takes the workers' batches in turn, so a run with the same number of workers
-    sees the same batches in the same order (workers=0: one rng, the single-process stream).
-    """
+    """Endless training batches: ``batches(rng)`` in this process, or ``loader(workers)`` from
+    DataLoader worker processes, each drawing from its own seeded rng. The DataLoader takes the
+    workers' batches in turn, so a run with the same number of workers sees the same batches in
+    the same order."""
 
     def __init__(self, bank, is_uih, axis, scale, patch, cfg: "TrainConfig", seed: int) -> None:
         self.args = (bank, is_uih, axis, scale, patch, cfg)
@@ -254,12 +253,6 @@ class _BatchStream:
 
     def loader(self, workers: int, pin_memory: bool = False):
         import torch
-
-        if workers <= 0:
-            rng = np.random.default_rng(self.seed)
-            for lr, base, hr in self.batches(rng):
-                yield torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
-            return
 
         stream = self
 
@@ -311,9 +304,7 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
     gen = Generator(scale, axis, cfg.channels, cfg.blocks)
     init_l1 = None
     if init is not None:  # continue from earlier weights (a second stage, or a longer run on a GPU)
-        from .mr_superres_net import load_generators
-
-        from .mr_superres_net import generator_arch
+        from .mr_superres_net import generator_arch, load_generators
 
         start = load_generators(init / "model.safetensors").generators.get(task.name)
         if start is None or generator_arch(start) != generator_arch(gen):
