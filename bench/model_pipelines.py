@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 CASES = (  # (pipeline, params, label)
     ("mr-superres", {"scale": 2}, "in-plane x2"),
+    ("mr-superres", {"scale": 2, "generator": "small"}, "in-plane x2, small generator"),
     ("mr-superres", {"scale": 4}, "in-plane x4"),
     ("mr-superres", {"scale": 2, "axis": "through"}, "through-plane x2"),
     ("anomaly-mr", {}, "score map"),

@@ -218,3 +218,26 @@ def test_pipeline_rejects_bad_params(smoke_weights):
     vol.datasets[0].Modality = "CT"
     with pytest.raises(UnsupportedInput):
         pipe.run(vol, {})
+
+
+def test_small_generator_is_served_on_request(smoke_weights):
+    """params generator = "small": the CPU recipe's generators (models/mr-superres/small.safetensors),
+    same geometry; the derived series says which generator made it; a wrong value or a missing
+    file is a clear error."""
+    from pacs_node.ml.mr_superres_net import generator_arch
+    from pacs_node.pipelines.mr_superres import MrSuperres
+
+    pipe = MrSuperres()  # the committed weights, with small.safetensors beside them
+    vol = _mr_volume()
+    full = pipe.run(vol, {"scale": 2})[0]
+    small = pipe.run(vol, {"scale": 2, "generator": "small"})[0]
+    assert generator_arch(pipe._small.generators["inplane2"]) == (32, 6)
+    assert small.array.shape == full.array.shape and small.pixel_spacing == full.pixel_spacing
+    np.testing.assert_allclose(small.positions, full.positions)
+    assert not np.allclose(small.array, full.array)
+    assert "small generator" in small.description and "small generator" not in full.description
+    with pytest.raises(UnsupportedInput, match="generator must be"):
+        pipe.run(vol, {"generator": "huge"})
+    missing = MrSuperres(weights=smoke_weights / "model.safetensors")  # no small.safetensors there
+    with pytest.raises(UnsupportedInput, match="small.safetensors"):
+        missing.run(vol, {"generator": "small"})
