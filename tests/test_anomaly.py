@@ -201,6 +201,24 @@ def test_contrast_curves_are_monotone_keep_the_range_and_are_off_by_default() ->
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_contrast_matching_maps_one_series_grey_levels_onto_the_other() -> None:
+    from pacs_node.ml.anomaly_mr import SliceSet, contrast_matched
+
+    rng = np.random.default_rng(0)
+    src = np.zeros((3, 32, 32), np.float32)
+    src[:, 8:24, 8:24] = rng.uniform(0.1, 1.0, (3, 16, 16))  # a "head" on a zero background
+    tgt = np.zeros((2, 32, 32), np.float32)
+    tgt[:, 4:28, 4:28] = rng.uniform(0.1, 0.5, (2, 24, 24)) ** 2
+    sset = SliceSet(np.concatenate([src, tgt]), ["a"] * 3 + ["b"] * 2)
+    out = contrast_matched(sset, "a", "b")
+    assert out.shape == src.shape
+    assert np.all(out[src == 0] == 0)  # background stays background
+    order = np.argsort(src[src > 0])
+    assert np.all(np.diff(out[src > 0][order]) >= -1e-6)  # grey-level order kept
+    q = [0.1, 0.5, 0.9]
+    np.testing.assert_allclose(np.quantile(out[src > 0.05], q), np.quantile(tgt[tgt > 0.05], q), atol=0.01)
+
+
 def test_shifted_grids_hide_every_pixel() -> None:
     for side, shifts in ((24, 1), (24, 2), (16, 4), (20, 3)):
         masks = shifted_grid_holes((1, 1, 128, 128), side, shifts)

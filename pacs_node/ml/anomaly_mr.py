@@ -181,6 +181,19 @@ def contrast_curve(x: torch.Tensor, gen: torch.Generator, knots: int = 6, top: f
     return (lo + (hi - lo) * t).view_as(x)
 
 
+def contrast_matched(sset: SliceSet, source: str, target: str, level: float = 0.05) -> np.ndarray:
+    """``source``'s slices with their grey levels mapped onto ``target``'s (quantile matching of
+    the head pixels above ``level``; the background stays 0): one scanner's anatomy in another's
+    contrast."""
+    src = sset.images[[s == source for s in sset.sources]]
+    tgt = sset.images[[s == target for s in sset.sources]]
+    q = np.linspace(0.0, 1.0, 201)
+    sq = np.quantile(src[src > level], q)
+    tq = np.quantile(tgt[tgt > level], q)
+    mapped = np.interp(src, np.r_[0.0, sq], np.r_[0.0, tq]).astype(np.float32)
+    return np.where(src > 0, mapped, src)
+
+
 def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, curves: float = 0.0) -> torch.Tensor:
     """Geometry (affine, flips), intensity (gamma, gain, random contrast curves with probability
     ``curves``, bias field), then (``degrade``) a mild blur and noise."""
@@ -419,6 +432,9 @@ def train_main(argv: list[str]) -> int:
                    help="recon-disc: blur / resolution / noise applied after the training anomalies")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
+    p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
+                   help="add the studyforrest slices again with their grey levels matched to the UIH slices' "
+                        "(a third training source)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -434,7 +450,7 @@ def train_main(argv: list[str]) -> int:
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition", "contrast_curves"}
+                                     "acquisition", "contrast_curves", "match_contrast"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -475,6 +491,9 @@ def train_main(argv: list[str]) -> int:
         args.data = data_dir()
     started = time.time()
     sset = cached_training_slices(args.data, cfg, args.cache)
+    if args.match_contrast:
+        extra = contrast_matched(sset, "studyforrest", "uih")
+        sset = SliceSet(np.concatenate([sset.images, extra]), sset.sources + ["studyforrest-as-uih"] * len(extra))
     images = sset.images[: args.limit] if args.limit else sset.images
     print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
@@ -493,7 +512,7 @@ def train_main(argv: list[str]) -> int:
     cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
                  "balance_sources": args.balance_sources, "acquisition": args.acquisition,
-                 "contrast_curves": args.contrast_curves,
+                 "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
     save_model(net, cfg, args.out)
