@@ -252,7 +252,7 @@ def _denoise_cuda(model: ResidualDenoiser, arr: np.ndarray, batch: int, device: 
             pin_in[slot][:k].numpy()[...] = arr[start:start + k]
             x = pin_in[slot][:k].to(device, non_blocking=True)[:, None]
             pad = x < -1024.0
-            xin = torch.where(pad, torch.tensor(-1000.0, device=device), x) / HU_SCALE
+            xin = x.masked_fill(pad, -1000.0) / HU_SCALE
             if ph or pw:
                 xin = F.pad(xin, (0, pw, 0, ph), mode="replicate")
             with torch.autocast("cuda", dtype=torch.bfloat16):

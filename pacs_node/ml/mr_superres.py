@@ -235,36 +235,21 @@ class TrainConfig:
 
 # --- training -------------------------------------------------------------------------------
 
-class _BatchStream:
-    """Endless training batches: ``batches(rng)`` in this process, or ``loader(workers)`` from
-    DataLoader worker processes, each drawing from its own seeded rng. The DataLoader takes the
-    workers' batches in turn, so a run with the same number of workers sees the same batches in
-    the same order."""
+def _worker_batches(draw, seed: int, workers: int, pin_memory: bool = False):
+    """Endless ``draw(rng)`` batches made in DataLoader worker processes, each worker with its own
+    rng seeded from (``seed``, worker id). The DataLoader takes the workers' batches in turn, so a
+    run with the same number of workers sees the same batches in the same order."""
+    import torch
 
-    def __init__(self, bank, is_uih, axis, scale, patch, cfg: "TrainConfig", seed: int) -> None:
-        self.args = (bank, is_uih, axis, scale, patch, cfg)
-        self.seed = seed
+    class _Batches(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            info = torch.utils.data.get_worker_info()
+            rng = np.random.default_rng([seed, info.id if info else 0])
+            while True:
+                yield tuple(torch.from_numpy(a) for a in draw(rng))
 
-    def batches(self, rng: np.random.Generator):
-        bank, is_uih, axis, scale, patch, cfg = self.args
-        while True:
-            yield make_batch(bank, rng, axis, scale, patch, cfg.batch, is_uih=is_uih,
-                             uih_fraction=cfg.uih_fraction, min_patch_signal=cfg.min_patch_signal)
-
-    def loader(self, workers: int, pin_memory: bool = False):
-        import torch
-
-        stream = self
-
-        class _Iter(torch.utils.data.IterableDataset):
-            def __iter__(self):
-                info = torch.utils.data.get_worker_info()
-                rng = np.random.default_rng([stream.seed, info.id if info else 0])
-                for lr, base, hr in stream.batches(rng):
-                    yield torch.from_numpy(lr), torch.from_numpy(base), torch.from_numpy(hr)
-
-        yield from torch.utils.data.DataLoader(_Iter(), batch_size=None, num_workers=workers,
-                                               prefetch_factor=4, persistent_workers=True, pin_memory=pin_memory)
+    return iter(torch.utils.data.DataLoader(_Batches(), batch_size=None, num_workers=workers, prefetch_factor=4,
+                                            persistent_workers=True, pin_memory=pin_memory))
 
 
 def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, max_steps: int | None,
@@ -321,15 +306,17 @@ def _train_task(task: TaskConfig, cfg: TrainConfig, bank, steps_scale: float, ma
 
     bank, is_uih = bank
     gen.to(dev)
-    if workers > 0:
-        stream = _BatchStream(bank, is_uih, axis, scale, patch, cfg, cfg.seed + 1000 * idx).loader(
-            workers, pin_memory=dev.type == "cuda")
-    else:  # the single-process stream of earlier runs (same rng, so CPU runs reproduce their weights)
-        stream = (tuple(torch.from_numpy(a) for a in b)
-                  for b in _BatchStream(bank, is_uih, axis, scale, patch, cfg, 0).batches(rng))
+
+    def draw(r: np.random.Generator):
+        return make_batch(bank, r, axis, scale, patch, cfg.batch, is_uih=is_uih, uih_fraction=cfg.uih_fraction,
+                          min_patch_signal=cfg.min_patch_signal)
+
+    stream = _worker_batches(draw, cfg.seed + 1000 * idx, workers, pin_memory=dev.type == "cuda") if workers > 0 \
+        else None  # None: batches drawn here from ``rng``, the CPU recipe's stream (reproduces its weights)
 
     def batch():
-        return tuple(t.to(dev, non_blocking=True) for t in next(stream))
+        arrays = next(stream) if stream is not None else (torch.from_numpy(a) for a in draw(rng))
+        return tuple(t.to(dev, non_blocking=True) for t in arrays)
 
     def cosine(opt, step, total, lr0):
         for g in opt.param_groups:
@@ -494,8 +481,10 @@ def train_main(argv: list[str]) -> int:
         if l1 is not None:
             l1s[task.name] = l1
         history += h
+        done = next(r for r in reversed(h) if r["phase"] == "done")
         meta_tasks[task.name] = {"steps_scale": args.steps_scale, "max_steps": args.max_steps, "device": args.device,
-                                 "workers": args.workers, **next(r for r in reversed(h) if r["phase"] == "done")}
+                                 "workers": args.workers,
+                                 **{k: v for k, v in done.items() if k not in ("task", "phase")}}
         meta = {"version": cfg.version, "channels": cfg.channels, "blocks": cfg.blocks, "seed": cfg.seed,
                 "heldout_uih_sagittal": list(HELDOUT_UIH), "guard": GUARD,
                 "tasks": dict(meta_tasks),

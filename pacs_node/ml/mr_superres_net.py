@@ -184,23 +184,15 @@ def _run_slices(gen: Generator, lr: np.ndarray, floor: float, batch: int = 8) ->
     lr = np.asarray(lr, dtype=np.float32)
     scale = norm_scale(lr, floor)[:, None, None]
     dev = next(gen.parameters()).device  # the pipeline puts the generators on its device
-    if dev.type == "cuda" and gen.axis == "inplane":
-        # the zero-fill baseline on the GPU as well (on the host it is most of the time there)
-        s = gen.scale
-        out = np.empty((len(lr), lr.shape[-2] * s, lr.shape[-1] * s), np.float32)
-        for i in range(0, len(lr), batch):
-            sc = torch.from_numpy(scale[i:i + batch]).to(dev)
-            x = torch.from_numpy(lr[i:i + batch]).to(dev)
-            b = kspace.zerofill_upsample_torch(x, s)
-            out[i:i + batch] = (gen((x / sc)[:, None], (b / sc)[:, None])[:, 0].float() * sc).cpu().numpy()
-        return out
-    base = base_upsample(lr, gen.scale, gen.axis)
-    out = np.empty_like(base)
+    # on CUDA the in-plane zero-fill baseline runs there too (on the host it was most of the time)
+    base = None if dev.type == "cuda" and gen.axis == "inplane" else base_upsample(lr, gen.scale, gen.axis)
+    h, w = base.shape[-2:] if base is not None else (lr.shape[-2] * gen.scale, lr.shape[-1] * gen.scale)
+    out = np.empty((len(lr), h, w), np.float32)
     for i in range(0, len(lr), batch):
-        s = scale[i:i + batch]
-        x = torch.from_numpy(lr[i:i + batch] / s)[:, None].to(dev)
-        b = torch.from_numpy(base[i:i + batch] / s)[:, None].to(dev)
-        out[i:i + batch] = gen(x, b)[:, 0].float().cpu().numpy() * s
+        s = torch.from_numpy(scale[i:i + batch]).to(dev)
+        x = torch.from_numpy(lr[i:i + batch]).to(dev)
+        b = kspace.zerofill_upsample_torch(x, gen.scale) if base is None else torch.from_numpy(base[i:i + batch]).to(dev)
+        out[i:i + batch] = (gen((x / s)[:, None], (b / s)[:, None])[:, 0].float() * s).cpu().numpy()
     return out
 
 
