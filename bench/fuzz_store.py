@@ -271,7 +271,12 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
         stats.outcomes[outcome] += 1
         stats.kind_outcomes[kind, outcome] += 1
         if outcome == "0x0000":
-            rows = node.query("select path from instance where sop_uid = ?", (meta_sop,))
+            # the file is durable before the acknowledgement; its index row follows within the
+            # index writer's linger (store/indexer.py)
+            end = time.monotonic() + 5
+            while not (rows := node.query("select path from instance where sop_uid = ?", (meta_sop,))) \
+                    and time.monotonic() < end:
+                time.sleep(0.01)
             assert len(rows) == 1, f"{kind}: success but {len(rows)} index row(s) for {meta_sop}"
             with open(storage / rows[0][0], "rb") as fh:
                 from pydicom.filereader import _read_file_meta_info, read_preamble

@@ -18,6 +18,7 @@ from .net.scp import StorageSCP
 from .route import Router
 from .store.files import FileStore
 from .store.index import Database, Instance, Series, Study
+from .store.indexer import index_missing_files
 from .store.ingest import Ingest
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,8 @@ class Node:
 
     def start(self) -> None:
         self.files.remove_temp_files()
+        # instances acknowledged just before a kill may have a file but no index row yet
+        index_missing_files(self.ingest)
         # with SQLite and the worker in this process, every 'running' job is ours from before
         recover(self.db, single_process=self.single_process and self.run_worker)
         extra = self.settings.node.receivers - 1

@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import logging
 import queue
+import struct
 import threading
 import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Callable
 
-import pydicom
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
-from pynetdicom.dsutils import create_file_meta, encode_file_meta
+from pydicom.filereader import read_dataset as _read_dataset
+from pydicom.uid import UID, DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import (ALL_TRANSFER_SYNTAXES, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION,
+                        AllStoragePresentationContexts)
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import Verification
 
@@ -28,7 +31,8 @@ from .. import audit, metrics
 from ..config import Settings
 from ..errors import InvalidInstance
 from ..store.index import Database
-from ..store.ingest import Ingest, OutOfResources
+from ..store.indexer import IndexWriter
+from ..store.ingest import Ingest, out_of_resources
 from .acceptor import Acceptor, Association
 from .tls import server_context
 
@@ -52,9 +56,100 @@ MAX_PDU = 1024 * 1024
 MAX_PDU_BYTES = 4 * 1024 * 1024
 
 
-def check_lengths(ds: Dataset) -> None:
-    """Refuse a dataset whose elements claim more bytes than arrived (pydicom reads them short, silently)."""
+def _element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """One explicit VR little endian element (the file meta group)."""
+    if vr == b"OB":
+        return struct.pack("<HH2sxxL", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    raw = text.encode("ascii", "replace")
+    return raw + pad if len(raw) % 2 else raw
+
+
+def file_header(sop_class: str, sop_instance: str, transfer_syntax: str, source_ae: str) -> bytes:
+    """Preamble, "DICM" and the File Meta Information group (PS3.10 7.1) of a received instance,
+    built directly: pydicom's writer took longer than the rest of the receive path's checks."""
+    body = b"".join((
+        _element(0x00020001, b"OB", b"\x00\x01"),
+        _element(0x00020002, b"UI", _padded(sop_class, b"\x00")),
+        _element(0x00020003, b"UI", _padded(sop_instance, b"\x00")),
+        _element(0x00020010, b"UI", _padded(transfer_syntax, b"\x00")),
+        _element(0x00020012, b"UI", _padded(PYNETDICOM_IMPLEMENTATION_UID, b"\x00")),
+        _element(0x00020013, b"SH", _padded(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        _element(0x00020016, b"AE", _padded(source_ae, b" ")),
+    ))
+    return b"\x00" * 128 + b"DICM" + _element(0x00020000, b"UL", struct.pack("<L", len(body))) + body
+
+
+class _View:
+    """A read-only file over a buffer, without copying it (pydicom reads through read/seek/tell)."""
+
+    def __init__(self, buffer: bytes | bytearray | memoryview) -> None:
+        self.buffer = memoryview(buffer).cast("B")
+        self.size = len(self.buffer)
+        self.pos = 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = self.size if n is None or n < 0 else min(self.size, self.pos + n)
+        chunk = self.buffer[self.pos:end].tobytes()
+        self.pos = end
+        return chunk
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.pos = offset if whence == 0 else self.pos + offset if whence == 1 else self.size + offset
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+#: values this long are not copied out of the received buffer (pixel data); only their length is checked
+_DEFER = 16384
+
+
+def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
+    return tag == 0x7FE00010
+
+
+def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Dataset:
+    """The received data set, every element read and checked (pydicom defers reading; a
+    truncated or garbled data set is refused here instead of failing later in a job)."""
+    ts = UID(transfer_syntax)
+    if ts == DeflatedExplicitVRLittleEndian:
+        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
+    fp = _View(data)
+    # everything up to the pixel data is read (and below converted); the pixel data, and what
+    # may follow it, with long values deferred: no copy of the pixels, their length is checked
+    ds = _read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_at_pixel_data)
+    if fp.pos < fp.size:
+        start = fp.pos
+        ds.update(_read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, defer_size=_DEFER))
+        if fp.size - fp.pos >= 8:
+            # pydicom drops, with a warning only, encapsulated pixel data whose delimiter is missing
+            raise InvalidInstance(f"the data set ends inside an element: {fp.size - start} bytes from the pixel "
+                                  "data on could not be read")
     for tag in list(ds.keys()):
+        raw = ds.get_item(tag, keep_deferred=True)
+        if isinstance(raw, RawDataElement) and raw.value is None and raw.length != 0:
+            # deferred (long values: pixel data): only the length is checked
+            if raw.length != 0xFFFFFFFF and raw.value_tell + raw.length > fp.size:
+                raise InvalidInstance(f"element {tag} claims {raw.length} bytes, the dataset ends after "
+                                      f"{fp.size - raw.value_tell}")
+            continue
+        check_lengths(ds, [tag])
+        for element in ds[tag].value if ds[tag].VR == "SQ" else ():
+            check_lengths(element)
+            for _ in element.iterall():
+                pass
+    check_pixel_data(ds, transfer_syntax)
+    return ds
+
+
+def check_lengths(ds: Dataset, tags: list | None = None) -> None:
+    """Refuse a dataset whose elements claim more bytes than arrived (pydicom reads them short, silently)."""
+    for tag in list(ds.keys()) if tags is None else tags:
         raw = ds.get_item(tag)
         length = getattr(raw, "length", None)
         value = getattr(raw, "value", None)
@@ -66,10 +161,17 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     """Refuse native pixel data shorter than its Rows x Columns x samples x frames x bits says."""
     if "PixelData" not in ds:
         return
+    raw = ds.get_item("PixelData", keep_deferred=True)  # a deferred value is not read: lengths suffice
+    if isinstance(raw, RawDataElement):
+        undefined = raw.length == 0xFFFFFFFF
+        have = raw.length if raw.value is None else len(raw.value)
+    else:
+        undefined = bool(raw.is_undefined_length)
+        have = len(raw.value or b"")
     if UID(transfer_syntax).is_encapsulated:
         # encapsulated pixel data has an undefined length (fragments); a defined one means
         # native pixels sent under a compressed syntax, which no decoder will read
-        if not getattr(ds["PixelData"], "is_undefined_length", True):
+        if not undefined:
             raise InvalidInstance(f"PixelData is not encapsulated, as transfer syntax {transfer_syntax} requires")
         return
     try:
@@ -80,7 +182,6 @@ def check_pixel_data(ds: Dataset, transfer_syntax: str) -> None:
     except (AttributeError, TypeError, ValueError):
         raise InvalidInstance("PixelData without valid Rows, Columns and BitsAllocated") from None
     expected = (rows * columns * samples * frames * bits + 7) // 8
-    have = len(ds.PixelData or b"")
     if have < expected:
         raise InvalidInstance(f"PixelData has {have} bytes, Rows x Columns x frames needs {expected}")
 
@@ -94,6 +195,10 @@ class _AssocStats:
     failed: int = 0
     bytes: int = 0
     series: set[str] = field(default_factory=set)
+
+
+_SUCCESS = Dataset()
+_SUCCESS.Status = 0x0000
 
 
 def _failure(code: int, comment: str) -> Dataset:
@@ -124,6 +229,10 @@ class StorageSCP:
         # instances being indexed. A kill -9 can lose the rows still queued, never an instance.
         self._audit_queue: queue.Queue[tuple[str, dict] | None] = queue.Queue()
         self._audit_thread: threading.Thread | None = None
+        #: index rows of received instances, written off the associations' threads
+        self.indexer = IndexWriter(ingest)
+        #: instance files are written here while the association's thread checks the data set
+        self._writers: ThreadPoolExecutor | None = None
 
     def _record(self, event: str, **fields: object) -> None:
         self._audit_queue.put((event, fields))
@@ -154,9 +263,17 @@ class StorageSCP:
         self._record("association-accepted", calling_ae=stats.calling_ae[:16],
                      called_ae=self.settings.node.ae_title, address=assoc.address)
 
+    def releasing(self, assoc: Association) -> None:
+        """Before the A-RELEASE-RP: what the association stored is indexed when the sender hears it."""
+        if not self.indexer.flush(timeout=60):
+            log.error("association from %s@%s released while %d instance(s) still wait for the index",
+                      assoc.calling_ae, assoc.address, self.indexer.pending)
+
     def ended(self, assoc: Association, released: bool) -> None:
         with self._lock:
             stats = self._stats.pop(assoc.key, None)
+        # the completion tracker may complete the series once it hears this: index first
+        self.indexer.flush(timeout=60)
         self.on_association_end(assoc.key)
         if stats is None:
             return
@@ -171,44 +288,53 @@ class StorageSCP:
                          detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
 
     # -- C-STORE ------------------------------------------------------------------------------
-    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray) -> Dataset:
+    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray | memoryview) -> Dataset:
+        """Check the dataset while its file is written (another thread), move the file into
+        place once both are done, acknowledge; the index rows follow (IndexWriter)."""
         started = time.monotonic()
         stats = self._stats.get(assoc.key)
         calling = assoc.calling_ae
         transfer_syntax = assoc.contexts[context_id][1]
+        if self.indexer.error:
+            self._count(stats, ok=False)
+            return _failure(STATUS_OUT_OF_RESOURCES, f"{self.indexer.error}; try again later")
+        writing = None
         try:
             affected = str(command.get("AffectedSOPInstanceUID", "") or "")
-            meta = create_file_meta(sop_class_uid=UID(str(command.get("AffectedSOPClassUID", "") or "")),
-                                    sop_instance_uid=UID(affected), transfer_syntax=UID(transfer_syntax))
-            meta.SourceApplicationEntityTitle = calling[:16] or "UNKNOWN"
-            encoded = b"".join((b"\x00" * 128, b"DICM", encode_file_meta(meta), data))
-            ds = pydicom.dcmread(BytesIO(encoded))
-            # read every element now (pydicom defers it): a truncated or garbled dataset is
-            # refused here instead of failing later in a job
-            check_lengths(ds)
-            for _ in ds.iterall():
-                pass
-            check_pixel_data(ds, transfer_syntax)
-            stored = self.ingest.store(ds, encoded, calling, transfer_syntax, affected)
+            header = file_header(str(command.get("AffectedSOPClassUID", "") or ""), affected, transfer_syntax,
+                                 calling[:16] or "UNKNOWN")
+            writing = self._writers.submit(self.ingest.files.write_temp, (header, data))
+            ds = read_dataset(data, transfer_syntax)
+            entry = self.ingest.entry(ds, len(header) + len(data), calling, transfer_syntax, affected)
+            self.ingest.files.place(writing.result(), entry.rel)
+            writing = None
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, str(exc))
-        except OutOfResources as exc:
-            log.error("C-STORE from %s refused: %s", calling, exc)
+        except OSError as exc:
             self._count(stats, ok=False)
-            return _failure(STATUS_OUT_OF_RESOURCES, str(exc))
+            if out_of_resources(exc):
+                log.error("C-STORE from %s refused: cannot write instance: %s", calling, exc.strerror)
+                return _failure(STATUS_OUT_OF_RESOURCES, f"cannot write instance: {exc.strerror}")
+            log.error("C-STORE from %s refused: cannot write instance: %s", calling, exc)
+            return _failure(STATUS_PROCESSING_FAILURE, f"cannot write instance: {exc.strerror or type(exc).__name__}")
         except Exception as exc:  # noqa: BLE001 - a bad dataset must not take the node down
             log.warning("C-STORE from %s refused: dataset could not be read or stored (%s)", calling, type(exc).__name__)
             log.debug("C-STORE failure detail", exc_info=True)
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
-        self._count(stats, ok=True, size=len(encoded), series=stored.series_uid)
-        self.metrics.instance_received("dimse", len(encoded), started)
-        self.on_instance(assoc.key, stored.series_uid)
-        status = Dataset()
-        status.Status = 0x0000
-        return status
+        finally:
+            if writing is not None:  # refused: the temp file (if it got written) goes
+                try:
+                    writing.result().unlink(missing_ok=True)
+                except Exception:  # noqa: BLE001 - the write itself failed: nothing to remove
+                    pass
+        self.indexer.submit(entry)
+        self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
+        self.metrics.instance_received("dimse", entry.size, started)
+        self.on_instance(assoc.key, entry.series_uid)
+        return _SUCCESS
 
     @staticmethod
     def _count(stats: _AssocStats | None, ok: bool, size: int = 0, series: str | None = None) -> None:
@@ -228,6 +354,8 @@ class StorageSCP:
         node = self.settings.node
         self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
         self._audit_thread.start()
+        self.indexer.start()
+        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="instance-write")
         contexts = [build_context(Verification)]
         contexts += [build_context(cx.abstract_syntax, ACCEPT_ORDER) for cx in AllStoragePresentationContexts]
         options = dict(max_associations=32, max_pdu=MAX_PDU, max_pdu_bytes=MAX_PDU_BYTES,
@@ -270,6 +398,10 @@ class StorageSCP:
             if server is not None:
                 server.shutdown()
         self.server = self.tls_server = None
+        if self._writers is not None:
+            self._writers.shutdown(wait=True)
+            self._writers = None
+        self.indexer.stop()
         if self._audit_thread is not None:
             self._audit_queue.put(None)  # after what is queued: every row is written before stop returns
             self._audit_thread.join(timeout=30)

@@ -7,6 +7,7 @@ import os
 import re
 import uuid
 from pathlib import Path
+from typing import Sequence
 
 from ..errors import InvalidInstance
 
@@ -60,12 +61,53 @@ def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
 
 
 class FileStore:
-    """Layout: <root>/instances/<study>/<series>/<sop>.dcm and <root>/results/<job>/<sop>.dcm."""
+    """Layout: <root>/instances/<study>/<series>/<sop>.dcm and <root>/results/<job>/<sop>.dcm;
+    <root>/incoming/ holds instances being received (temp files, renamed into place)."""
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
         (self.root / "results").mkdir(parents=True, exist_ok=True)
+        self.incoming = self.root / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+
+    def write_temp(self, parts: Sequence[bytes | bytearray | memoryview]) -> Path:
+        """Write ``parts`` one after the other into a new temp file under incoming/, fsynced;
+        its name says nothing (the instance's UIDs are not known yet when this starts)."""
+        tmp = self.incoming / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            views = [memoryview(p).cast("B") for p in parts]
+            while views:
+                done = os.writev(fd, views)
+                while views and done >= len(views[0]):
+                    done -= len(views[0])
+                    views.pop(0)
+                if views and done:
+                    views[0] = views[0][done:]
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        os.close(fd)
+        return tmp
+
+    def place(self, tmp: Path, rel: str) -> None:
+        """Rename a fsynced temp file to ``rel`` and make the new name durable (folder fsync;
+        folders created on the way are fsynced into their parents too)."""
+        path = self.absolute(rel)
+        created: list[Path] = []
+        folder = path.parent
+        while not folder.is_dir():
+            created.append(folder)
+            folder = folder.parent
+        for new in reversed(created):
+            new.mkdir(exist_ok=True)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+        for new in created:
+            fsync_dir(new.parent)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         parts = (
