@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable
 
+from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset as _read_dataset
@@ -113,9 +114,20 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag == 0x7FE00010
 
 
+def _vr(raw: RawDataElement) -> str | None:
+    """The element's VR: explicit, else (implicit VR) the dictionary's."""
+    if raw.VR is not None:
+        return str(raw.VR)
+    try:
+        return dictionary_VR(raw.tag)
+    except KeyError:
+        return None
+
+
 def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Dataset:
     """The received data set, every element read and checked (pydicom defers reading; a
-    truncated or garbled data set is refused here instead of failing later in a job)."""
+    truncated or garbled data set is refused here instead of failing later in a job): each
+    element's bytes must all be there, each sequence must parse, item by item."""
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
         data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
@@ -138,6 +150,14 @@ def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> 
                 raise InvalidInstance(f"element {tag} claims {raw.length} bytes, the dataset ends after "
                                       f"{fp.size - raw.value_tell}")
             continue
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and _vr(raw) != "SQ":
+            # a value of defined length, not a sequence: its bytes are all there (checked
+            # here); converting it to a Python value is left to whoever reads it
+            if raw.value is not None and len(raw.value) < raw.length:
+                raise InvalidInstance(f"element {tag} claims {raw.length} bytes, the dataset ends after "
+                                      f"{len(raw.value)}")
+            continue
+        # sequences (and undefined lengths): every item read and every element in it converted
         check_lengths(ds, [tag])
         for element in ds[tag].value if ds[tag].VR == "SQ" else ():
             check_lengths(element)
@@ -304,8 +324,14 @@ class StorageSCP:
             header = file_header(str(command.get("AffectedSOPClassUID", "") or ""), affected, transfer_syntax,
                                  calling[:16] or "UNKNOWN")
             writing = self._writers.submit(self.ingest.files.write_temp, (header, data))
-            ds = read_dataset(data, transfer_syntax)
-            entry = self.ingest.entry(ds, len(header) + len(data), calling, transfer_syntax, affected)
+            try:
+                ds = read_dataset(data, transfer_syntax)
+                entry = self.ingest.entry(ds, len(header) + len(data), calling, transfer_syntax, affected)
+            except InvalidInstance:
+                raise
+            except Exception as exc:  # noqa: BLE001 - pydicom raises many types (OSError too) on garbage
+                log.debug("C-STORE data set unreadable", exc_info=True)
+                raise InvalidInstance(f"cannot read data set: {type(exc).__name__}") from exc
             self.ingest.files.place(writing.result(), entry.rel)
             writing = None
         except InvalidInstance as exc:
