@@ -254,8 +254,37 @@ def test_database_locked_by_another_process_delays_but_loses_nothing(node_factor
         released.join()
         blocker.close()
     assert statuses == [0] * 10
-    assert time.monotonic() - t0 >= 2.5, "the first instance waited for the lock"
+    # the files are acknowledged at once; the index rows wait for the lock, and the release
+    # is answered only once they are written
+    assert time.monotonic() - t0 >= 2.5, "the release waited for the index"
     assert db_rows(node, "select count(*) from instance")[0][0] == 10
+
+
+def test_node_killed_while_its_index_waits_indexes_the_files_at_restart(node_factory, tmp_path):
+    node = node_factory(peers(free_port()), [])
+    files = synthetic_ct_series(tmp_path / "a", 6, 64, seed=8)
+    blocker = sqlite3.connect(node.root / "node.db", timeout=30, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")
+    try:
+        ae = AE(ae_title=SCU)
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
+        assert assoc.is_established
+        statuses = [int(assoc.send_c_store(path).Status) for path in files]
+        node.proc.kill()  # acknowledged, not yet indexed: the index writer waits for the lock
+        node.proc.wait()
+        assoc.abort()
+    finally:
+        blocker.execute("COMMIT")
+        blocker.close()
+    assert statuses == [0] * 6
+    assert db_rows(node, "select count(*) from instance")[0][0] == 0
+    assert len(list((node.root / "storage" / "instances").rglob("*.dcm"))) == 6
+    node.start(node.port)
+    assert db_rows(node, "select count(*) from instance")[0][0] == 6
+    assert db_rows(node, "select instance_count from series") == [(6,)]
+    assert "indexed 6 instance file(s) that were stored but not yet indexed" in node.log()
 
 
 def test_database_busy_error_is_retried(tmp_path):
