@@ -181,3 +181,21 @@ def test_files_that_were_not_indexed_at_a_kill_are_indexed_at_start(tmp_path, ge
     assert ingest.db.run(lambda s: s.execute(select(Series.instance_count).where(
         Series.series_uid == entries[0].series_uid)).scalar_one()) == 3
     assert index_missing_files(ingest) == 0
+
+
+def test_index_writer_stops_while_the_database_still_fails(tmp_path, ge_head, monkeypatch):
+    from pacs_node.store.indexer import IndexWriter
+
+    ingest = Ingest(Database(f"sqlite:///{tmp_path / 'x.db'}"), FileStore(tmp_path / "s"))
+
+    def down(entries):  # type: ignore[no-untyped-def]
+        raise OperationalError("INSERT", {}, Exception("unable to open database file"))
+
+    monkeypatch.setattr(ingest, "index", down)
+    writer = IndexWriter(ingest, linger=0.0)
+    writer.start()
+    writer.submit(entries_of(ingest, sorted(ge_head.glob("*.dcm"))[:1])[0])
+    t0 = time.monotonic()
+    writer.stop(timeout=0.5)  # the entry stays unindexed (its file is indexed at the next start)
+    assert time.monotonic() - t0 < 10
+    assert writer.pending == 1 and writer.error is not None

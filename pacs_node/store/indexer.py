@@ -120,6 +120,8 @@ class IndexWriter:
                     self._queue.popleft()
                 self._indexed += done
                 self._cond.notify_all()
+                if not done and self._stopping:
+                    return  # the database still fails: the next start indexes these files
 
     def _index(self, batch: list[Entry]) -> int:
         """Index ``batch``; return how many entries from its start are done (indexed or given up)."""
