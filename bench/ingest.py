@@ -3,8 +3,9 @@ pacs-node, alternating, with 1, 4 and 8 concurrent associations; medians, ratios
 
 Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--json F]
 
-Each run starts the target fresh on an empty folder (pacs-node: fsync + SQLite index on, no
-rules, so only receive/store/index is timed); the series is split into `conc` parts sent by
+Each run starts the target fresh on an empty folder, after a sync(2) that writes back what the
+previous runs left in the page cache (pacs-node: fsync + SQLite index on, no rules, so only
+receive/store/index is timed); the series is split into `conc` parts sent by
 `conc` storescu processes at once; the clock runs from the first process start to the last
 exit. TCP_NODELAY=1 is set for DCMTK and Orthanc (else ~40 ms per instance).
 """
@@ -142,6 +143,10 @@ def main() -> int:
                 order = targets if rep % 2 == 0 else targets[::-1]  # alternate to spread drift
                 for kind in order:
                     target = kind(Path(tmp) / f"{kind.name}-{rep}-{conc}")
+                    # storescp and Orthanc do not fsync: the kernel writes their files back up to
+                    # 30 s later, in the middle of the next target's run (whose fsyncs then wait
+                    # behind it). Flush before each run, untimed, so no target pays for another.
+                    os.sync()
                     target.start()
                     try:
                         elapsed = send(target, files, conc)
