@@ -9,7 +9,8 @@ A-ASSOCIATE-AC encoding (``pynetdicom.pdu``), presentation context and role nego
 (``pynetdicom.presentation.negotiate_as_acceptor``), command set encoding (``pynetdicom.
 dsutils``), file meta (``create_file_meta``). What it adds is the transport: blocking reads of
 whole PDUs on the association's own thread, PDV fragments appended straight into one buffer
-per message, and the response written by the same thread. pynetdicom stays the SCU.
+per message, and the response written by the same thread. The sending side (``scu.py``) does
+the same for outgoing associations.
 
 Protocol behaviour (PS3.8): an association is rejected with A-ASSOCIATE-RJ (the handler's
 access decision, or "local limit exceeded" past ``max_associations``); anything malformed or
