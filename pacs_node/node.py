@@ -80,7 +80,8 @@ class Node:
         if extra > 0:
             from .receivers import ReceiverPool
 
-            self.receivers = ReceiverPool(self.settings, self.token, self.tracker, extra)
+            self.receivers = ReceiverPool(self.settings, self.token, self.tracker, extra,
+                                          recover=lambda: index_missing_files(self.ingest))
             self.receivers.start()
         loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
         if self.run_worker:

@@ -24,7 +24,7 @@ import queue
 import signal
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from . import logs, metrics
 from .complete import CompletionTracker
@@ -93,7 +93,11 @@ def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid
 class ReceiverPool:
     """Starts, watches and stops the extra receiver processes; feeds their events to the tracker."""
 
-    def __init__(self, settings: Settings, receiver_token: str, tracker: CompletionTracker, count: int) -> None:
+    def __init__(self, settings: Settings, receiver_token: str, tracker: CompletionTracker, count: int,
+                 recover: Callable[[], object] | None = None) -> None:
+        """``recover`` runs when a receiver process died, before its associations end: it
+        indexes the files that process had acknowledged but not yet indexed."""
+        self.recover = recover
         self.settings = settings
         self.token = receiver_token
         self.tracker = tracker
@@ -150,6 +154,11 @@ class ReceiverPool:
                     continue
                 log.error("receiver process %d exited (code %s); its open associations end now, restarting it",
                           proc.pid, proc.exitcode)
+                if self.recover is not None:
+                    try:
+                        self.recover()
+                    except Exception:  # noqa: BLE001 - the next start indexes them anyway
+                        log.exception("indexing the files of receiver process %d failed", proc.pid)
                 for key in self._open.pop(proc.pid, set()):
                     self.tracker.association_ended(key)
                 self._procs[i] = self._spawn()

@@ -199,3 +199,22 @@ def test_index_writer_stops_while_the_database_still_fails(tmp_path, ge_head, mo
     writer.stop(timeout=0.5)  # the entry stays unindexed (its file is indexed at the next start)
     assert time.monotonic() - t0 < 10
     assert writer.pending == 1 and writer.error is not None
+
+
+def test_deflated_data_sets_are_read_and_a_deflate_bomb_refused(ge_head, monkeypatch):
+    import zlib
+
+    from pacs_node.net import scp as scp_module
+
+    meta, body = split(sorted(ge_head.glob("*.dcm"))[0])
+    assert str(meta.TransferSyntaxUID) == EXPLICIT
+
+    def deflate(raw: bytes) -> bytes:
+        squeeze = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+        return squeeze.compress(raw) + squeeze.flush()
+
+    deflated = "1.2.840.10008.1.2.1.99"
+    assert read_dataset(deflate(body), deflated).SOPInstanceUID == meta.MediaStorageSOPInstanceUID
+    monkeypatch.setattr(scp_module, "_MAX_INFLATED", 1 << 20)
+    with pytest.raises(InvalidInstance, match="inflates to more than 1 MiB"):
+        read_dataset(deflate(b"\0" * (2 << 20)), deflated)

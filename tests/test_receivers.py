@@ -100,3 +100,38 @@ def test_two_receiver_processes_share_the_port_and_lose_nothing(node_factory, st
     node.proc.kill()
     node.proc.wait()
     wait_for(lambda: not alive(newest), 10, "the receiver to die with the node")
+
+
+def test_a_dead_receiver_has_its_stored_files_indexed_before_its_associations_end(tmp_path):
+    """The pool runs the recovery (index the files a dead receiver had acknowledged but not
+    indexed) before the completion tracker hears that its associations ended."""
+    import threading
+
+    from conftest import free_port, port_open
+    from pacs_node.complete import CompletionTracker
+    from pacs_node.config import parse
+    from pacs_node.receivers import ReceiverPool
+    from pacs_node.store.index import Database
+
+    port = free_port()
+    settings = parse({"node": {"port": port, "storage_dir": str(tmp_path / "s"), "allow_any_caller": True,
+                               "database_url": f"sqlite:///{tmp_path}/n.db"}}, tmp_path)
+    tracker = CompletionTracker(Database(settings.node.database_url), settings.completion, lambda s, x: None)
+    order: list[str] = []
+    recovered = threading.Event()
+    ended = tracker.association_ended
+    tracker.association_ended = lambda key: (order.append("ended"), ended(key))  # type: ignore[method-assign]
+    pool = ReceiverPool(settings, "token", tracker, 1, recover=lambda: (order.append("recover"), recovered.set()))
+    pool.start()
+    try:
+        wait_for(lambda: port_open(port), 60, "the receiver process to listen")
+        tracker.instance_received((pool._procs[0].pid, 1), "1.2.3")  # an association it had open
+        pool._open[pool._procs[0].pid] = {(pool._procs[0].pid, 1)}
+        killed = pool._procs[0].pid
+        os.kill(killed, signal.SIGKILL)
+        assert recovered.wait(30)
+        wait_for(lambda: "ended" in order, 10, "its association to end")
+        assert order[:2] == ["recover", "ended"]
+        wait_for(lambda: pool._procs[0].pid != killed and port_open(port), 60, "the restarted receiver to listen")
+    finally:
+        pool.stop()

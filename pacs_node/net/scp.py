@@ -106,6 +106,8 @@ class _View:
         return self.pos
 
 
+#: a deflated data set larger than this once inflated is refused (a "deflate bomb")
+_MAX_INFLATED = 1 << 30
 #: values this long are not copied out of the received buffer (pixel data); only their length is checked
 _DEFER = 16384
 
@@ -130,9 +132,12 @@ def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> 
     element's bytes must all be there, each sequence must parse, item by item."""
     ts = UID(transfer_syntax)
     if ts == DeflatedExplicitVRLittleEndian:
-        data = zlib.decompressobj(-zlib.MAX_WBITS).decompress(bytes(data))
+        inflate = zlib.decompressobj(-zlib.MAX_WBITS)
+        data = inflate.decompress(bytes(data), _MAX_INFLATED)
+        if inflate.unconsumed_tail:
+            raise InvalidInstance(f"the deflated data set inflates to more than {_MAX_INFLATED >> 20} MiB")
     fp = _View(data)
-    # everything up to the pixel data is read (and below converted); the pixel data, and what
+    # everything up to the pixel data is read (and checked below); the pixel data, and what
     # may follow it, with long values deferred: no copy of the pixels, their length is checked
     ds = _read_dataset(fp, ts.is_implicit_VR, ts.is_little_endian, stop_when=_at_pixel_data)
     if fp.pos < fp.size:
