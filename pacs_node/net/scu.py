@@ -21,7 +21,6 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_file_meta_info
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, build_context,
                         evt)
@@ -210,6 +209,28 @@ class _LeanAssociation:
             pass
 
 
+def _contexts(pairs: list[tuple[str, str]]) -> list:
+    """One presentation context per (SOP class, transfer syntax): the file's syntax first, then
+    the uncompressed ones, which pynetdicom can convert to."""
+    contexts = []
+    for i, (sop_class, ts) in enumerate(pairs):
+        syntaxes = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
+        cx = build_context(sop_class, syntaxes)
+        cx.context_id = 2 * i + 1
+        contexts.append(cx)
+    if len(contexts) > 128:
+        raise SendError(f"{len(contexts)} presentation contexts needed, at most 128 per association")
+    return contexts
+
+
+def _note(report: SendReport, path: Path, code: int) -> None:
+    # 0xB000, 0xB007, 0xB006 are warnings: the instance was stored.
+    if code == 0x0000 or (code & 0xF000) == 0xB000:
+        report.ok.append(path)
+    else:
+        report.rejected.append((path, f"0x{code:04X}"))
+
+
 def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, port: int,
                timeout: float = 30.0, tls: ssl.SSLContext | None = None) -> SendReport:
     """Send ``files`` in one association (over TLS with ``tls``); raise SendError if it cannot be made or is lost."""
@@ -219,30 +240,18 @@ def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, po
         metas.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID),
                       str(meta.MediaStorageSOPInstanceUID), offset))
     pairs = sorted({(sop_class, ts) for _, sop_class, ts, _, _ in metas})
-    contexts = []
-    for i, (sop_class, ts) in enumerate(pairs):
-        syntaxes = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
-        cx = build_context(sop_class, syntaxes)
-        cx.context_id = 2 * i + 1
-        contexts.append(cx)
-    if len(contexts) > 128:
-        raise SendError(f"{len(contexts)} presentation contexts needed, at most 128 per association")
-    assoc = _LeanAssociation(host, port, calling_ae, called_ae, contexts, timeout, tls)
+    assoc = _LeanAssociation(host, port, calling_ae, called_ae, _contexts(pairs), timeout, tls)
     if any((sop_class, ts) not in assoc.accepted for _, sop_class, ts, _, _ in metas):
         # a file needs converting to a syntax the destination accepted: pynetdicom does that
         assoc.release()
-        return _send_with_pynetdicom(files, calling_ae, called_ae, host, port, timeout, tls)
+        return _send_with_pynetdicom(files, pairs, calling_ae, called_ae, host, port, timeout, tls)
     report = SendReport()
     try:
         for path, sop_class, ts, sop_instance, offset in metas:
             code = assoc.store(path, assoc.accepted[(sop_class, ts)], sop_class, sop_instance, offset)
             if code is None:
                 raise SendError(f"no status from {assoc.where} for an instance")
-            # 0xB000, 0xB007, 0xB006 are warnings: the instance was stored.
-            if code == 0x0000 or (code & 0xF000) == 0xB000:
-                report.ok.append(path)
-            else:
-                report.rejected.append((path, f"0x{code:04X}"))
+            _note(report, path, code)
     except BaseException:
         assoc.close()
         raise
@@ -250,24 +259,13 @@ def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, po
     return report
 
 
-def _send_with_pynetdicom(files: list[Path], calling_ae: str, called_ae: str, host: str, port: int,
-                          timeout: float, tls: ssl.SSLContext | None) -> SendReport:
-    metas = []
-    for path in files:
-        meta = read_file_meta_info(path)
-        metas.append((path, str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)))
+def _send_with_pynetdicom(files: list[Path], pairs: list[tuple[str, str]], calling_ae: str, called_ae: str,
+                          host: str, port: int, timeout: float, tls: ssl.SSLContext | None) -> SendReport:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout
-    pairs = sorted({(sop_class, ts) for _, sop_class, ts in metas})
-    contexts = []
-    for sop_class, ts in pairs:
-        syntaxes = [ts] + [t for t in (ExplicitVRLittleEndian, ImplicitVRLittleEndian) if t != ts]
-        contexts.append(build_context(sop_class, syntaxes))
-    if len(contexts) > 128:
-        raise SendError(f"{len(contexts)} presentation contexts needed, at most 128 per association")
-    ae.requested_contexts = contexts
+    ae.requested_contexts = _contexts(pairs)
     assoc = ae.associate(host, port, ae_title=called_ae, evt_handlers=[(evt.EVT_CONN_OPEN, set_nodelay)],
                          tls_args=(tls, host) if tls is not None else None)
     if not assoc.is_established:
@@ -275,7 +273,7 @@ def _send_with_pynetdicom(files: list[Path], calling_ae: str, called_ae: str, ho
         raise SendError(f"association to {called_ae}@{host}:{port} failed ({reason})")
     report = SendReport()
     try:
-        for path, _, _ in metas:
+        for path in files:
             # a decoded data set, which pynetdicom converts (a path would be sent as it is when
             # pynetdicom's STORE_SEND_CHUNKED_DATASET is set in this process)
             status = assoc.send_c_store(dcmread(path))
@@ -284,11 +282,7 @@ def _send_with_pynetdicom(files: list[Path], calling_ae: str, called_ae: str, ho
             code = int(status.Status) if status and "Status" in status else None
             if code is None:
                 raise SendError(f"no response from {called_ae}@{host}:{port} (timeout or abort)")
-            # 0xB000, 0xB007, 0xB006 are warnings: the instance was stored.
-            if code == 0x0000 or (code & 0xF000) == 0xB000:
-                report.ok.append(path)
-            else:
-                report.rejected.append((path, f"0x{code:04X}"))
+            _note(report, path, code)
     finally:
         if assoc.is_established:
             assoc.release()
