@@ -76,13 +76,15 @@ class Node:
         # with SQLite and the worker in this process, every 'running' job is ours from before
         recover(self.db, single_process=self.single_process and self.run_worker)
         extra = self.settings.node.receivers - 1
-        self.scp.start(reuse_port=extra > 0)
+        self.scp.start()
         if extra > 0:
             from .receivers import ReceiverPool
 
             self.receivers = ReceiverPool(self.settings, self.token, self.tracker, extra,
                                           recover=lambda: index_missing_files(self.ingest))
             self.receivers.start()
+            # node.port's listener hands connections to the receiver processes in turn
+            self.scp.server.handoff = self.receivers.handoff
         loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
         if self.run_worker:
             loops.append(("worker", self.worker.run))

@@ -1,9 +1,11 @@
-"""Extra receiver processes: more DICOM listeners on the node's port, one Python process each.
+"""Extra receiver processes: more DICOM associations served at once, one Python process each.
 
-The receive path is CPU-bound in one process (docs/performance.md): associations served by one
-process share its GIL, so four concurrent senders get no more than one. With ``[node]
-receivers = N`` the node starts N - 1 child processes that listen on the same port
-(``SO_REUSEPORT``: the kernel spreads new connections over the listening sockets). Each child
+Associations served by one process share its GIL and its threads (docs/performance.md). With
+``[node] receivers = N`` the node starts N - 1 child processes; the main process's listener
+hands each new connection on node.port to the next process in turn (the main one included),
+passing the socket over a pipe (``multiprocessing.reduction.send_handle``). Until session 5 the
+children listened on the port themselves (``SO_REUSEPORT``), but the kernel spreads those
+connections by a hash of the peer's port, so four senders often landed 3 + 1 or 4 + 0. Each child
 stores and indexes instances exactly like the main process (same storage folder, same
 database; SQLite serialises writers across processes with ``BEGIN IMMEDIATE``), and reports
 to the main process what its completion tracker must know: an instance of a series arrived on
@@ -22,8 +24,10 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import threading
 import time
+from multiprocessing.reduction import recv_handle, send_handle
 from typing import Any, Callable
 
 from . import logs, metrics
@@ -63,7 +67,19 @@ class _ForwardedMetrics:
         self.events.put(("m-association", self.pid, accepted))
 
 
-def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid: int) -> None:
+def _take_connections(channel: Any, scp: Any, done: threading.Event) -> None:
+    """A receiver process's end of the hand-over: (address, descriptor) pairs from the main process."""
+    while not done.is_set():
+        try:
+            address = channel.recv()
+            fd = recv_handle(channel)
+        except (EOFError, OSError):
+            done.set()  # the main process is gone or stopping
+            return
+        scp.server.serve(socket.socket(fileno=fd), tuple(address))
+
+
+def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid: int, channel: Any) -> None:
     _die_with_parent(parent_pid)
     logs.setup(settings.node.log_level)
     from .net.scp import StorageSCP
@@ -83,7 +99,8 @@ def _child_main(settings: Settings, receiver_token: str, events: Any, parent_pid
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C reaches the whole group: the parent decides
     # its association threads log as receiver<pid>-<peer>
-    scp.start(reuse_port=True, extra_tls_listener=False, thread_prefix=f"receiver{pid}")
+    scp.start(extra_tls_listener=False, thread_prefix=f"receiver{pid}", listen=False)
+    threading.Thread(target=_take_connections, args=(channel, scp, done), name="handover", daemon=True).start()
     events.put(("ready", pid, 0, None))
     done.wait()
     scp.stop()
@@ -108,16 +125,26 @@ class ReceiverPool:
         self._open: dict[int, set[tuple[int, int]]] = {}
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        self._channels: list[Any] = []
+        self._handoff_lock = threading.Lock()
+        self._turn = 0
+        #: indexes of the receiver processes that said they are ready
+        self._ready: set[int] = set()
 
-    def _spawn(self) -> Any:
-        proc = self._ctx.Process(target=_child_main, args=(self.settings, self.token, self.events, os.getpid()),
+    def _spawn(self) -> tuple[Any, Any]:
+        ours, theirs = self._ctx.Pipe()
+        proc = self._ctx.Process(target=_child_main,
+                                 args=(self.settings, self.token, self.events, os.getpid(), theirs),
                                  name="pacs-node-receiver", daemon=True)
         proc.start()
+        theirs.close()
         log.info("receiver process %d started", proc.pid)
-        return proc
+        return proc, ours
 
     def start(self) -> None:
-        self._procs = [self._spawn() for _ in range(self.count)]
+        spawned = [self._spawn() for _ in range(self.count)]
+        self._procs = [proc for proc, _ in spawned]
+        self._channels = [channel for _, channel in spawned]
         self._thread = threading.Thread(target=self._run, name="receivers", daemon=True)
         self._thread.start()
 
@@ -137,7 +164,10 @@ class ReceiverPool:
         elif kind == "m-association":
             metrics.association(event[2])
         elif kind == "ready":
-            log.info("receiver process %d listening", pid)
+            for i, proc in enumerate(self._procs):
+                if proc.pid == pid:
+                    self._ready.add(i)
+            log.info("receiver process %d listening (connections handed over by the main process)", pid)
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -161,7 +191,31 @@ class ReceiverPool:
                         log.exception("indexing the files of receiver process %d failed", proc.pid)
                 for key in self._open.pop(proc.pid, set()):
                     self.tracker.association_ended(key)
-                self._procs[i] = self._spawn()
+                with self._handoff_lock:
+                    self._ready.discard(i)
+                    self._channels[i].close()
+                    self._procs[i], self._channels[i] = self._spawn()
+
+    def handoff(self, conn: socket.socket, address: tuple[str, int]) -> bool:
+        """The main process's listener calls this with each new connection: every (count + 1)-th
+        stays in the main process, the others go to the receiver processes in turn. Handing
+        them over, rather than letting the kernel spread connections over several listening
+        sockets (SO_REUSEPORT hashes the peer's port, so four senders often land 3 + 1 or 4 + 0),
+        keeps the processes evenly loaded. False: serve it here."""
+        with self._handoff_lock:
+            self._turn = (self._turn + 1) % (self.count + 1)
+            if self._turn == 0 or self._stop.is_set():
+                return False
+            i = self._turn - 1
+            proc, channel = self._procs[i], self._channels[i]
+            if not proc.is_alive() or i not in self._ready:
+                return False
+            try:
+                channel.send(address)
+                send_handle(channel, conn.fileno(), proc.pid)
+            except OSError:
+                return False
+            return True
 
     def stop(self) -> None:
         self._stop.set()
@@ -172,6 +226,9 @@ class ReceiverPool:
             proc.join(timeout=30)
             if proc.is_alive():
                 proc.kill()
+        with self._handoff_lock:
+            for channel in self._channels:
+                channel.close()
         # what they reported while stopping
         try:
             while True:

@@ -107,7 +107,7 @@ def test_a_dead_receiver_has_its_stored_files_indexed_before_its_associations_en
     indexed) before the completion tracker hears that its associations ended."""
     import threading
 
-    from conftest import free_port, port_open
+    from conftest import free_port
     from pacs_node.complete import CompletionTracker
     from pacs_node.config import parse
     from pacs_node.receivers import ReceiverPool
@@ -124,7 +124,7 @@ def test_a_dead_receiver_has_its_stored_files_indexed_before_its_associations_en
     pool = ReceiverPool(settings, "token", tracker, 1, recover=lambda: (order.append("recover"), recovered.set()))
     pool.start()
     try:
-        wait_for(lambda: port_open(port), 60, "the receiver process to listen")
+        wait_for(lambda: 0 in pool._ready, 60, "the receiver process to be ready")
         tracker.instance_received((pool._procs[0].pid, 1), "1.2.3")  # an association it had open
         pool._open[pool._procs[0].pid] = {(pool._procs[0].pid, 1)}
         killed = pool._procs[0].pid
@@ -132,6 +132,6 @@ def test_a_dead_receiver_has_its_stored_files_indexed_before_its_associations_en
         assert recovered.wait(30)
         wait_for(lambda: "ended" in order, 10, "its association to end")
         assert order[:2] == ["recover", "ended"]
-        wait_for(lambda: pool._procs[0].pid != killed and port_open(port), 60, "the restarted receiver to listen")
+        wait_for(lambda: pool._procs[0].pid != killed and 0 in pool._ready, 60, "the restarted receiver")
     finally:
         pool.stop()

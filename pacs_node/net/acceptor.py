@@ -29,7 +29,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Protocol
+from typing import Callable, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
@@ -154,7 +154,9 @@ class Acceptor:
                  ssl_context: ssl.SSLContext | None = None, max_associations: int = 32, max_connections: int = 512,
                  max_pdu: int = 1 << 20, max_pdu_bytes: int = 4 << 20, max_message_bytes: int = 2 << 30,
                  acse_timeout: float = 30.0, network_timeout: float = 60.0, artim_timeout: float = 5.0,
-                 reuse_port: bool = False, thread_prefix: str = "dicom") -> None:
+                 thread_prefix: str = "dicom", listen: bool = True) -> None:
+        """``listen=False``: no socket of its own; connections come through ``serve`` (a receiver
+        process, handed them by the main process)."""
         self.handler = handler
         self.contexts = contexts
         self.ssl_context = ssl_context
@@ -174,12 +176,18 @@ class Acceptor:
         self._connections: set[socket.socket] = set()
         self._active = 0
         self._stopping = False
-        # reuse_port: several processes listen on one port, the kernel spreads connections
-        self.socket = socket.create_server((host, port), backlog=128, reuse_port=reuse_port)
-        self.server_address = self.socket.getsockname()
-        self._thread = threading.Thread(target=self._accept_loop, name=f"dicom-accept-{self.server_address[1]}",
-                                        daemon=True)
-        self._thread.start()
+        #: called with each accepted connection before it is served here; True: it was handed to
+        #: another process (receivers.ReceiverPool), which serves it
+        self.handoff: Callable[[socket.socket, tuple[str, int]], bool] | None = None
+        self.socket: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self.server_address: tuple = (host, port)
+        if listen:
+            self.socket = socket.create_server((host, port), backlog=128)
+            self.server_address = self.socket.getsockname()
+            self._thread = threading.Thread(target=self._accept_loop,
+                                            name=f"dicom-accept-{self.server_address[1]}", daemon=True)
+            self._thread.start()
 
     # -- listening ---------------------------------------------------------------------------
     def _accept_loop(self) -> None:
@@ -203,17 +211,38 @@ class Acceptor:
                                 self.acse_timeout)
                 conn.close()
                 continue
-            threading.Thread(target=self._serve, args=(conn, address),
-                             name=f"{self.thread_prefix}-{address[0]}:{address[1]}", daemon=True).start()
+            handed = False
+            if self.handoff is not None:
+                try:
+                    handed = self.handoff(conn, address)
+                except Exception:  # noqa: BLE001 - served here instead
+                    log.exception("connection from %s:%d could not be handed to a receiver process", *address)
+            if handed:
+                with self._lock:
+                    self._connections.discard(conn)
+                conn.close()  # the receiver process has its own descriptor of it
+                continue
+            self._start_serving(conn, address)
+
+    def serve(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        """Serve a connection accepted elsewhere (the main process, for a receiver process)."""
+        with self._lock:
+            self._connections.add(conn)
+        self._start_serving(conn, address)
+
+    def _start_serving(self, conn: socket.socket, address: tuple[str, int]) -> None:
+        threading.Thread(target=self._serve, args=(conn, address),
+                         name=f"{self.thread_prefix}-{address[0]}:{address[1]}", daemon=True).start()
 
     def shutdown(self) -> None:
         """Stop listening and close every open association's connection."""
         self._stopping = True
-        try:
-            self.socket.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
-        except OSError:
-            pass
-        self.socket.close()
+        if self.socket is not None:
+            try:
+                self.socket.shutdown(socket.SHUT_RDWR)  # wakes the accept() above
+            except OSError:
+                pass
+            self.socket.close()
         with self._lock:
             connections = list(self._connections)
         for conn in connections:
@@ -221,7 +250,8 @@ class Acceptor:
                 conn.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
 
     # -- one connection ----------------------------------------------------------------------
     def _serve(self, conn: socket.socket, address: tuple[str, int]) -> None:

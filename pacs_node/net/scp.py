@@ -379,9 +379,10 @@ class StorageSCP:
         else:
             stats.failed += 1
 
-    def start(self, reuse_port: bool = False, extra_tls_listener: bool = True, thread_prefix: str = "dicom") -> None:
-        """Listen on node.port (and [tls] port); ``reuse_port`` when receiver processes share
-        the port, ``extra_tls_listener=False`` in those (the main process serves [tls] port)."""
+    def start(self, extra_tls_listener: bool = True, thread_prefix: str = "dicom", listen: bool = True) -> None:
+        """Listen on node.port (and [tls] port); in a receiver process ``listen=False`` (it is
+        handed node.port's connections: ``server.serve``) and ``extra_tls_listener=False`` (the
+        main process serves [tls] port)."""
         node = self.settings.node
         self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
         self._audit_thread.start()
@@ -391,8 +392,15 @@ class StorageSCP:
         contexts += [build_context(cx.abstract_syntax, ACCEPT_ORDER) for cx in AllStoragePresentationContexts]
         options = dict(max_associations=32, max_pdu=MAX_PDU, max_pdu_bytes=MAX_PDU_BYTES,
                        max_message_bytes=int(node.max_instance_mb * 1e6), acse_timeout=30.0, network_timeout=60.0,
-                       reuse_port=reuse_port, thread_prefix=thread_prefix)
+                       thread_prefix=thread_prefix)
         tls = self.settings.tls
+        if not listen:
+            # a receiver process: no socket of its own; node.port's connections are handed to it
+            # (TLS ones when node.port speaks TLS only: the handshake runs here)
+            tls_only = tls.listening and tls.port is None
+            self.server = Acceptor(node.host, node.port, self, contexts, listen=False,
+                                   ssl_context=server_context(tls) if tls_only else None, **options)
+            return
         # [tls] without a port: node.port speaks TLS only; with one: plain on node.port, TLS there
         plain = not tls.listening or tls.port is not None
         secure = tls.listening and (not plain or extra_tls_listener)
