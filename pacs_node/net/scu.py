@@ -186,7 +186,8 @@ class _LeanAssociation:
             while offset_ + 6 <= len(body):
                 length = struct.unpack_from(">L", body, offset_)[0]
                 control = body[offset_ + 5]
-                raw += body[offset_ + 6: offset_ + 4 + length]
+                if control & 0x01:  # a command fragment (a C-STORE-RSP has no data set)
+                    raw += body[offset_ + 6: offset_ + 4 + length]
                 offset_ += 4 + length
                 if control & 0x03 == 0x03:  # the last fragment of a command set
                     response = decode(BytesIO(bytes(raw)), True, True)
