@@ -251,6 +251,19 @@ def allowed_file(rel: Path) -> bool:
     return False
 
 
+def stored_body(path: Path) -> bytes | None:
+    """The data set bytes of a stored file (after its file meta), None if it is gone."""
+    from pydicom.filereader import _read_file_meta_info, read_preamble
+
+    try:
+        with open(path, "rb") as fh:
+            read_preamble(fh, False)
+            _read_file_meta_info(fh)
+            return fh.read()
+    except FileNotFoundError:
+        return None
+
+
 def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None) -> FuzzStats:
     base = synthetic_ct_series(workdir / "base", 1, 16, patient_name="FUZZ^BASE")[0]
     stats = FuzzStats()
@@ -272,18 +285,17 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
         stats.kind_outcomes[kind, outcome] += 1
         if outcome == "0x0000":
             # the file is durable before the acknowledgement; its index row follows within the
-            # index writer's linger (store/indexer.py)
+            # index writer's linger (store/indexer.py): until then a re-sent SOP Instance UID's
+            # row may still name the file of the earlier case
             end = time.monotonic() + 5
-            while not (rows := node.query("select path from instance where sop_uid = ?", (meta_sop,))) \
-                    and time.monotonic() < end:
+            while True:
+                rows = node.query("select path from instance where sop_uid = ?", (meta_sop,))
+                stored = stored_body(storage / rows[0][0]) if len(rows) == 1 else None
+                if stored == body or time.monotonic() > end:
+                    break
                 time.sleep(0.01)
             assert len(rows) == 1, f"{kind}: success but {len(rows)} index row(s) for {meta_sop}"
-            with open(storage / rows[0][0], "rb") as fh:
-                from pydicom.filereader import _read_file_meta_info, read_preamble
-
-                read_preamble(fh, False)
-                _read_file_meta_info(fh)
-                assert fh.read() == body, f"{kind}: stored bytes differ from the bytes acknowledged"
+            assert stored == body, f"{kind}: stored bytes differ from the bytes acknowledged"
         if stats.cases % 200 == 0:
             stats.note_memory(node)
             assert node.proc.poll() is None, "the node died"
@@ -292,7 +304,8 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
         stats.note_memory(node)
         one()
     except Exception as exc:  # noqa: BLE001 - reported with the figures
-        stats.problems.append(f"{type(exc).__name__}: {str(exc)[:500]}")
+        inner = [f"{type(e).__name__}: {str(e)[:300]}" for e in getattr(exc, "exceptions", ())]
+        stats.problems.append(f"{type(exc).__name__}: {str(exc)[:500]}" + (f" [{'; '.join(inner)}]" if inner else ""))
     finally:
         client.close()
     if node.proc.poll() is not None:
