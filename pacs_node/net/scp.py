@@ -155,15 +155,10 @@ def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> 
                 raise InvalidInstance(f"element {tag} claims {raw.length} bytes, the dataset ends after "
                                       f"{fp.size - raw.value_tell}")
             continue
-        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and _vr(raw) != "SQ":
-            # a value of defined length, not a sequence: its bytes are all there (checked
-            # here); converting it to a Python value is left to whoever reads it
-            if raw.value is not None and len(raw.value) < raw.length:
-                raise InvalidInstance(f"element {tag} claims {raw.length} bytes, the dataset ends after "
-                                      f"{len(raw.value)}")
-            continue
-        # sequences (and undefined lengths): every item read and every element in it converted
         check_lengths(ds, [tag])
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and _vr(raw) != "SQ":
+            continue  # a plain value: converting it is left to whoever reads it
+        # sequences (and undefined lengths): every item read and every element in it converted
         for element in ds[tag].value if ds[tag].VR == "SQ" else ():
             check_lengths(element)
             for _ in element.iterall():

@@ -185,9 +185,10 @@ def index_missing_files(ingest: Ingest) -> int:
             if rel in known:
                 continue
             try:
+                info = path.stat()
                 ds = pydicom.dcmread(path, stop_before_pixels=True)
-                entry = ingest.entry(ds, path.stat().st_size, str(ds.file_meta.get("SourceApplicationEntityTitle", "")
-                                                                  or "").strip(),
+                entry = ingest.entry(ds, info.st_size,
+                                     str(ds.file_meta.get("SourceApplicationEntityTitle", "") or "").strip(),
                                      str(ds.file_meta.TransferSyntaxUID))
             except Exception as exc:  # noqa: BLE001 - a damaged file is reported, not fatal
                 log.error("instance file %s could not be read to index it (%s); left in place", rel,
@@ -198,7 +199,7 @@ def index_missing_files(ingest: Ingest) -> int:
                 continue
             elsewhere = ingest.db.run(lambda s, sop=entry.sop_uid: s.execute(
                 select(Instance.path, Instance.received_at).where(Instance.sop_uid == sop)).first())
-            mtime = dt.datetime.fromtimestamp(path.stat().st_mtime, dt.timezone.utc).replace(tzinfo=None)
+            mtime = dt.datetime.fromtimestamp(info.st_mtime, dt.timezone.utc).replace(tzinfo=None)
             if elsewhere is not None and elsewhere.path != rel and elsewhere.received_at >= mtime:
                 # the instance moved to another series after this file was written; the old
                 # file's removal was lost with the process

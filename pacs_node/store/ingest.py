@@ -198,8 +198,11 @@ class Ingest:
         if new_rows:
             session.execute(insert(instance_t), new_rows)
         count = series_t.c.instance_count
+        by_series: dict[str, list[Entry]] = {}
+        for e in entries:
+            by_series.setdefault(e.series_uid, []).append(e)
         for series_uid, series_id in series_ids.items():
-            mine = [e for e in entries if e.series_uid == series_uid]
+            mine = by_series[series_uid]
             latest = max(mine, key=lambda e: e.received_at)
             change = dict(changes[series_uid], last_received_at=latest.received_at, calling_ae=latest.calling_ae,
                           receiver=self.receiver)
