@@ -96,3 +96,30 @@ def test_resent_sop_uid_under_another_series_leaves_no_old_file(tmp_path):
     ingest.store(ds, src.read_bytes(), "SCU", ExplicitVRLittleEndian)
     files = list((tmp_path / "storage" / "instances").rglob("*.dcm"))
     assert len(files) == 1, [str(f.relative_to(tmp_path)) for f in files]
+
+
+def test_short_bodies_reach_the_node_and_are_refused(tmp_path):
+    """CI once failed in the harness, not the node: pynetdicom's own file splitter raised
+    struct.error on an 8-byte data set whose first "VR" read as OB. The harness now splits by
+    the file meta group length, so such bodies are sent and the node answers each one."""
+    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+    from crash_soak import Node
+    from fuzz_store import StoreClient, file_with
+
+    node = Node(tmp_path / "node", None, rules=False)
+    node.start()
+    client = StoreClient(node.port)
+    try:
+        bodies = [b"\x08\x00\x16\x00OB\x00\x00", b"\x08\x00\x16\x00SQ\x00\x00\xff", b"\x08\x00", b""]
+        outcomes = []
+        for i, body in enumerate(bodies):
+            for syntax in (ExplicitVRLittleEndian, ImplicitVRLittleEndian):
+                path = file_with(f"1.2.3.{i}", syntax, body, tmp_path / "short.dcm")
+                outcomes.append(client.store(path))
+        assert all(o in ("0xC000", "abort") for o in outcomes), outcomes
+        assert "0xC000" in outcomes
+        assert node.proc.poll() is None
+    finally:
+        client.close()
+        node.stop()
