@@ -14,7 +14,7 @@ import struct
 import threading
 import time
 import zlib
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -33,7 +33,7 @@ from ..config import Settings
 from ..errors import InvalidInstance
 from ..store.index import Database
 from ..store.indexer import IndexWriter
-from ..store.ingest import Ingest, out_of_resources
+from ..store.ingest import Entry, Ingest, out_of_resources
 from .acceptor import Acceptor, Association
 from .tls import server_context
 
@@ -252,7 +252,7 @@ class StorageSCP:
         #: index rows of received instances, written off the associations' threads
         self.indexer = IndexWriter(ingest)
         #: instance files are written here while the association's thread checks the data set
-        self._writers: ThreadPoolExecutor | None = None
+        self._checkers: ThreadPoolExecutor | None = None
 
     def _record(self, event: str, **fields: object) -> None:
         self._audit_queue.put((event, fields))
@@ -318,22 +318,24 @@ class StorageSCP:
         if self.indexer.error:
             self._count(stats, ok=False)
             return _failure(STATUS_OUT_OF_RESOURCES, f"{self.indexer.error}; try again later")
-        writing = None
+        tmp = checking = None
         try:
             affected = str(command.get("AffectedSOPInstanceUID", "") or "")
             header = file_header(str(command.get("AffectedSOPClassUID", "") or ""), affected, transfer_syntax,
                                  calling[:16] or "UNKNOWN")
-            writing = self._writers.submit(self.ingest.files.write_temp, (header, data))
-            try:
-                ds = read_dataset(data, transfer_syntax)
-                entry = self.ingest.entry(ds, len(header) + len(data), calling, transfer_syntax, affected)
-            except InvalidInstance:
-                raise
-            except Exception as exc:  # noqa: BLE001 - pydicom raises many types (OSError too) on garbage
-                log.debug("C-STORE data set unreadable", exc_info=True)
-                raise InvalidInstance(f"cannot read data set: {type(exc).__name__}") from exc
-            self.ingest.files.place(writing.result(), entry.rel)
-            writing = None
+            # another thread checks the data set while this one writes the file: the write and
+            # its sync are one system call without the GIL (FileStore.write_temp), the check is
+            # Python that needs it
+            check = (self._check, data, transfer_syntax, len(header) + len(data), calling, affected)
+
+            def hand_over() -> None:
+                nonlocal checking
+                checking = self._checkers.submit(*check)
+
+            tmp = self.ingest.files.write_temp((header, data), hand_over)
+            entry = checking.result()
+            self.ingest.files.place(tmp, entry.rel)
+            tmp = None
         except InvalidInstance as exc:
             log.warning("C-STORE from %s refused: %s", calling, exc)
             self._count(stats, ok=False)
@@ -351,16 +353,28 @@ class StorageSCP:
             self._count(stats, ok=False)
             return _failure(STATUS_CANNOT_UNDERSTAND, f"cannot read or store dataset: {type(exc).__name__}")
         finally:
-            if writing is not None:  # refused: the temp file (if it got written) goes
-                try:
-                    writing.result().unlink(missing_ok=True)
-                except Exception:  # noqa: BLE001 - the write itself failed: nothing to remove
-                    pass
+            if checking is not None and not checking.done():  # the write failed: the check ends first
+                wait([checking])
+            if tmp is not None:  # refused: the temp file goes
+                tmp.unlink(missing_ok=True)
         self.indexer.submit(entry)
         self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
         self.metrics.instance_received("dimse", entry.size, started)
         self.on_instance(assoc.key, entry.series_uid)
         return _SUCCESS
+
+    def _check(self, data: bytearray | memoryview, transfer_syntax: str, size: int, calling: str,
+               affected: str) -> Entry:
+        """The data set's checks (read_dataset) and its index entry; InvalidInstance if it is
+        not one the node stores."""
+        try:
+            ds = read_dataset(data, transfer_syntax)
+        except InvalidInstance:
+            raise
+        except Exception as exc:  # noqa: BLE001 - pydicom raises many types (OSError too) on garbage
+            log.debug("C-STORE data set unreadable", exc_info=True)
+            raise InvalidInstance(f"cannot read data set: {type(exc).__name__}") from exc
+        return self.ingest.entry(ds, size, calling, transfer_syntax, affected)
 
     @staticmethod
     def _count(stats: _AssocStats | None, ok: bool, size: int = 0, series: str | None = None) -> None:
@@ -382,7 +396,7 @@ class StorageSCP:
         self._audit_thread = threading.Thread(target=self._write_audit, name="scp-audit", daemon=True)
         self._audit_thread.start()
         self.indexer.start()
-        self._writers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="instance-write")
+        self._checkers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="instance-check")
         contexts = [build_context(Verification)]
         contexts += [build_context(cx.abstract_syntax, ACCEPT_ORDER) for cx in AllStoragePresentationContexts]
         options = dict(max_associations=32, max_pdu=MAX_PDU, max_pdu_bytes=MAX_PDU_BYTES,
@@ -432,9 +446,9 @@ class StorageSCP:
             if server is not None:
                 server.shutdown()
         self.server = self.tls_server = None
-        if self._writers is not None:
-            self._writers.shutdown(wait=True)
-            self._writers = None
+        if self._checkers is not None:
+            self._checkers.shutdown(wait=True)
+            self._checkers = None
         self.indexer.stop()
         if self._audit_thread is not None:
             self._audit_queue.put(None)  # after what is queued: every row is written before stop returns

@@ -7,7 +7,7 @@ import os
 import re
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from ..errors import InvalidInstance
 
@@ -71,13 +71,24 @@ class FileStore:
         self.incoming = self.root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
 
-    def write_temp(self, parts: Sequence[bytes | bytearray | memoryview]) -> Path:
-        """Write ``parts`` one after the other into a new temp file under incoming/, fsynced;
-        its name says nothing (the instance's UIDs are not known yet when this starts)."""
+    def write_temp(self, parts: Sequence[bytes | bytearray | memoryview],
+                   before_write: Callable[[], object] | None = None) -> Path:
+        """Write ``parts`` one after the other into a new temp file under incoming/, durably;
+        its name says nothing (the instance's UIDs are not known yet when this starts).
+
+        The file is opened with O_SYNC, so each write returns once its data and the metadata
+        needed to read it are on disk (Linux runs the same sync as fsync(2) at the end of each
+        write call). One call does write and sync without taking the GIL in between: another
+        thread can check the data set meanwhile (StorageSCP.c_store), where a separate fsync
+        would first wait for the GIL that thread holds. ``before_write`` is called between
+        open and write: work handed to another thread there runs during the write, where work
+        handed over before the open would hold the GIL when the open returns."""
         tmp = self.incoming / f"{uuid.uuid4().hex}{TEMP_SUFFIX}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o644)
         try:
             views = [memoryview(p).cast("B") for p in parts]
+            if before_write is not None:
+                before_write()
             while views:
                 done = os.writev(fd, views)
                 while views and done >= len(views[0]):
@@ -85,7 +96,6 @@ class FileStore:
                     views.pop(0)
                 if views and done:
                     views[0] = views[0][done:]
-            os.fsync(fd)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
