@@ -64,6 +64,37 @@ def test_response_pdu_is_what_pydicom_encodes(status, comment, instance):
     assert response_pdu(3, 0x8001, 7, status, CT, instance, comment) == command_pdu(3, rsp)
 
 
+def test_command_reader_agrees_with_pydicom_and_refuses_garbage():
+    from pynetdicom.dsutils import decode
+
+    from pacs_node.net.acceptor import Abort, Acceptor, Command
+
+    rq = Dataset()
+    rq.CommandGroupLength = 0
+    rq.AffectedSOPClassUID = CT
+    rq.CommandField = 0x0001
+    rq.MessageID = 513
+    rq.Priority = 0
+    rq.CommandDataSetType = 0x0000
+    rq.AffectedSOPInstanceUID = "1.2.3.45"
+    rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+    raw = command_pdu(1, rq)[12:]  # PDU header (6) and PDV item header (6) off
+    ours, theirs = Command(raw), decode(BytesIO(raw), True, True)
+    for keyword in ("AffectedSOPClassUID", "CommandField", "MessageID", "Priority", "CommandDataSetType",
+                    "AffectedSOPInstanceUID", "MoveOriginatorApplicationEntityTitle"):
+        assert ours.get(keyword) == theirs.get(keyword), keyword
+    assert ours.get("MoveDestination", "none") == "none"
+    for bad, why in [(raw[:-3], "longer than the command set"), (raw + b"\x08\x00", "truncated element header"),
+                     (raw + b"\x08\x00\x18\x00\x00\x00\x00\x00", "outside the command group")]:
+        with pytest.raises(ValueError, match=why):
+            Command(bad)
+    # a Command Field of the wrong length, or none at all: the acceptor aborts the association
+    wrong_length = bytes(raw).replace(b"\x00\x00\x00\x01\x02\x00\x00\x00\x01\x00", b"\x00\x00\x00\x01\x04\x00\x00\x00\x01\x00\x00\x00")
+    for bad in (wrong_length, b""):
+        with pytest.raises(Abort, match="unreadable command set"):
+            Acceptor._decode_command(bytearray(bad))
+
+
 def test_data_set_checks_refuse_truncation_and_leave_pixels_in_the_buffer(ge_head, data):
     meta, body = split(sorted(ge_head.glob("*.dcm"))[0])
     ds = read_dataset(bytearray(body), str(meta.TransferSyntaxUID))

@@ -28,12 +28,11 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Callable, Protocol
 
 from pydicom.dataset import Dataset
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
-from pynetdicom.dsutils import decode, encode
+from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
     A_ASSOCIATE,
@@ -138,6 +137,47 @@ def response_pdu(context_id: int, command_field: int, message_id: int, status: i
     return _pdu(0x04, struct.pack(">LBB", len(raw) + 2, context_id, 0x03) + raw)
 
 
+class Command:
+    """A received command set (implicit VR little endian, group 0000, PS3.7 9.3), read
+    element by element into raw values; ``get`` decodes the few the node uses. pydicom's
+    Dataset did the same with a value conversion and a regular-expression check per UID,
+    a fifth of the receive path's Python time."""
+
+    __slots__ = ("_raw",)
+    _US = {"CommandField": 0x0100, "MessageID": 0x0110, "MessageIDBeingRespondedTo": 0x0120, "Priority": 0x0700,
+           "CommandDataSetType": 0x0800, "Status": 0x0900}
+    _TEXT = {"AffectedSOPClassUID": 0x0002, "RequestedSOPClassUID": 0x0003, "MoveDestination": 0x0600,
+             "AffectedSOPInstanceUID": 0x1000, "RequestedSOPInstanceUID": 0x1001,
+             "MoveOriginatorApplicationEntityTitle": 0x1030}
+
+    def __init__(self, raw: bytes | bytearray) -> None:
+        values: dict[int, bytes] = {}
+        offset, end = 0, len(raw)
+        while offset < end:
+            if end - offset < 8:
+                raise ValueError("truncated element header")
+            group, element, length = struct.unpack_from("<HHL", raw, offset)
+            offset += 8
+            if group != 0x0000:
+                raise ValueError(f"element ({group:04X},{element:04X}) outside the command group")
+            if length > end - offset:
+                raise ValueError(f"element (0000,{element:04X}) longer than the command set")
+            values[element] = bytes(raw[offset:offset + length])
+            offset += length
+        self._raw = values
+
+    def get(self, keyword: str, default: object = None) -> object:
+        if keyword in self._US:
+            value = self._raw.get(self._US[keyword])
+            if value is None:
+                return default
+            if len(value) != 2:
+                raise ValueError(f"{keyword} is {len(value)} bytes long, not 2")
+            return struct.unpack("<H", value)[0]
+        value = self._raw.get(self._TEXT[keyword])  # KeyError for a keyword the node never reads
+        return default if value is None else value.rstrip(b"\x00 ").decode("latin-1")
+
+
 def command_pdu(context_id: int, command: Dataset) -> bytes:
     """One P-DATA-TF carrying a whole command set (group length filled in)."""
     command.CommandGroupLength = 0
@@ -145,6 +185,16 @@ def command_pdu(context_id: int, command: Dataset) -> bytes:
     command.CommandGroupLength = len(raw) - 12  # the group length element itself: tag, length, UL
     raw = encode(command, True, True)
     return _pdu(0x04, struct.pack(">LBB", len(raw) + 2, context_id, 0x03) + raw)
+
+
+def _kernel_timeouts(sock: socket.socket, seconds: float) -> None:
+    """Make ``sock`` blocking with its timeouts kept by the kernel (SO_RCVTIMEO, SO_SNDTIMEO):
+    a read then waits for a whole PDU in one system call (MSG_WAITALL), where a Python
+    timeout makes each read return what has arrived and take the GIL again."""
+    timeval = struct.pack("ll", int(seconds), int((seconds % 1) * 1e6))
+    sock.settimeout(None)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
 
 
 class Acceptor:
@@ -277,7 +327,10 @@ class Acceptor:
             if assoc is None:
                 said_last = True
                 return
-            sock.settimeout(self.network_timeout)
+            if isinstance(sock, ssl.SSLSocket):
+                sock.settimeout(self.network_timeout)
+            else:
+                _kernel_timeouts(sock, self.network_timeout)
             released = said_last = self._run(sock, assoc)
         except Abort as exc:
             log.warning("association from %s:%d aborted: %s", address[0], address[1], exc)
@@ -345,10 +398,13 @@ class Acceptor:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
+        # a blocking socket (_kernel_timeouts) waits in one call for the whole PDU, without the
+        # GIL; one with a Python timeout returns what has arrived, ~64 KiB a call on loopback
+        flags = socket.MSG_WAITALL if sock.gettimeout() is None else 0
         while got < n:
             try:
-                k = sock.recv_into(view[got:], n - got)
-            except socket.timeout:
+                k = sock.recv_into(view[got:], n - got, flags)
+            except (socket.timeout, BlockingIOError):  # BlockingIOError: SO_RCVTIMEO ran out
                 raise Closed("timed out waiting for the peer") from None
             if k == 0:
                 raise Closed("connection closed by the peer")
@@ -424,7 +480,7 @@ class Acceptor:
     def _run(self, sock: socket.socket, assoc: Association) -> bool:
         """Serve DIMSE messages until release (True) or abort by the peer (False)."""
         command_bytes = bytearray()
-        command: Dataset | None = None
+        command: Command | None = None
         command_context = 0
         data: list[memoryview] = []  # the data set's fragments, views into the PDUs that brought them
         size = 0
@@ -485,20 +541,23 @@ class Acceptor:
                         command, data, size = None, [], 0
 
     @staticmethod
-    def _decode_command(raw: bytearray) -> Dataset:
+    def _decode_command(raw: bytearray) -> Command:
         try:
-            command = decode(BytesIO(bytes(raw)), True, True)
-            field_ = int(command.CommandField)
-            int(command.get("MessageID", 0) or 0)
+            command = Command(raw)
+            field_ = command.get("CommandField")
+            if field_ is None:
+                raise ValueError("no Command Field")
+            command.get("MessageID")
+            command.get("CommandDataSetType")
         except Exception as exc:  # noqa: BLE001
-            raise Abort(ABORT_INVALID_PARAMETER, f"unreadable command set ({type(exc).__name__})") from None
+            raise Abort(ABORT_INVALID_PARAMETER, f"unreadable command set ({exc})") from None
         if field_ & 0x8000:
             raise Abort(ABORT_UNEXPECTED_PDU, f"a response (command field 0x{field_:04x}) sent to the SCP")
         return command
 
-    def _dispatch(self, sock: socket.socket, assoc: Association, context_id: int, command: Dataset,
+    def _dispatch(self, sock: socket.socket, assoc: Association, context_id: int, command: Command,
                   data: bytearray | memoryview | None) -> None:
-        field_ = int(command.CommandField)
+        field_ = int(command.get("CommandField"))
         if field_ == C_CANCEL_RQ:
             return
         sop_class = command.get("AffectedSOPClassUID")

@@ -34,7 +34,7 @@ from ..errors import InvalidInstance
 from ..store.index import Database
 from ..store.indexer import IndexWriter
 from ..store.ingest import Entry, Ingest, out_of_resources
-from .acceptor import Acceptor, Association
+from .acceptor import Acceptor, Association, Command
 from .tls import server_context
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,8 @@ class StorageSCP:
                          detail=f"{how}; failed={stats.failed}; series={','.join(sorted(stats.series))}"[:2000])
 
     # -- C-STORE ------------------------------------------------------------------------------
-    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray | memoryview) -> Dataset:
+    def c_store(self, assoc: Association, context_id: int, command: Command | Dataset,
+                data: bytearray | memoryview) -> Dataset:
         """Check the dataset while its file is written (another thread), move the file into
         place once both are done, acknowledge; the index rows follow (IndexWriter)."""
         started = time.monotonic()

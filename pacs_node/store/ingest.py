@@ -14,6 +14,7 @@ import errno
 import logging
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 
 class OutOfResources(Exception):
     """Disk full or similar: the instance was not stored (DICOM status 0xA700)."""
+
+
+def _uid_value(ds: Dataset, tag: int, keyword: str) -> object:
+    """A UID element's value as check_uid takes it: straight from the received bytes while
+    the element is still raw and encoded as UI (pydicom's conversion adds a regular-expression
+    check per value that check_uid repeats more strictly), else pydicom's value."""
+    elem = ds.get_item(tag, keep_deferred=True)
+    if isinstance(elem, RawDataElement) and elem.VR in (None, "UI") and elem.value is not None:
+        return elem.value.decode("latin-1")
+    return ds.get(keyword)
 
 
 @dataclass(frozen=True)
@@ -70,10 +81,10 @@ class Ingest:
     def entry(self, ds: Dataset, size: int, calling_ae: str, transfer_syntax: str,
               affected_sop_uid: str | None = None) -> Entry:
         """The index entry of a dataset; raise InvalidInstance for UIDs that cannot name a file."""
-        sop_uid = check_uid(ds.get("SOPInstanceUID"), "SOPInstanceUID")
-        series_uid = check_uid(ds.get("SeriesInstanceUID"), "SeriesInstanceUID")
-        study_uid = check_uid(ds.get("StudyInstanceUID"), "StudyInstanceUID")
-        sop_class = check_uid(ds.get("SOPClassUID"), "SOPClassUID")
+        sop_uid = check_uid(_uid_value(ds, 0x00080018, "SOPInstanceUID"), "SOPInstanceUID")
+        series_uid = check_uid(_uid_value(ds, 0x0020000E, "SeriesInstanceUID"), "SeriesInstanceUID")
+        study_uid = check_uid(_uid_value(ds, 0x0020000D, "StudyInstanceUID"), "StudyInstanceUID")
+        sop_class = check_uid(_uid_value(ds, 0x00080016, "SOPClassUID"), "SOPClassUID")
         if affected_sop_uid and affected_sop_uid != sop_uid:
             raise InvalidInstance("SOPInstanceUID in the dataset differs from the request's Affected SOP Instance UID")
         expected = None
