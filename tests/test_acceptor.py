@@ -148,3 +148,30 @@ def test_connections_beyond_the_limit_are_closed_at_once():
         for s in held:
             s.close()
         acceptor.shutdown()
+
+
+def test_reads_under_kernel_timeouts_wait_for_the_whole_pdu_and_time_out():
+    """After the A-ASSOCIATE-AC the acceptor's socket is blocking with SO_RCVTIMEO (one read
+    per PDU, MSG_WAITALL): bytes arriving in pieces make one read; silence ends it as Closed."""
+    import threading
+
+    from pacs_node.net.acceptor import Acceptor, Closed, _kernel_timeouts
+
+    ours, peer = socket.socketpair()
+    try:
+        _kernel_timeouts(ours, 0.4)
+
+        def dribble() -> None:
+            for piece in (b"abc", b"defg", b"hij"):
+                peer.sendall(piece)
+                time.sleep(0.05)
+
+        threading.Thread(target=dribble).start()
+        assert Acceptor._read(ours, 10) == bytearray(b"abcdefghij")
+        started = time.monotonic()
+        with pytest.raises(Closed, match="timed out"):
+            Acceptor._read(ours, 4)
+        assert 0.3 < time.monotonic() - started < 5
+    finally:
+        ours.close()
+        peer.close()
