@@ -32,7 +32,7 @@ def check_uid(value: object, keyword: str) -> str:
     return uid
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path | str) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -106,18 +106,23 @@ class FileStore:
     def place(self, tmp: Path, rel: str) -> None:
         """Rename a fsynced temp file to ``rel`` and make the new name durable (folder fsync;
         folders created on the way are fsynced into their parents too)."""
-        path = self.absolute(rel)
-        created: list[Path] = []
-        folder = path.parent
-        while not folder.is_dir():
-            created.append(folder)
-            folder = folder.parent
-        for new in reversed(created):
-            new.mkdir(exist_ok=True)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-        for new in created:
-            fsync_dir(new.parent)
+        path = os.path.join(self.root, rel)
+        try:
+            os.replace(tmp, path)  # the series folder exists but for a series' first instance
+        except FileNotFoundError:
+            if not os.path.exists(tmp):
+                raise
+            created: list[Path] = []
+            folder = Path(path).parent
+            while not folder.is_dir():
+                created.append(folder)
+                folder = folder.parent
+            for new in reversed(created):
+                new.mkdir(exist_ok=True)
+            os.replace(tmp, path)
+            for new in created:
+                fsync_dir(new.parent)
+        fsync_dir(os.path.dirname(path))
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         parts = (
