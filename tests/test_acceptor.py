@@ -175,3 +175,30 @@ def test_reads_under_kernel_timeouts_wait_for_the_whole_pdu_and_time_out():
     finally:
         ours.close()
         peer.close()
+
+
+def test_work_left_for_after_the_response_runs_even_when_the_peer_is_gone():
+    """StorageSCP indexes an instance after its C-STORE-RSP is sent (assoc.after_response);
+    a peer that vanished before hearing the response must not leave the stored file unindexed."""
+    from pacs_node.net.acceptor import Acceptor, Association, Command
+
+    done: list[str] = []
+
+    class Handler:
+        def c_store(self, assoc, context_id, command, data):  # type: ignore[no-untyped-def]
+            assoc.after_response.append(lambda: done.append("indexed"))
+            rsp = Dataset()
+            rsp.Status = 0
+            return rsp
+
+    acceptor = Acceptor("127.0.0.1", 0, Handler(), [], listen=False)  # type: ignore[arg-type]
+    assoc = Association("SCU", "127.0.0.1", 1, after_response=[])
+    raw = struct.pack("<HHL", 0, 0x0100, 2) + struct.pack("<H", 0x0001)
+    ours, peer = socket.socketpair()
+    peer.close()
+    try:
+        with pytest.raises(OSError):
+            acceptor._dispatch(ours, assoc, 1, Command(raw), bytearray(b"x"))
+    finally:
+        ours.close()
+    assert done == ["indexed"] and assoc.after_response == []

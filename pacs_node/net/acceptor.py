@@ -73,6 +73,9 @@ class Association:
     port: int
     #: accepted presentation contexts: id -> (abstract syntax, transfer syntax)
     contexts: dict[int, tuple[str, str]] = field(default_factory=dict)
+    #: work a handler leaves for after the response is sent (the Acceptor runs it before it
+    #: reads the next PDU); None where no Acceptor serves the association: do it at once
+    after_response: list[Callable[[], None]] | None = None
 
     @property
     def key(self) -> int:
@@ -87,8 +90,10 @@ class Handler(Protocol):
 
     def ended(self, assoc: Association, released: bool) -> None: ...
 
-    def c_store(self, assoc: Association, context_id: int, command: Dataset, data: bytearray | memoryview) -> Dataset:
-        """Store one instance; return the response status (Status, and ErrorComment on failure)."""
+    def c_store(self, assoc: Association, context_id: int, command: Command,
+                data: bytearray | memoryview) -> Dataset:
+        """Store one instance; return the response status (Status, and ErrorComment on failure).
+        Bookkeeping that the sender need not wait for may go to ``assoc.after_response``."""
 
     def releasing(self, assoc: Association) -> None:
         """The peer asked to release; called before the A-RELEASE-RP is sent."""
@@ -446,7 +451,7 @@ class Acceptor:
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
                  for item in info if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
         results, ac_roles = negotiate_as_acceptor(proposed, self.contexts, roles)
-        assoc = Association(calling, address[0], address[1])
+        assoc = Association(calling, address[0], address[1], after_response=[])
         for cx in results:
             if cx.result == 0x00 and cx.context_id is not None:
                 assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
@@ -577,5 +582,11 @@ class Acceptor:
             log.warning("association from %s@%s: DIMSE command 0x%04x is not supported", assoc.calling_ae,
                         assoc.address, field_)
             status = STATUS_UNRECOGNISED_OPERATION
-        sock.sendall(response_pdu(context_id, field_ | 0x8000, message_id, status, str(sop_class or "") or None,
-                                  str(sop_instance or "") or None, comment))
+        try:
+            sock.sendall(response_pdu(context_id, field_ | 0x8000, message_id, status, str(sop_class or "") or None,
+                                      str(sop_instance or "") or None, comment))
+        finally:  # also when the peer is gone: what was stored is still indexed
+            if assoc.after_response:
+                for work in assoc.after_response:
+                    work()
+                assoc.after_response.clear()

@@ -358,10 +358,16 @@ class StorageSCP:
                 wait([checking])
             if tmp is not None:  # refused: the temp file goes
                 tmp.unlink(missing_ok=True)
-        self.indexer.submit(entry)
-        self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
-        self.metrics.instance_received("dimse", entry.size, started)
-        self.on_instance(assoc.key, entry.series_uid)
+        def bookkeeping() -> None:  # the sender need not wait for this: after the response
+            self.indexer.submit(entry)
+            self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
+            self.metrics.instance_received("dimse", entry.size, started)
+            self.on_instance(assoc.key, entry.series_uid)
+
+        if assoc.after_response is None:
+            bookkeeping()
+        else:
+            assoc.after_response.append(bookkeeping)
         return _SUCCESS
 
     def _check(self, data: bytearray | memoryview, transfer_syntax: str, size: int, calling: str,
