@@ -1,7 +1,7 @@
 """Ingest throughput: the same series sent by DCMTK storescu to DCMTK storescp, Orthanc and
 pacs-node, alternating, with 1, 4 and 8 concurrent associations; medians, ratios, peak RSS.
 
-Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--json F]
+Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--baseline REV] [--json F]
 
 Each run starts the target fresh on an empty folder, after a sync(2) that writes back what the
 previous runs left in the page cache (pacs-node: fsync + SQLite index on, no rules, so only
@@ -87,6 +87,7 @@ class Orthanc(Target):
 class PacsNode(Target):
     name, ae = "pacs-node", "PACSNODE"
     receivers = 1
+    env = ENV
 
     def start(self) -> None:
         self.work.mkdir(parents=True)
@@ -96,7 +97,7 @@ class PacsNode(Target):
             f'receivers = {self.receivers}\n')
         log = open(self.work / "node.log", "wb")
         self.proc = subprocess.Popen([str(BIN / "pacs-node"), "serve", "--config", str(self.work / "node.toml")],
-                                     cwd=self.work, env=ENV, stdout=log, stderr=subprocess.STDOUT)
+                                     cwd=self.work, env=self.env, stdout=log, stderr=subprocess.STDOUT)
         wait_port(self.port)
         end = time.monotonic() + 60  # extra receiver processes: wait until they listen too
         while (self.receivers > 1 and time.monotonic() < end
@@ -129,6 +130,9 @@ def main() -> int:
     ap.add_argument("--conc", default="1,4,8")
     ap.add_argument("--targets", default="dcmtk-storescp,orthanc,pacs-node",
                     help="any of dcmtk-storescp, orthanc, pacs-node, pacs-node-r2 ([node] receivers = 2)")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="also run pacs-node as of git revision REV (a temporary worktree first on PYTHONPATH), "
+                         "as target pacs-node@REV: before/after in one run")
     ap.add_argument("--json")
     args = ap.parse_args()
     files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())
@@ -137,26 +141,51 @@ def main() -> int:
     targets = [kinds[t] for t in args.targets.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}
+    repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
-        for rep in range(args.reps):
-            for conc in [int(c) for c in args.conc.split(",")]:
-                order = targets if rep % 2 == 0 else targets[::-1]  # alternate to spread drift
-                for kind in order:
-                    target = kind(Path(tmp) / f"{kind.name}-{rep}-{conc}")
-                    # storescp and Orthanc do not fsync: the kernel writes their files back up to
-                    # 30 s later, in the middle of the next target's run (whose fsyncs then wait
-                    # behind it). Flush before each run, untimed, so no target pays for another.
-                    os.sync()
-                    target.start()
-                    try:
-                        elapsed = send(target, files, conc)
-                    finally:
-                        peak = target.stop()
-                    results.setdefault((kind.name, conc), []).append(len(files) / elapsed)
-                    rss[(kind.name, conc)] = max(rss.get((kind.name, conc), 0.0), peak)
+        if args.baseline:
+            tree = Path(tmp) / "baseline"
+            subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(tree), args.baseline],
+                           check=True)
+
+            class Baseline(PacsNode):
+                name, env = f"pacs-node@{args.baseline}", {**ENV, "PYTHONPATH": str(tree)}
+
+            targets.append(Baseline)
+        try:
+            measure(targets, files, args, tmp, results, rss)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+    report(results, rss, files, size_mb, args)
+    return 0
+
+
+def measure(targets: list, files: list[Path], args: argparse.Namespace, tmp: str,
+            results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int], float]) -> None:
+    for rep in range(args.reps):
+        for conc in [int(c) for c in args.conc.split(",")]:
+            order = targets if rep % 2 == 0 else targets[::-1]  # alternate to spread drift
+            for kind in order:
+                target = kind(Path(tmp) / f"{kind.name}-{rep}-{conc}")
+                # storescp and Orthanc do not fsync: the kernel writes their files back up to
+                # 30 s later, in the middle of the next target's run (whose fsyncs then wait
+                # behind it). Flush before each run, untimed, so no target pays for another.
+                os.sync()
+                target.start()
+                try:
+                    elapsed = send(target, files, conc)
+                finally:
+                    peak = target.stop()
+                results.setdefault((kind.name, conc), []).append(len(files) / elapsed)
+                rss[(kind.name, conc)] = max(rss.get((kind.name, conc), 0.0), peak)
+
+
+def report(results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int], float], files: list[Path],
+           size_mb: float, args: argparse.Namespace) -> None:
     print(f"machine: {os.cpu_count()} CPU cores; series {args.series}: {len(files)} instances, {size_mb:.0f} MB; "
           f"{args.reps} repetitions, median instances/s; loopback, TCP_NODELAY=1")
-    print(f"{'target':16} {'assocs':>6} {'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'vs storescp':>11} {'vs orthanc':>10}")
+    print(f"{'target':20} {'assocs':>6} {'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'vs storescp':>11} {'vs orthanc':>10}")
     rows = []
     for (name, conc), rates in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         med = statistics.median(rates)
@@ -166,11 +195,10 @@ def main() -> int:
                "mb_per_s": round(med * size_mb / len(files), 1), "peak_rss_mb": round(rss[(name, conc)], 1),
                "ratio_storescp": round(med / ref_d, 2), "ratio_orthanc": round(med / ref_o, 2), "runs": rates}
         rows.append(row)
-        print(f"{name:16} {conc:>6} {med:>8.1f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>11.0f} "
+        print(f"{name:20} {conc:>6} {med:>8.1f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>11.0f} "
               f"{row['ratio_storescp']:>11.2f} {row['ratio_orthanc']:>10.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0
 
 
 if __name__ == "__main__":
