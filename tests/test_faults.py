@@ -169,7 +169,8 @@ def test_disk_full_while_receiving_answers_a700_and_keeps_serving(tmp_path):
         assert echo_seconds(node.port) < 5
         assert node.proc.poll() is None
         assert "No space left on device" in node.log()
-        assert not list(storage.rglob("*.partial"))
+        # no partly written temp file is left (empty ones are made ahead of the next instance)
+        assert all(p.stat().st_size == 0 for p in storage.rglob("*.partial"))
         # only what was acknowledged is indexed
         assert db_rows(node, "select count(*) from instance")[0][0] == ok
     finally:

@@ -187,9 +187,11 @@ def test_scp_refuses_while_the_index_fails_and_loses_nothing(tmp_path, ge_head, 
         assert sorted(rows) == sorted(pydicom.dcmread(files[i], stop_before_pixels=True).SOPInstanceUID
                                       for i in (0, 2))
         assert len(list((tmp_path / "s" / "instances").rglob("*.dcm"))) == len(stored)
-        assert not list((tmp_path / "s" / "incoming").iterdir())
+        # the refused instance's temp file is gone; what is left are empty ones made ahead
+        assert all(p.stat().st_size == 0 for p in (tmp_path / "s" / "incoming").iterdir())
     finally:
         scp.stop()
+    assert not list((tmp_path / "s" / "incoming").iterdir())
 
 
 def test_files_that_were_not_indexed_at_a_kill_are_indexed_at_start(tmp_path, ge_head):

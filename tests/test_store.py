@@ -1,5 +1,6 @@
 """Storage: UIDs cannot steer paths, writes are atomic, the schema matches the migrations."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,25 @@ def test_migrations_create_exactly_the_models(tmp_path):
     with db.engine.connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == []
+
+
+def test_temp_files_made_ahead_are_used_once_and_removed(tmp_path):
+    """prepare_temp makes empty temp files ahead of need; write_temp takes them in turn (each
+    once), makes a new one when none is ready, and close_spares / the start-up sweep remove
+    the unused ones."""
+    files = FileStore(tmp_path / "storage")
+    for _ in range(6):
+        files.prepare_temp(keep=3)
+    ready = sorted(p.name for p in files.incoming.iterdir())
+    assert len(ready) == 3 and all(os.path.getsize(files.incoming / n) == 0 for n in ready)
+    written = [files.write_temp((b"head", bytearray(b"body%d" % i))) for i in range(4)]
+    assert sorted(p.name for p in written[:3]) == ready  # the spares, each once
+    assert written[3].name not in ready and len(set(written)) == 4
+    assert [p.read_bytes() for p in written] == [b"headbody%d" % i for i in range(4)]
+    files.prepare_temp()
+    files.prepare_temp()
+    files.close_spares()
+    assert sorted(files.incoming.iterdir()) == sorted(written)
+    files.prepare_temp()  # left behind by a crash: the start-up sweep takes it
+    assert FileStore(tmp_path / "storage").remove_temp_files() == 5
+    files.close_spares()

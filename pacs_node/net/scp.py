@@ -282,6 +282,7 @@ class StorageSCP:
         self.metrics.association(accepted=True)
         self._record("association-accepted", calling_ae=stats.calling_ae[:16],
                      called_ae=self.settings.node.ae_title, address=assoc.address)
+        self._prepare_temp()
 
     def releasing(self, assoc: Association) -> None:
         """Before the A-RELEASE-RP: what the association stored is indexed when the sender hears it."""
@@ -363,12 +364,20 @@ class StorageSCP:
             self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
             self.metrics.instance_received("dimse", entry.size, started)
             self.on_instance(assoc.key, entry.series_uid)
+            self._prepare_temp()
 
         if assoc.after_response is None:
             bookkeeping()
         else:
             assoc.after_response.append(bookkeeping)
         return _SUCCESS
+
+    def _prepare_temp(self) -> None:
+        """The next instance's temp file, made while its sender is busy (FileStore.prepare_temp)."""
+        try:
+            self.ingest.files.prepare_temp()
+        except OSError as exc:  # the write itself will meet it again and answer for it
+            log.debug("could not make a temp file ahead: %s", exc)
 
     def _check(self, data: bytearray | memoryview, transfer_syntax: str, size: int, calling: str,
                affected: str) -> Entry:
@@ -456,6 +465,7 @@ class StorageSCP:
         if self._checkers is not None:
             self._checkers.shutdown(wait=True)
             self._checkers = None
+        self.ingest.files.close_spares()
         self.indexer.stop()
         if self._audit_thread is not None:
             self._audit_queue.put(None)  # after what is queued: every row is written before stop returns
