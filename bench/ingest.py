@@ -129,7 +129,7 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--conc", default="1,4,8")
     ap.add_argument("--targets", default="dcmtk-storescp,orthanc,pacs-node",
-                    help="any of dcmtk-storescp, orthanc, pacs-node, pacs-node-r2 ([node] receivers = 2)")
+                    help="any of dcmtk-storescp, orthanc, pacs-node, pacs-node-rN ([node] receivers = N)")
     ap.add_argument("--baseline", metavar="REV",
                     help="also run pacs-node as of git revision REV (a temporary worktree first on PYTHONPATH), "
                          "as target pacs-node@REV: before/after in one run")
@@ -138,6 +138,9 @@ def main() -> int:
     files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())
     size_mb = sum(p.stat().st_size for p in files) / 1e6
     kinds = {k.name: k for k in (StoreSCP, Orthanc, PacsNode, PacsNode2)}
+    for name in args.targets.split(","):  # pacs-node-rN: [node] receivers = N
+        if name not in kinds and name.startswith("pacs-node-r") and name[11:].isdigit():
+            kinds[name] = type(name, (PacsNode,), {"name": name, "receivers": int(name[11:])})
     targets = [kinds[t] for t in args.targets.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}
