@@ -31,7 +31,7 @@ from .config import Rule, SendSettings, Settings
 from .net.scu import SendError, send_files
 from .net.tls import context_for_peer
 from .process import process_series
-from .store.files import FileStore, fsync_dir, write_atomic
+from .store.files import FileStore, fsync_dir, write_new
 from .store.index import Database, Delivery, Instance, Job, Series, utcnow
 
 log = logging.getLogger(__name__)
@@ -225,10 +225,12 @@ class Worker:
             def write(ds: Dataset) -> None:
                 buf = io.BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
-                write_atomic(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getvalue(), sync_dir=False)
+                # straight to its name: the folder is this attempt's own, and nothing reads it
+                # before the job's row names it (_hand_over), after the folder's fsync below
+                write_new(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getbuffer())
 
             out_dir.mkdir(parents=True, exist_ok=True)
-            # the fsyncs run side by side (they release the GIL; the file system merges them)
+            # the syncs run side by side (they release the GIL)
             with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"job{item.job_id}-write") as pool:
                 list(pool.map(write, datasets))
             if datasets:

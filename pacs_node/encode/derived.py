@@ -6,6 +6,8 @@ import copy
 import datetime as dt
 
 import numpy as np
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
@@ -25,6 +27,44 @@ _DROP = (
     "DataSetTrailingPadding",
     "PixelPaddingRangeLimit",
 )
+
+
+_PIXEL_DATA = 0x7FE00010
+
+
+def _copy_header(src: Dataset) -> Dataset:
+    """A new data set with the source's public elements but its pixel data (set_pixel_data
+    puts the new pixels in). Elements still raw (read, never looked at) are immutable and
+    shared with the source; converted ones and sequences are deep-copied, because the result's
+    are changed in place. A deepcopy of the whole source took half the encoding time."""
+    ds = Dataset()
+    ds.set_original_encoding(*src.original_encoding, src.original_character_set)
+    for tag in src.keys():
+        if tag == _PIXEL_DATA or tag.is_private:
+            continue
+        elem = src.get_item(tag)
+        ds[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+    return ds
+
+
+def _drop_private(ds: Dataset) -> None:
+    """Remove private elements here and in nested sequences, as Dataset.remove_private_tags
+    does, without converting every element on the way (its walk does: half the encoding time
+    of a CT slice). Only sequences are opened."""
+    for tag in list(ds.keys()):
+        if tag.is_private:
+            del ds[tag]
+            continue
+        elem = ds.get_item(tag)
+        vr = elem.VR
+        if vr is None:  # read as implicit VR: the dictionary says
+            try:
+                vr = dictionary_VR(tag)
+            except KeyError:
+                continue
+        if vr == "SQ":
+            for item in ds[tag].value or ():
+                _drop_private(item)
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -83,8 +123,8 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
     for z in range(n_out):
         sources = [volume.datasets[i] for i in mapping[z]]
         src = sources[0]
-        ds = copy.deepcopy(src)
-        ds.remove_private_tags()
+        ds = _copy_header(src)
+        _drop_private(ds)  # in the sequences
         for keyword in _DROP:
             if keyword in ds:
                 delattr(ds, keyword)
@@ -93,8 +133,10 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
 
         slope, intercept = rescale_of(src)
         lo, hi = _stored_range(src)
-        stored = np.rint((arr[z] - intercept) / slope)
-        stored = np.clip(stored, lo, hi)
+        stored = arr[z] - np.float32(intercept)  # one temporary, then in place
+        stored /= np.float32(slope)
+        np.rint(stored, out=stored)
+        np.clip(stored, lo, hi, out=stored)
         dtype = np.int16 if lo < 0 else np.uint16
         if int(src.get("BitsAllocated", 16)) > 16:
             dtype = np.int32 if lo < 0 else np.uint32

@@ -62,6 +62,24 @@ def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
         fsync_dir(path.parent)
 
 
+def write_new(path: Path, data: bytes) -> None:
+    """Create ``path`` (which must not exist) holding ``data``, durably: opened with O_SYNC
+    and written in one call, which syncs data and size as fsync would, without the temp file
+    and rename of write_atomic. For files in a folder nobody reads before it is complete and
+    its own fsync is done (a job's result folder); the caller fsyncs the folder."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except BaseException:
+        os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
+
+
 class FileStore:
     """Layout: <root>/instances/<study>/<series>/<sop>.dcm and <root>/results/<job>/<sop>.dcm;
     <root>/incoming/ holds instances being received (temp files, renamed into place)."""
