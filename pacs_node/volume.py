@@ -68,11 +68,13 @@ def rescale_of(ds: Dataset) -> tuple[float, float]:
 
 
 def read_datasets(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
-    """Read every DICOM file among ``paths``; skip (and log) what is not DICOM image data."""
+    """Read every DICOM file among ``paths``; skip (and log) what is not DICOM image data.
+    Values longer than 64 KiB (the pixel data) are left in the file until asked for (pydicom
+    reads them then), so a series is not held in memory twice: as bytes and as the Volume."""
     found: list[tuple[Path, Dataset]] = []
     for path in paths:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, defer_size=_DEFER)
         except Exception as exc:  # noqa: BLE001 - any parse failure means "not a DICOM file"
             log.warning("skipping %s: not a readable DICOM file (%s)", path.name, type(exc).__name__)
             continue
@@ -81,6 +83,37 @@ def read_datasets(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
             continue
         found.append((path, ds))
     return found
+
+
+_DEFER = 64 * 1024
+_PIXEL_DATA = 0x7FE00010
+_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _native_pixels(path: Path, ds: Dataset) -> np.ndarray | None:
+    """An uncompressed little-endian single-frame image's stored values read straight from its
+    file, for pixel data left unread (read_datasets): no copy stays with the data set. None
+    where pydicom decodes (compressed, already read, bits stored short of bits allocated, ...)."""
+    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    meta = getattr(ds, "file_meta", None)
+    if (elem is None or getattr(elem, "value", b"") is not None or meta is None
+            or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE):
+        return None
+    bits = int(ds.get("BitsAllocated", 0) or 0)
+    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    if bits not in (8, 16, 32) or int(ds.get("BitsStored", 0) or 0) != bits:
+        return None
+    rows, columns = int(ds.Rows), int(ds.Columns)
+    size = rows * columns * bits // 8
+    if elem.length == 0xFFFFFFFF or elem.length < size:
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(elem.value_tell)
+        raw = fh.read(size)
+    if len(raw) != size:
+        return None
+    dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+    return np.frombuffer(raw, dtype=dtype).reshape(rows, columns)
 
 
 def _sort_key(ds: Dataset, normal: np.ndarray | None) -> tuple[float, int]:
@@ -121,7 +154,9 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         if ds.get("SamplesPerPixel", 1) != 1:
             raise SeriesLoadError(f"{path.name}: colour images are not supported")
         try:
-            pixels = decode_pixels(ds)
+            pixels = _native_pixels(path, ds)
+            if pixels is None:
+                pixels = decode_pixels(ds)
         except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
             raise SeriesLoadError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {exc}") from exc

@@ -39,3 +39,33 @@ def test_jpeg2000_series_and_non_dicom_files_skipped(data, tmp_path):
     vol = load_series(j2k + [tmp_path / "DIRFILE"])
     assert vol.shape[0] == len(j2k)
     assert -1100 < float(vol.array.min()) < -900  # air in HU after rescale
+
+
+def test_pixels_read_from_the_file_are_what_pydicom_decodes(data):
+    """volume._native_pixels reads uncompressed pixel data straight from the file (the data set
+    keeps it unread); on every shared series where it applies it gives pydicom's values, and it
+    declines (None: pydicom decodes) for the rest."""
+    from pydicom.pixels import pixel_array
+
+    from pacs_node.volume import _DEFER, _native_pixels
+
+    used = declined = 0
+    folders = [p for p in sorted((data / "ct").iterdir()) + sorted((data / "mr").iterdir()) if p.is_dir()]
+    folders += sorted(p for p in (data / "compressed").rglob("*") if p.is_dir())
+    for folder in folders:
+        for path in [f for f in sorted(folder.iterdir()) if f.is_file()][:2]:
+            try:
+                ds = pydicom.dcmread(path, defer_size=_DEFER)
+            except Exception:  # noqa: BLE001 - not DICOM
+                continue
+            if "PixelData" not in ds:
+                continue
+            fast = _native_pixels(path, ds)
+            if fast is None:
+                declined += 1
+                continue
+            reference = pixel_array(pydicom.dcmread(path))
+            assert fast.dtype == reference.dtype and np.array_equal(fast, reference), path
+            assert ds.get_item(0x7FE00010, keep_deferred=True).value is None  # still not read
+            used += 1
+    assert used >= 6 and declined >= 2, (used, declined)
