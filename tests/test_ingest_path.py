@@ -49,14 +49,17 @@ def test_file_header_is_what_pydicom_writes(sop, ae):
 
 @pytest.mark.parametrize("status, comment, instance", [(0x0000, None, "1.2.3.4"), (0xC000, "PixelData has 10 bytes",
                                                                                     "1.2.3.45"), (0x0000, None, None)])
+def _command_set(**values: object) -> Dataset:
+    ds = Dataset()
+    ds.CommandGroupLength = 0
+    for keyword, value in values.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
 def test_response_pdu_is_what_pydicom_encodes(status, comment, instance):
-    rsp = Dataset()
-    rsp.CommandGroupLength = 0
-    rsp.AffectedSOPClassUID = CT
-    rsp.CommandField = 0x8001
-    rsp.MessageIDBeingRespondedTo = 7
-    rsp.CommandDataSetType = 0x0101
-    rsp.Status = status
+    rsp = _command_set(AffectedSOPClassUID=CT, CommandField=0x8001, MessageIDBeingRespondedTo=7,
+                       CommandDataSetType=0x0101, Status=status)
     if comment:
         rsp.ErrorComment = comment
     if instance:
@@ -69,15 +72,8 @@ def test_command_reader_agrees_with_pydicom_and_refuses_garbage():
 
     from pacs_node.net.acceptor import Abort, Acceptor, Command
 
-    rq = Dataset()
-    rq.CommandGroupLength = 0
-    rq.AffectedSOPClassUID = CT
-    rq.CommandField = 0x0001
-    rq.MessageID = 513
-    rq.Priority = 0
-    rq.CommandDataSetType = 0x0000
-    rq.AffectedSOPInstanceUID = "1.2.3.45"
-    rq.MoveOriginatorApplicationEntityTitle = "MOVER"
+    rq = _command_set(AffectedSOPClassUID=CT, CommandField=0x0001, MessageID=513, Priority=0, CommandDataSetType=0,
+                      AffectedSOPInstanceUID="1.2.3.45", MoveOriginatorApplicationEntityTitle="MOVER")
     raw = command_pdu(1, rq)[12:]  # PDU header (6) and PDV item header (6) off
     ours, theirs = Command(raw), decode(BytesIO(raw), True, True)
     for keyword in ("AffectedSOPClassUID", "CommandField", "MessageID", "Priority", "CommandDataSetType",
