@@ -47,8 +47,6 @@ def test_file_header_is_what_pydicom_writes(sop, ae):
     assert file_header(CT, sop, EXPLICIT, ae) == b"\x00" * 128 + b"DICM" + encode_file_meta(meta)
 
 
-@pytest.mark.parametrize("status, comment, instance", [(0x0000, None, "1.2.3.4"), (0xC000, "PixelData has 10 bytes",
-                                                                                    "1.2.3.45"), (0x0000, None, None)])
 def _command_set(**values: object) -> Dataset:
     ds = Dataset()
     ds.CommandGroupLength = 0
@@ -57,6 +55,8 @@ def _command_set(**values: object) -> Dataset:
     return ds
 
 
+@pytest.mark.parametrize("status, comment, instance", [(0x0000, None, "1.2.3.4"), (0xC000, "PixelData has 10 bytes",
+                                                                                    "1.2.3.45"), (0x0000, None, None)])
 def test_response_pdu_is_what_pydicom_encodes(status, comment, instance):
     rsp = _command_set(AffectedSOPClassUID=CT, CommandField=0x8001, MessageIDBeingRespondedTo=7,
                        CommandDataSetType=0x0101, Status=status)
