@@ -251,7 +251,7 @@ class StorageSCP:
         self._audit_thread: threading.Thread | None = None
         #: index rows of received instances, written off the associations' threads
         self.indexer = IndexWriter(ingest)
-        #: instance files are written here while the association's thread checks the data set
+        #: data sets are checked here while the association's thread writes their files
         self._checkers: ThreadPoolExecutor | None = None
 
     def _record(self, event: str, **fields: object) -> None:
@@ -311,8 +311,9 @@ class StorageSCP:
     # -- C-STORE ------------------------------------------------------------------------------
     def c_store(self, assoc: Association, context_id: int, command: Command | Dataset,
                 data: bytearray | memoryview) -> Dataset:
-        """Check the dataset while its file is written (another thread), move the file into
-        place once both are done, acknowledge; the index rows follow (IndexWriter)."""
+        """Write the instance's file while another thread checks the data set, move the file
+        into place once both are done, acknowledge; the index rows follow (IndexWriter), queued
+        after the response where an Acceptor serves the association."""
         started = time.monotonic()
         stats = self._stats.get(assoc.key)
         calling = assoc.calling_ae
@@ -359,6 +360,7 @@ class StorageSCP:
                 wait([checking])
             if tmp is not None:  # refused: the temp file goes
                 tmp.unlink(missing_ok=True)
+
         def bookkeeping() -> None:  # the sender need not wait for this: after the response
             self.indexer.submit(entry)
             self._count(stats, ok=True, size=entry.size, series=entry.series_uid)
