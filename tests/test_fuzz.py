@@ -39,6 +39,7 @@ def test_fuzz_store_and_pdus_short(tmp_path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # 10,000 + 2,000 cases take about 11 minutes here: past the suite's 600 s
 def test_fuzz_store_and_pdus_full(tmp_path, capsys):
     _run(tmp_path, 10_000, 2_000, capsys)
 
