@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -107,11 +108,17 @@ def _native_pixels(path: Path, ds: Dataset) -> np.ndarray | None:
     size = rows * columns * bits // 8
     if elem.length == 0xFFFFFFFF or elem.length < size:
         return None
+    # the element's own header first: a file replaced since it was read (the instance sent
+    # again) must not lend its bytes; pydicom's deferred read checks the same
+    implicit = str(meta.TransferSyntaxUID) == _NATIVE_LE[0]
+    header = struct.pack("<HHL", 0x7FE0, 0x0010, elem.length) if implicit else \
+        struct.pack("<HH", 0x7FE0, 0x0010) + bytes(str(elem.VR), "ascii") + struct.pack("<HL", 0, elem.length)
     with open(path, "rb") as fh:
-        fh.seek(elem.value_tell)
-        raw = fh.read(size)
-    if len(raw) != size:
+        fh.seek(elem.value_tell - len(header))
+        raw = fh.read(len(header) + size)
+    if len(raw) != len(header) + size or raw[:len(header)] != header:
         return None
+    raw = memoryview(raw)[len(header):]
     dtype = np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
     return np.frombuffer(raw, dtype=dtype).reshape(rows, columns)
 

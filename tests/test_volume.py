@@ -69,3 +69,19 @@ def test_pixels_read_from_the_file_are_what_pydicom_decodes(data):
             assert ds.get_item(0x7FE00010, keep_deferred=True).value is None  # still not read
             used += 1
     assert used >= 6 and declined >= 2, (used, declined)
+
+
+def test_pixels_are_not_read_from_a_file_replaced_since(tmp_path, data):
+    """The instance sent again between reading its header and its pixels: the bytes at the
+    old offset are not taken for pixels (the element header there is checked)."""
+    from pacs_node.volume import _DEFER, _native_pixels
+
+    src = sorted((data / "ct" / "vhf-head").iterdir())[0]
+    path = tmp_path / "x.dcm"
+    path.write_bytes(src.read_bytes())
+    ds = pydicom.dcmread(path, defer_size=_DEFER)
+    assert _native_pixels(path, ds) is not None
+    again = pydicom.dcmread(src)
+    again.ImageComments = "sent again, with a longer header"
+    again.save_as(path)
+    assert _native_pixels(path, ds) is None
