@@ -10,8 +10,11 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import pydicom
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as decode_pixels
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import SeriesLoadError
 
@@ -87,15 +90,26 @@ def read_datasets(paths: Iterable[Path]) -> list[tuple[Path, Dataset]]:
 
 
 _DEFER = 64 * 1024
-_PIXEL_DATA = 0x7FE00010
-_NATIVE_LE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+PIXEL_DATA = 0x7FE00010
+_NATIVE_LE = (ImplicitVRLittleEndian, ExplicitVRLittleEndian)
+
+
+def element_vr(elem: DataElement | RawDataElement) -> str | None:
+    """An element's VR without converting its value: as read (explicit VR), else (implicit
+    VR) the dictionary's; None for a tag the dictionary does not know."""
+    if elem.VR is not None:
+        return str(elem.VR)
+    try:
+        return dictionary_VR(elem.tag)
+    except KeyError:
+        return None
 
 
 def _native_pixels(path: Path, ds: Dataset) -> np.ndarray | None:
     """An uncompressed little-endian single-frame image's stored values read straight from its
     file, for pixel data left unread (read_datasets): no copy stays with the data set. None
     where pydicom decodes (compressed, already read, bits stored short of bits allocated, ...)."""
-    elem = ds.get_item(_PIXEL_DATA, keep_deferred=True)
+    elem = ds.get_item(PIXEL_DATA, keep_deferred=True)
     meta = getattr(ds, "file_meta", None)
     if (elem is None or getattr(elem, "value", b"") is not None or meta is None
             or str(meta.get("TransferSyntaxUID", "")) not in _NATIVE_LE):

@@ -6,7 +6,6 @@ import copy
 import datetime as dt
 
 import numpy as np
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.sequence import Sequence
@@ -15,7 +14,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import DerivedVolume
-from ..volume import Volume, rescale_of
+from ..volume import PIXEL_DATA, Volume, element_vr, rescale_of
 from . import EncodeContext
 
 # Attributes that describe the source pixels or the source file rather than the new image.
@@ -29,40 +28,33 @@ _DROP = (
 )
 
 
-_PIXEL_DATA = 0x7FE00010
-
-
 def _copy_header(src: Dataset) -> Dataset:
     """A new data set with the source's public elements but its pixel data (set_pixel_data
-    puts the new pixels in). Elements still raw (read, never looked at) are immutable and
-    shared with the source; converted ones and sequences are deep-copied, because the result's
-    are changed in place. A deepcopy of the whole source took half the encoding time."""
+    puts the new pixels in), private ones dropped in nested sequences too. Elements still raw
+    (read, never looked at) are immutable and shared with the source; converted ones are
+    deep-copied, because the result's are changed in place. A deepcopy of the whole source
+    and pydicom's remove_private_tags (which converts every element) took half the encoding
+    time of a CT slice."""
     ds = Dataset()
     ds.set_original_encoding(*src.original_encoding, src.original_character_set)
     for tag in src.keys():
-        if tag == _PIXEL_DATA or tag.is_private:
+        if tag == PIXEL_DATA or tag.is_private:
             continue
         elem = src.get_item(tag)
         ds[tag] = elem if isinstance(elem, RawDataElement) else copy.deepcopy(elem)
+        if element_vr(elem) == "SQ":  # the result's own items (a raw one is converted in ds)
+            for item in ds[tag].value or ():
+                _drop_private(item)
     return ds
 
 
 def _drop_private(ds: Dataset) -> None:
     """Remove private elements here and in nested sequences, as Dataset.remove_private_tags
-    does, without converting every element on the way (its walk does: half the encoding time
-    of a CT slice). Only sequences are opened."""
+    does, without converting every element on the way: only sequences are opened."""
     for tag in list(ds.keys()):
         if tag.is_private:
             del ds[tag]
-            continue
-        elem = ds.get_item(tag)
-        vr = elem.VR
-        if vr is None:  # read as implicit VR: the dictionary says
-            try:
-                vr = dictionary_VR(tag)
-            except KeyError:
-                continue
-        if vr == "SQ":
+        elif element_vr(ds.get_item(tag)) == "SQ":
             for item in ds[tag].value or ():
                 _drop_private(item)
 
@@ -124,7 +116,6 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
         sources = [volume.datasets[i] for i in mapping[z]]
         src = sources[0]
         ds = _copy_header(src)
-        _drop_private(ds)  # in the sequences
         for keyword in _DROP:
             if keyword in ds:
                 delattr(ds, keyword)

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
-from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset as _read_dataset
@@ -34,6 +33,7 @@ from ..errors import InvalidInstance
 from ..store.index import Database
 from ..store.indexer import IndexWriter
 from ..store.ingest import Entry, Ingest, out_of_resources
+from ..volume import element_vr
 from .acceptor import Acceptor, Association, Command
 from .tls import server_context
 
@@ -116,16 +116,6 @@ def _at_pixel_data(tag: int, vr: str | None, length: int) -> bool:
     return tag == 0x7FE00010
 
 
-def _vr(raw: RawDataElement) -> str | None:
-    """The element's VR: explicit, else (implicit VR) the dictionary's."""
-    if raw.VR is not None:
-        return str(raw.VR)
-    try:
-        return dictionary_VR(raw.tag)
-    except KeyError:
-        return None
-
-
 def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> Dataset:
     """The received data set, every element read and checked (pydicom defers reading; a
     truncated or garbled data set is refused here instead of failing later in a job): each
@@ -156,7 +146,7 @@ def read_dataset(data: bytes | bytearray | memoryview, transfer_syntax: str) -> 
                                       f"{fp.size - raw.value_tell}")
             continue
         check_lengths(ds, [tag])
-        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and _vr(raw) != "SQ":
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF and element_vr(raw) != "SQ":
             continue  # a plain value: converting it is left to whoever reads it
         # sequences (and undefined lengths): every item read and every element in it converted
         for element in ds[tag].value if ds[tag].VR == "SQ" else ():

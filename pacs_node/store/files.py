@@ -62,16 +62,29 @@ def write_atomic(path: Path, data: bytes, sync_dir: bool = True) -> None:
         fsync_dir(path.parent)
 
 
-def write_new(path: Path, data: bytes) -> None:
+_SYNC_NEW = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC
+
+
+def _write_all(fd: int, parts: Sequence[bytes | bytearray | memoryview]) -> None:
+    """Write ``parts`` one after the other (one writev, more only after a short write)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    while views:
+        done = os.writev(fd, views)
+        while views and done >= len(views[0]):
+            done -= len(views[0])
+            views.pop(0)
+        if views and done:
+            views[0] = views[0][done:]
+
+
+def write_new(path: Path, data: bytes | memoryview) -> None:
     """Create ``path`` (which must not exist) holding ``data``, durably: opened with O_SYNC
     and written in one call, which syncs data and size as fsync would, without the temp file
     and rename of write_atomic. For files in a folder nobody reads before it is complete and
     its own fsync is done (a job's result folder); the caller fsyncs the folder."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o644)
+    fd = os.open(path, _SYNC_NEW, 0o644)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, [data])
     except BaseException:
         os.close(fd)
         with contextlib.suppress(OSError):
@@ -102,8 +115,7 @@ class FileStore:
         otherwise do first."""
         if len(self._spares) >= keep:
             return
-        path = os.path.join(self.incoming, f"{uuid.uuid4().hex}{TEMP_SUFFIX}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o644)
+        fd, path = self._new_temp()
         try:
             os.fsync(fd)
         except BaseException:
@@ -111,6 +123,10 @@ class FileStore:
             os.unlink(path)
             raise
         self._spares.append((fd, path))
+
+    def _new_temp(self) -> tuple[int, str]:
+        path = os.path.join(self.incoming, f"{uuid.uuid4().hex}{TEMP_SUFFIX}")
+        return os.open(path, _SYNC_NEW, 0o644), path
 
     def close_spares(self) -> None:
         """Close and remove the temp files prepare_temp made and no write took."""
@@ -133,23 +149,15 @@ class FileStore:
         would first wait for the GIL that thread holds. ``before_write`` is called between
         open and write: work handed to another thread there runs during the write, where work
         handed over before the open would hold the GIL when the open returns."""
-        try:
+        try:  # popleft, not a length test first: several associations' threads take spares
             fd, name = self._spares.popleft()
         except IndexError:
-            name = os.path.join(self.incoming, f"{uuid.uuid4().hex}{TEMP_SUFFIX}")
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_SYNC, 0o644)
+            fd, name = self._new_temp()
         tmp = Path(name)
         try:
-            views = [memoryview(p).cast("B") for p in parts]
             if before_write is not None:
                 before_write()
-            while views:
-                done = os.writev(fd, views)
-                while views and done >= len(views[0]):
-                    done -= len(views[0])
-                    views.pop(0)
-                if views and done:
-                    views[0] = views[0][done:]
+            _write_all(fd, parts)
         except BaseException:
             os.close(fd)
             tmp.unlink(missing_ok=True)
