@@ -297,3 +297,52 @@ def test_untrained_ct_model_is_refused_with_a_clear_error(tmp_path: Path, monkey
     monkeypatch.setenv("PACS_NODE_MODELS", str(tmp_path))
     with pytest.raises(PacsNodeError, match="anomaly-ct: no weights at .*models train anomaly-ct"):
         AnomalyCt()
+
+
+def test_intensity_references_scale_brain_not_scalp() -> None:
+    from pacs_node.ml.anomaly_mr import CENTRAL_LEVEL, intensity_scale
+
+    # A "head": bright scalp shell (fat) around a darker brain; the central box is brain.
+    z, y, x = np.mgrid[:40, :40, :40]
+    r = np.sqrt((z - 19.5) ** 2 + (y - 19.5) ** 2 + (x - 19.5) ** 2)
+    vol = np.where(r < 14, 400.0, 0.0) + np.where((r >= 14) & (r < 18), 1000.0, 0.0)
+    vol += np.random.default_rng(0).normal(0, 5, vol.shape)
+    old = intensity_scale(vol)  # the scalp decides it
+    new = intensity_scale(vol, "central-p90")
+    assert old == pytest.approx(1000, rel=0.05)
+    assert 400 / new == pytest.approx(CENTRAL_LEVEL, rel=0.05)
+    # scaling the scalp alone leaves the central reference where it was
+    brighter = np.where((r >= 14) & (r < 18), vol * 2, vol)
+    assert intensity_scale(brighter, "central-p90") == pytest.approx(new, rel=1e-3)
+    with pytest.raises(ValueError, match="unknown intensity reference 'p50'"):
+        intensity_scale(vol, "p50")
+
+
+def test_weights_without_an_intensity_reference_keep_the_old_scaling() -> None:
+    stored = json.loads(AnomalyConfig(intensity_ref="central-p90").to_json())
+    assert AnomalyConfig.from_json(json.dumps(stored)).intensity_ref == "central-p90"
+    del stored["intensity_ref"]  # weights saved before the field existed (0.3.0 and older)
+    assert AnomalyConfig.from_json(json.dumps(stored)).intensity_ref == "foreground-p99"
+
+
+@needs_weights
+def test_eval_command_scores_any_folder_of_mr_series(tmp_path: Path) -> None:
+    data = _data_dir()
+    folder = tmp_path / "other-site"
+    (folder / "mr").mkdir(parents=True)
+    uih = sorted((data / "mr" / "uih-t1-3d-sag").iterdir())
+    for f in uih[60:100]:  # a stand-in for another site's series: a block of 40 slices
+        (folder / "mr" / f.name).symlink_to(f)
+    ct = sorted((data / "ct" / "ge-head-tilt").iterdir())[0]
+    (folder / "ct.dcm").symlink_to(ct)  # not MR: skipped
+    (folder / "notes.txt").write_text("not DICOM")  # skipped
+    out_json = tmp_path / "ext.json"
+    assert eval_main(["--data", str(folder), "--seed", "5", "--json", str(out_json)]) == 0
+    result = json.loads(out_json.read_text())
+    assert result["slices"] == 20 and "1 MR series under other-site" in result["data"]
+    assert result["lesion_pixels"] > 0 and 0.5 < result["model"]["auroc"] <= 1.0
+    with pytest.raises(SystemExit):
+        eval_main(["--data", str(folder), "--split", "held-out"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="no MR slices"):
+        eval_main(["--data", str(tmp_path / "empty")])

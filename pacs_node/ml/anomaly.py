@@ -98,6 +98,11 @@ class AnomalyConfig:
     #: reconstruction error that maps to score 1.0 (set from normal training slices)
     error_scale: float = 0.25
     modality: str = "MR"
+    #: MR: how a series' intensities are scaled before the network (``anomaly_mr.intensity_scale``):
+    #: "foreground-p99" (the 99th percentile of the whole head: up to 0.3.0) or "central-p90"
+    #: (the 90th percentile of the head in the central half of the volume, set to 0.94: white
+    #: matter near 0.94 whatever the scalp fat does)
+    intensity_ref: str = "foreground-p99"
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

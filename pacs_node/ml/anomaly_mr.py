@@ -2,8 +2,9 @@
 
 Training data: studyforrest-t1 (axial, coronal and sagittal reslices) and the UIH 3D T1
 sagittal slices outside a held-out contiguous block (``HELD_OUT``, with a gap on each side).
-Evaluation: synthetic lesions (``pacs_node.ml.lesions``) in the held-out UIH slices; pixel
-AUROC / AUPRC / best Dice of the model against the intensity-outlier baseline.
+Evaluation: synthetic lesions (``pacs_node.ml.lesions``) in the held-out UIH slices (or in
+the slices of any folder of DICOM MR series: split "external"); pixel AUROC / AUPRC / best Dice
+of the model against the intensity-outlier baseline.
 
     pacs-node models train anomaly-mr [--steps N] [--out models/anomaly-mr/model.safetensors]
     pacs-node models eval anomaly-mr --data DIR [--json F] [--plot F.png]
@@ -51,18 +52,45 @@ HOLDOUT_SERIES = "mr/uih-t1-3d-sag"
 HELD_OUT = (60, 110)
 #: ... and the gap on each side that is used for neither training nor evaluation
 HOLDOUT_GAP = 5
+#: training slices cache; the intensity reference is added to the name (slices differ by it)
 DEFAULT_CACHE = Path("/tmp/pacs-node-cache/anomaly-mr-slices.npz")
 
 
 # ------------------------------------------------------------------------------ intensities
 
 
-def intensity_scale(array: np.ndarray) -> float:
-    """Robust white-matter-ish level of an MR volume: the 99th percentile of its foreground."""
-    flat = array.reshape(-1)[:: max(1, array.size // 2_000_000)]
-    top = float(np.percentile(flat, 99.5))
+#: "central-p90": the central box's 90th head percentile maps to this (white matter in T1)
+CENTRAL_LEVEL = 0.94
+INTENSITY_REFS = ("foreground-p99", "central-p90")
+
+
+def _central(array: np.ndarray) -> np.ndarray:
+    """The central half of a volume along each axis of 4 or more voxels (all of a shorter one)."""
+    box = tuple(slice(n // 4, n - n // 4) if n >= 4 else slice(None) for n in array.shape)
+    return array[box]
+
+
+def intensity_scale(array: np.ndarray, ref: str = "foreground-p99") -> float:
+    """The value an MR volume is divided by before the network (``AnomalyConfig.intensity_ref``).
+
+    foreground-p99: the 99th percentile of the head (voxels above a tenth of the 99.5th
+    percentile). Scalp fat decides it on a sequence where fat is bright, so brain tissue lands
+    at a different level on every scanner (UIH 3D GRE: white matter near 0.65; studyforrest:
+    0.9). central-p90: the 90th percentile of the head in the central half of the volume along
+    each axis (mostly brain) is set to ``CENTRAL_LEVEL``: white matter near 0.94 on both.
+    """
+    if ref not in INTENSITY_REFS:
+        raise ValueError(f"unknown intensity reference {ref!r} (known: {', '.join(INTENSITY_REFS)})")
+    region = _central(array) if ref == "central-p90" else array
+    flat = np.asarray(region).reshape(-1)
+    flat = flat[:: max(1, flat.size // 2_000_000)]
+    top = float(np.percentile(flat, 99.5)) if flat.size else 0.0
     fg = flat[flat > 0.1 * top]
-    return float(np.percentile(fg, 99.0)) if fg.size else max(top, 1e-6)
+    if not fg.size:
+        return max(top, 1e-6)
+    if ref == "central-p90":
+        return max(float(np.percentile(fg, 90.0)) / CENTRAL_LEVEL, 1e-6)
+    return float(np.percentile(fg, 99.0))
 
 
 def normalise(array: np.ndarray, scale: float) -> np.ndarray:
@@ -101,21 +129,21 @@ def _canvas_slices(planes, cfg: AnomalyConfig, min_fg: float = 0.12) -> list[np.
     return out
 
 
-def load_normal_volume(name: str, data: Path):
+def load_normal_volume(name: str, data: Path, ref: str):
     from ..volume import load_series
 
     vol = load_series(sorted((data / name).iterdir()))
-    return vol, normalise(vol.array, intensity_scale(vol.array))
+    return vol, normalise(vol.array, intensity_scale(vol.array, ref))
 
 
 def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> SliceSet:
     images: list[np.ndarray] = []
     sources: list[str] = []
-    vol, arr = load_normal_volume("mr/studyforrest-t1", data)
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg.intensity_ref)
     got = _canvas_slices(_planes(arr, vol.spacing, "acs", step), cfg)
     images += got
     sources += ["studyforrest"] * len(got)
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
     lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
     keep = [i for i in range(arr.shape[0]) if i < lo or i >= hi]
     got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in keep), cfg)
@@ -125,7 +153,7 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
 
 
 def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> np.ndarray:
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
     planes = ((arr[i], vol.spacing[1:]) for i in range(HELD_OUT[0], HELD_OUT[1], step))
     return np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
 
@@ -134,7 +162,7 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> np.nda
     """Model-selection slices: studyforrest sagittal planes at odd indices (training used the
     even ones), the central ``count`` of those with enough head. Training-domain anatomy: for
     choosing settings only, never reported as the result."""
-    vol, arr = load_normal_volume("mr/studyforrest-t1", data)
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg.intensity_ref)
     sz, sy, _ = vol.spacing
     planes = ((np.ascontiguousarray(arr[::-1, :, i]), (sz, sy)) for i in range(1, arr.shape[2], 2))
     got = np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
@@ -146,13 +174,14 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
     """Model-selection slices from the held-out scanner: the UIH gap slices on each side of the
     held-out block (used neither for training nor for the reported evaluation; adjacent to the
     held-out block, so not independent of it)."""
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
     return np.stack(_canvas_slices(((arr[i], vol.spacing[1:]) for i in picks), cfg, min_fg=0.2))
 
 
 def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
+    cache = cache.with_name(f"{cache.stem}-{cfg.intensity_ref}{cache.suffix}")
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
         return SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
@@ -435,6 +464,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
                    help="add the studyforrest slices again with their grey levels matched to the UIH slices' "
                         "(a third training source)")
+    p.add_argument("--intensity-ref", choices=INTENSITY_REFS, default="foreground-p99",
+                   help="how series intensities are scaled (stored in the weights; see intensity_scale)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -450,7 +481,7 @@ def train_main(argv: list[str]) -> int:
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition", "contrast_curves", "match_contrast"}
+                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -462,7 +493,7 @@ def train_main(argv: list[str]) -> int:
     if args.acquisition and args.arch != "recon-disc":
         p.error("--acquisition applies to --arch recon-disc only (it replaces the blur and noise of augment)")
     torch.set_num_threads(args.threads)
-    cfg = AnomalyConfig(modality="MR", arch=args.arch)
+    cfg = AnomalyConfig(modality="MR", arch=args.arch, intensity_ref=args.intensity_ref)
     if args.noise_std is not None:
         cfg.noise_std = float(args.noise_std)
     if args.noise_scales:
@@ -633,6 +664,33 @@ def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], 
     plt.close(fig)
 
 
+def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, str]:
+    """Evaluation slices from any folder of DICOM MR series (other scanners, contrasts, planes):
+    every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
+    where the head fills a fifth of the canvas. Returns the slices and a description."""
+    from ..volume import group_by_series, volume_from_datasets
+
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    images: list[np.ndarray] = []
+    used: list[str] = []
+    for uid, items in group_by_series(files).items():
+        vol = volume_from_datasets(items)
+        if vol.modality != "MR":
+            log.info("external evaluation: skipping a %s series (%d instances): not MR",
+                     vol.modality or "no-modality", len(items))
+            continue
+        arr = normalise(vol.array, intensity_scale(vol.array, cfg.intensity_ref))
+        got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in range(0, arr.shape[0], step)), cfg, min_fg=0.2)
+        log.info("external evaluation: series %s: %d of %d slices used", uid, len(got), arr.shape[0])
+        images += got
+        used.append(f"{len(got)} of {arr.shape[0]} slices")
+    if not images:
+        raise SystemExit(f"{root}: no MR slices with enough head to evaluate (expected the shared data folder "
+                         f"holding {HOLDOUT_SERIES}/, or a folder of DICOM MR series)")
+    what = f"{len(used)} MR series under {root.name or root} ({'; '.join(used)}, every {step}. slice)"
+    return np.stack(images), what
+
+
 SPLITS = {
     "held-out": (f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} (every 2nd)", held_out_slices),
     "val-studyforrest": ("mr/studyforrest-t1 central odd sagittal slices", validation_slices),
@@ -643,25 +701,38 @@ SPLITS = {
 
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"pacs-node models eval {MODEL_NAME}")
-    p.add_argument("--data", type=Path, required=True, help="unpacked shared data (folder holding mr/)")
+    p.add_argument("--data", type=Path, required=True,
+                   help="unpacked shared data (folder holding mr/): the held-out evaluation; or any folder of "
+                        "DICOM MR series (other scanners, contrasts, planes): split 'external'")
     p.add_argument("--model", type=Path, default=model_path(MODEL_NAME))
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--plot", type=Path, default=None)
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--split", choices=tuple(SPLITS), default="held-out",
-                   help="held-out: the reported evaluation; val-studyforrest / val-uih-gap: the model-selection "
-                        "slices (the model card used seeds 97, 98, 99 there)")
+    p.add_argument("--split", choices=(*SPLITS, "external"), default=None,
+                   help="held-out (default where --data holds the shared data): the reported evaluation; "
+                        "val-studyforrest / val-uih-gap: the model-selection slices (the model card used seeds "
+                        "97, 98, 99 there); external (default otherwise): every MR series under --data")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     net, cfg = load_model(args.model)
-    what, pick = SPLITS[args.split]
-    normal = pick(args.data, cfg)
+    shared = (args.data / HOLDOUT_SERIES).is_dir()
+    split = args.split or ("held-out" if shared else "external")
+    if split == "external":
+        if not args.data.exists():
+            p.error(f"--data {args.data}: no such file or folder")
+        normal, what = external_slices(args.data, cfg)
+    else:
+        if not shared:
+            p.error(f"--split {split} needs the shared data folder (holding {HOLDOUT_SERIES}/); "
+                    f"{args.data} is not one (use --split external for any folder of MR series)")
+        what, pick = SPLITS[split]
+        normal = pick(args.data, cfg)
     case = make_eval_cases(normal, cfg, seed=args.seed)
     res = evaluate(net, cfg, case)
     maps = res.pop("_maps")
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
-    print(f"{args.split} slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
+    print(f"{split} slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
     print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
     for name, key in ((f"model ({cfg.arch})", "model"), ("intensity baseline", "baseline")):
         m = res[key]

@@ -37,7 +37,7 @@ class AnomalyPipeline(Pipeline):
 
     model_name: ClassVar[str]
     default_outputs = ("secondary_capture", "parametric_map")
-    normalise: ClassVar[Callable[[np.ndarray], np.ndarray]]
+    normalise: ClassVar[Callable[[np.ndarray, AnomalyConfig], np.ndarray]]
 
     def __init__(self) -> None:
         path = model_path(self.model_name)
@@ -49,7 +49,7 @@ class AnomalyPipeline(Pipeline):
 
     def scores(self, volume: Volume, batch_size: int = 16) -> np.ndarray:
         cfg: AnomalyConfig = self.cfg
-        images = type(self).normalise(volume.array)
+        images = type(self).normalise(volume.array, cfg)
         out = np.zeros(volume.shape, dtype=np.float32)
         for start in range(0, volume.shape[0], batch_size):
             planes, grids = [], []
@@ -80,10 +80,10 @@ class AnomalyPipeline(Pipeline):
         )]
 
 
-def _normalise_mr(array: np.ndarray) -> np.ndarray:
+def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
     from ..ml.anomaly_mr import intensity_scale, normalise
 
-    return normalise(array, intensity_scale(array))
+    return normalise(array, intensity_scale(array, cfg.intensity_ref))
 
 
 class AnomalyMr(AnomalyPipeline):
@@ -94,7 +94,7 @@ class AnomalyMr(AnomalyPipeline):
     normalise = staticmethod(_normalise_mr)
 
 
-def _normalise_ct(array: np.ndarray) -> np.ndarray:
+def _normalise_ct(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
     # Brain window (0..80 HU) stretched to the 0..1 range the network was trained on.
     return np.clip(array / 80.0, 0.0, 1.5).astype(np.float32)
 
