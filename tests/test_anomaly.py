@@ -119,6 +119,13 @@ def test_the_committed_train_config_runs_as_a_smoke_run(tmp_path: Path) -> None:
     assert cfg.arch == settings["arch"] and list(cfg.channels) == settings["channels"]
     assert list(cfg.disc_channels) == settings["disc_channels"] and cfg.tta_flip == settings["tta_flip"]
     assert cfg.smooth_sigma == settings["smooth_sigma"]
+    # trained on one intensity scaling, served with the other (stored in the weights)
+    assert cfg.extra["train_intensity_ref"] == settings["intensity_ref"]
+    assert cfg.extra["train_intensity_max"] == settings["intensity_max"]
+    assert (cfg.intensity_ref, cfg.intensity_max) == (settings["serve_intensity_ref"], settings["serve_intensity_max"])
+    if WEIGHTS.exists():
+        served = load_model(WEIGHTS)[1]
+        assert (served.intensity_ref, served.intensity_max) == (cfg.intensity_ref, cfg.intensity_max)
 
 
 def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
@@ -258,13 +265,19 @@ def test_pipeline_marks_an_inserted_lesion() -> None:
     from pacs_node.volume import load_series
 
     files = sorted((_data_dir() / "mr/uih-t1-3d-sag").iterdir())
-    volume = load_series(files[84:85])
-    plane = volume.array[0]
-    yy, xx = np.mgrid[: plane.shape[0], : plane.shape[1]]
-    blob = (yy - 180) ** 2 + (xx - 250) ** 2 < 18 ** 2  # 9 mm radius, in the brain
-    volume.array[0] = np.where(blob, np.percentile(plane, 99.9) * 1.6, plane)
-    (score,) = get_pipeline("anomaly-mr").run(volume, {})
-    assert score.array[0][blob].mean() > 3 * score.array[0][~blob].mean()
+    pipeline = get_pipeline("anomaly-mr")
+    for index in (30, 84):  # a lateral (training) slice and a held-out midline one
+        volume = load_series(files[index : index + 1])
+        plane = volume.array[0]
+        yy, xx = np.mgrid[: plane.shape[0], : plane.shape[1]]
+        blob = (yy - 180) ** 2 + (xx - 250) ** 2 < 18 ** 2  # 9 mm radius, in the brain
+        head = (plane > 0.1 * np.percentile(plane, 99.5)) & ~blob
+        volume.array[0] = np.where(blob, np.percentile(plane, 99.9) * 1.6, plane)  # brighter than scalp fat
+        (score,) = pipeline.run(volume, {})
+        in_blob, elsewhere = score.array[0][blob], score.array[0][head]
+        # ranked above the rest of the head (pixel AUROC), not only above the empty background
+        auroc = pixel_metrics(np.r_[in_blob, elsewhere], np.r_[np.ones(in_blob.size), np.zeros(elsewhere.size)]).auroc
+        assert auroc > 0.6 and in_blob.mean() > elsewhere.mean(), (index, auroc)
 
 
 @needs_weights
@@ -318,11 +331,12 @@ def test_intensity_references_scale_brain_not_scalp() -> None:
         intensity_scale(vol, "p50")
 
 
-def test_weights_without_an_intensity_reference_keep_the_old_scaling() -> None:
+def test_weights_without_intensity_settings_keep_the_old_scaling() -> None:
     stored = json.loads(AnomalyConfig(intensity_ref="central-p90").to_json())
     assert AnomalyConfig.from_json(json.dumps(stored)).intensity_ref == "central-p90"
-    del stored["intensity_ref"]  # weights saved before the field existed (0.3.0 and older)
-    assert AnomalyConfig.from_json(json.dumps(stored)).intensity_ref == "foreground-p99"
+    del stored["intensity_ref"], stored["intensity_max"]  # weights saved before 0.4.0
+    old = AnomalyConfig.from_json(json.dumps(stored))
+    assert (old.intensity_ref, old.intensity_max) == ("foreground-p99", 1.5)
 
 
 @needs_weights

@@ -103,6 +103,8 @@ class AnomalyConfig:
     #: (the 90th percentile of the head in the central half of the volume, set to 0.94: white
     #: matter near 0.94 whatever the scalp fat does)
     intensity_ref: str = "foreground-p99"
+    #: MR: scaled intensities are clipped to [0, intensity_max] (1.5 up to 0.3.0)
+    intensity_max: float = 1.5
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> str:

@@ -52,7 +52,7 @@ HOLDOUT_SERIES = "mr/uih-t1-3d-sag"
 HELD_OUT = (60, 110)
 #: ... and the gap on each side that is used for neither training nor evaluation
 HOLDOUT_GAP = 5
-#: training slices cache; the intensity reference is added to the name (slices differ by it)
+#: training slices cache (``default_cache`` adds the intensity reference to the name)
 DEFAULT_CACHE = Path("/tmp/pacs-node-cache/anomaly-mr-slices.npz")
 
 
@@ -93,8 +93,14 @@ def intensity_scale(array: np.ndarray, ref: str = "foreground-p99") -> float:
     return float(np.percentile(fg, 99.0))
 
 
-def normalise(array: np.ndarray, scale: float) -> np.ndarray:
-    return np.clip(array / max(scale, 1e-6), 0.0, 1.5).astype(np.float32)
+def normalise(array: np.ndarray, scale: float, top: float = 1.5) -> np.ndarray:
+    return np.clip(array / max(scale, 1e-6), 0.0, top).astype(np.float32)
+
+
+def normalise_volume(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
+    """A series' intensities as the network sees them: scaled by ``cfg.intensity_ref``, clipped
+    to [0, ``cfg.intensity_max``]."""
+    return normalise(array, intensity_scale(array, cfg.intensity_ref), cfg.intensity_max)
 
 
 # ------------------------------------------------------------------------------------ data
@@ -129,21 +135,21 @@ def _canvas_slices(planes, cfg: AnomalyConfig, min_fg: float = 0.12) -> list[np.
     return out
 
 
-def load_normal_volume(name: str, data: Path, ref: str):
+def load_normal_volume(name: str, data: Path, cfg: AnomalyConfig):
     from ..volume import load_series
 
     vol = load_series(sorted((data / name).iterdir()))
-    return vol, normalise(vol.array, intensity_scale(vol.array, ref))
+    return vol, normalise_volume(vol.array, cfg)
 
 
 def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> SliceSet:
     images: list[np.ndarray] = []
     sources: list[str] = []
-    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg.intensity_ref)
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
     got = _canvas_slices(_planes(arr, vol.spacing, "acs", step), cfg)
     images += got
     sources += ["studyforrest"] * len(got)
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
     keep = [i for i in range(arr.shape[0]) if i < lo or i >= hi]
     got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in keep), cfg)
@@ -153,7 +159,7 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
 
 
 def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> np.ndarray:
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     planes = ((arr[i], vol.spacing[1:]) for i in range(HELD_OUT[0], HELD_OUT[1], step))
     return np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
 
@@ -162,7 +168,7 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> np.nda
     """Model-selection slices: studyforrest sagittal planes at odd indices (training used the
     even ones), the central ``count`` of those with enough head. Training-domain anatomy: for
     choosing settings only, never reported as the result."""
-    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg.intensity_ref)
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
     sz, sy, _ = vol.spacing
     planes = ((np.ascontiguousarray(arr[::-1, :, i]), (sz, sy)) for i in range(1, arr.shape[2], 2))
     got = np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
@@ -174,14 +180,19 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
     """Model-selection slices from the held-out scanner: the UIH gap slices on each side of the
     held-out block (used neither for training nor for the reported evaluation; adjacent to the
     held-out block, so not independent of it)."""
-    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg.intensity_ref)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
     return np.stack(_canvas_slices(((arr[i], vol.spacing[1:]) for i in picks), cfg, min_fg=0.2))
 
 
+def default_cache(cfg: AnomalyConfig) -> Path:
+    """The training-slice cache for ``cfg``'s intensity scaling (the slices differ by it)."""
+    return DEFAULT_CACHE.with_name(f"{DEFAULT_CACHE.stem}-{cfg.intensity_ref}-max{cfg.intensity_max:g}"
+                                   f"{DEFAULT_CACHE.suffix}")
+
+
 def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
-    cache = cache.with_name(f"{cache.stem}-{cfg.intensity_ref}{cache.suffix}")
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
         return SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
@@ -428,7 +439,9 @@ def train_main(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=None, help="unpacked shared data (default: pacs_node.datasets)")
     p.add_argument("--out", type=Path, default=model_path(MODEL_NAME))
-    p.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="precomputed training slices (.npz)")
+    p.add_argument("--cache", type=Path, default=None,
+                   help="precomputed training slices (.npz; made there if missing; default: one per intensity "
+                        f"reference beside {DEFAULT_CACHE})")
     p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3)
@@ -465,7 +478,13 @@ def train_main(argv: list[str]) -> int:
                    help="add the studyforrest slices again with their grey levels matched to the UIH slices' "
                         "(a third training source)")
     p.add_argument("--intensity-ref", choices=INTENSITY_REFS, default="foreground-p99",
-                   help="how series intensities are scaled (stored in the weights; see intensity_scale)")
+                   help="how series intensities are scaled for training (see intensity_scale)")
+    p.add_argument("--serve-intensity-ref", choices=INTENSITY_REFS, default=None,
+                   help="the scaling stored in the weights, i.e. used by the pipeline and the eval command "
+                        "(default: --intensity-ref)")
+    p.add_argument("--intensity-max", type=float, default=1.5, help="scaled intensities are clipped to [0, this]")
+    p.add_argument("--serve-intensity-max", type=float, default=None,
+                   help="the clip stored in the weights (default: --intensity-max)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
@@ -481,7 +500,8 @@ def train_main(argv: list[str]) -> int:
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref"}
+                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref",
+                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -493,7 +513,10 @@ def train_main(argv: list[str]) -> int:
     if args.acquisition and args.arch != "recon-disc":
         p.error("--acquisition applies to --arch recon-disc only (it replaces the blur and noise of augment)")
     torch.set_num_threads(args.threads)
-    cfg = AnomalyConfig(modality="MR", arch=args.arch, intensity_ref=args.intensity_ref)
+    if args.intensity_max <= 0 or (args.serve_intensity_max is not None and args.serve_intensity_max <= 0):
+        p.error("--intensity-max and --serve-intensity-max must be positive")
+    cfg = AnomalyConfig(modality="MR", arch=args.arch, intensity_ref=args.intensity_ref,
+                        intensity_max=args.intensity_max)
     if args.noise_std is not None:
         cfg.noise_std = float(args.noise_std)
     if args.noise_scales:
@@ -521,7 +544,7 @@ def train_main(argv: list[str]) -> int:
 
         args.data = data_dir()
     started = time.time()
-    sset = cached_training_slices(args.data, cfg, args.cache)
+    sset = cached_training_slices(args.data, cfg, args.cache or default_cache(cfg))
     if args.match_contrast:
         extra = contrast_matched(sset, "studyforrest", "uih")
         sset = SliceSet(np.concatenate([sset.images, extra]), sset.sources + ["studyforrest-as-uih"] * len(extra))
@@ -545,7 +568,12 @@ def train_main(argv: list[str]) -> int:
                  "balance_sources": args.balance_sources, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
-                 "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}"}
+                 "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
+                 "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max}
+    # the pipeline and the eval command scale intensities as the weights' config says
+    cfg.intensity_ref = args.serve_intensity_ref or cfg.intensity_ref
+    if args.serve_intensity_max is not None:
+        cfg.intensity_max = float(args.serve_intensity_max)
     save_model(net, cfg, args.out)
     partial = args.out.with_suffix(".partial.safetensors")
     if partial.exists():
@@ -679,7 +707,7 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
             log.info("external evaluation: skipping a %s series (%d instances): not MR",
                      vol.modality or "no-modality", len(items))
             continue
-        arr = normalise(vol.array, intensity_scale(vol.array, cfg.intensity_ref))
+        arr = normalise_volume(vol.array, cfg)
         got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in range(0, arr.shape[0], step)), cfg, min_fg=0.2)
         log.info("external evaluation: series %s: %d of %d slices used", uid, len(got), arr.shape[0])
         images += got

@@ -81,14 +81,14 @@ class AnomalyPipeline(Pipeline):
 
 
 def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
-    from ..ml.anomaly_mr import intensity_scale, normalise
+    from ..ml.anomaly_mr import normalise_volume
 
-    return normalise(array, intensity_scale(array, cfg.intensity_ref))
+    return normalise_volume(array, cfg)
 
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.3.0"
+    version = "0.4.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
