@@ -347,13 +347,17 @@ def test_eval_command_scores_any_folder_of_mr_series(tmp_path: Path) -> None:
     uih = sorted((data / "mr" / "uih-t1-3d-sag").iterdir())
     for f in uih[60:100]:  # a stand-in for another site's series: a block of 40 slices
         (folder / "mr" / f.name).symlink_to(f)
+    (folder / "axial").mkdir()
+    for f in sorted((data / "mr" / "studyforrest-t1").iterdir())[200:216]:  # an axial series
+        (folder / "axial" / f.name).symlink_to(f)
     ct = sorted((data / "ct" / "ge-head-tilt").iterdir())[0]
     (folder / "ct.dcm").symlink_to(ct)  # not MR: skipped
     (folder / "notes.txt").write_text("not DICOM")  # skipped
     out_json = tmp_path / "ext.json"
     assert eval_main(["--data", str(folder), "--seed", "5", "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())
-    assert result["slices"] == 20 and "1 MR series under other-site" in result["data"]
+    assert result["slices"] == 28 and "2 MR series under other-site" in result["data"]
+    assert "sagittal, 20 of 40 slices" in result["data"] and "axial, 8 of 16 slices" in result["data"]
     assert result["lesion_pixels"] > 0 and 0.5 < result["model"]["auroc"] <= 1.0
     with pytest.raises(SystemExit):
         eval_main(["--data", str(folder), "--split", "held-out"])

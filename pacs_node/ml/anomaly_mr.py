@@ -625,12 +625,16 @@ class EvalCase:
     masks: np.ndarray  # scored pixels: brain region of each lesion-free slice
 
 
-def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234) -> EvalCase:
+def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
+                    fractions: list[float] | None = None) -> EvalCase:
+    """Synthetic lesions in each slice, inside ``brain_region`` (upper ``fractions[i]`` of the
+    head; 0.55, for sagittal slices, where none is given)."""
     rng = np.random.default_rng(seed)
     masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
+    fractions = fractions if fractions is not None else [0.55] * len(normal)
     imgs, truths, regions = [], [], []
-    for img, m in zip(normal, masks):
-        region = brain_region(m)
+    for img, m, fraction in zip(normal, masks, fractions):
+        region = brain_region(m, fraction)
         out, truth, _ = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
         imgs.append(out)
         truths.append(truth)
@@ -639,8 +643,9 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234) ->
 
 
 def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
-    """The upper ``fraction`` of the head in a sagittal slice: a crude stand-in for a brain
-    mask (no skull stripping here). Lesions are drawn, and both methods scored, only there."""
+    """The upper ``fraction`` of the head in a slice (0.55 in a sagittal or coronal one: above
+    the skull base; 1 in an axial one): a crude stand-in for a brain mask (no skull stripping
+    here). Lesions are drawn, and both methods scored, only there."""
     rows = np.nonzero(foreground.any(axis=1))[0]
     region = foreground.copy()
     if rows.size:
@@ -692,14 +697,16 @@ def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], 
     plt.close(fig)
 
 
-def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, str]:
+def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, str, list[float]]:
     """Evaluation slices from any folder of DICOM MR series (other scanners, contrasts, planes):
     every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
-    where the head fills a fifth of the canvas. Returns the slices and a description."""
+    where the head fills a fifth of the canvas. Returns the slices, a description and each
+    slice's ``brain_region`` fraction (axial: the whole head; sagittal, coronal: the upper 55 %)."""
     from ..volume import group_by_series, volume_from_datasets
 
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     images: list[np.ndarray] = []
+    fractions: list[float] = []
     used: list[str] = []
     for uid, items in group_by_series(files).items():
         vol = volume_from_datasets(items)
@@ -709,14 +716,16 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
             continue
         arr = normalise_volume(vol.array, cfg)
         got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in range(0, arr.shape[0], step)), cfg, min_fg=0.2)
-        log.info("external evaluation: series %s: %d of %d slices used", uid, len(got), arr.shape[0])
+        plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
+        log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
         images += got
-        used.append(f"{len(got)} of {arr.shape[0]} slices")
+        fractions += [1.0 if plane == "axial" else 0.55] * len(got)
+        used.append(f"{plane}, {len(got)} of {arr.shape[0]} slices")
     if not images:
         raise SystemExit(f"{root}: no MR slices with enough head to evaluate (expected the shared data folder "
                          f"holding {HOLDOUT_SERIES}/, or a folder of DICOM MR series)")
     what = f"{len(used)} MR series under {root.name or root} ({'; '.join(used)}, every {step}. slice)"
-    return np.stack(images), what
+    return np.stack(images), what, fractions
 
 
 SPLITS = {
@@ -749,14 +758,14 @@ def eval_main(argv: list[str]) -> int:
     if split == "external":
         if not args.data.exists():
             p.error(f"--data {args.data}: no such file or folder")
-        normal, what = external_slices(args.data, cfg)
+        normal, what, fractions = external_slices(args.data, cfg)
     else:
         if not shared:
             p.error(f"--split {split} needs the shared data folder (holding {HOLDOUT_SERIES}/); "
                     f"{args.data} is not one (use --split external for any folder of MR series)")
         what, pick = SPLITS[split]
-        normal = pick(args.data, cfg)
-    case = make_eval_cases(normal, cfg, seed=args.seed)
+        normal, fractions = pick(args.data, cfg), None
+    case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions)
     res = evaluate(net, cfg, case)
     maps = res.pop("_maps")
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
