@@ -234,9 +234,11 @@ def contrast_matched(sset: SliceSet, source: str, target: str, level: float = 0.
     return np.where(src > 0, mapped, src)
 
 
-def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, curves: float = 0.0) -> torch.Tensor:
-    """Geometry (affine, flips), intensity (gamma, gain, random contrast curves with probability
-    ``curves``, bias field), then (``degrade``) a mild blur and noise."""
+def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, curves: float = 0.0,
+            elastic: float = 0.0) -> torch.Tensor:
+    """Geometry (affine, flips; with probability ``elastic`` a smooth random deformation: another
+    head shape), intensity (gamma, gain, random contrast curves with probability ``curves``, bias
+    field), then (``degrade``) a mild blur and noise."""
     b = batch.shape[0]
 
     def u(lo: float, hi: float, n: int = b) -> torch.Tensor:
@@ -252,6 +254,10 @@ def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, cur
         torch.stack([sin * flip_x, cos * flip_y, u(-0.12, 0.12)], dim=1),
     ], dim=1)
     grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+    if elastic > 0:  # drawn only when asked, so the served recipe's random stream is unchanged
+        amp = u(0.0, 0.06) * (torch.rand(b, generator=gen) < elastic)  # up to ~8 px on 128
+        field = torch.randn((b, 2, 5, 5), generator=gen) * amp.view(b, 1, 1, 1)
+        grid = grid + F.interpolate(field, size=grid.shape[1:3], mode="bicubic", align_corners=False).permute(0, 2, 3, 1)
     x = F.grid_sample(batch, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
     x = x.clamp_min(0.0) ** u(0.7, 1.4).view(b, 1, 1, 1)
@@ -352,7 +358,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
-          acquisition_aug: bool = False, curves: float = 0.0) -> torch.nn.Module:
+          acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -374,7 +380,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         else:
             idx = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), batch, replacement=True,
                                     generator=gen)
-        clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves)
+        clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves, elastic=elastic)
         if crop:
             clean = random_crops(clean, crop, gen)
         if cfg.arch == "recon-disc":
@@ -472,6 +478,8 @@ def train_main(argv: list[str]) -> int:
                    help="draw each training series equally often (default: each slice equally often)")
     p.add_argument("--acquisition", action=argparse.BooleanOptionalAction, default=False,
                    help="recon-disc: blur / resolution / noise applied after the training anomalies")
+    p.add_argument("--elastic", type=float, default=0.0,
+                   help="probability of a smooth random deformation per training slice (0: off)")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
@@ -500,7 +508,7 @@ def train_main(argv: list[str]) -> int:
                                      "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref",
+                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                                      "serve_intensity_ref", "intensity_max", "serve_intensity_max"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
@@ -558,7 +566,8 @@ def train_main(argv: list[str]) -> int:
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
                 log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
-                sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves)
+                sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
+                elastic=args.elastic)
     train_minutes = (time.time() - started) / 60
     # recon-disc scores a probability (0.5: as likely anomalous as not); the others a residual
     # that calibration maps to [0, 1]
@@ -567,6 +576,7 @@ def train_main(argv: list[str]) -> int:
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
                  "balance_sources": args.balance_sources, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
+                 "elastic": args.elastic,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max}
