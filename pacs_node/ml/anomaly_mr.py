@@ -59,15 +59,18 @@ DEFAULT_CACHE = Path("/tmp/pacs-node-cache/anomaly-mr-slices.npz")
 # ------------------------------------------------------------------------------ intensities
 
 
-#: "central-p90": the central box's 90th head percentile maps to this (white matter in T1)
-CENTRAL_LEVEL = 0.94
-INTENSITY_REFS = ("foreground-p99", "central-p90")
-
-
 def _central(array: np.ndarray) -> np.ndarray:
     """The central half of a volume along each axis of 4 or more voxels (all of a shorter one)."""
     box = tuple(slice(n // 4, n - n // 4) if n >= 4 else slice(None) for n in array.shape)
     return array[box]
+
+
+#: per intensity reference: (region of the volume, head percentile, the level that percentile maps to)
+INTENSITY_REFS = {
+    "foreground-p99": (lambda array: array, 99.0, 1.0),
+    "central-p90": (_central, 90.0, 0.94),  # white matter in T1 near 0.94
+}
+CENTRAL_LEVEL = INTENSITY_REFS["central-p90"][2]
 
 
 def intensity_scale(array: np.ndarray, ref: str = "foreground-p99") -> float:
@@ -81,16 +84,14 @@ def intensity_scale(array: np.ndarray, ref: str = "foreground-p99") -> float:
     """
     if ref not in INTENSITY_REFS:
         raise ValueError(f"unknown intensity reference {ref!r} (known: {', '.join(INTENSITY_REFS)})")
-    region = _central(array) if ref == "central-p90" else array
-    flat = np.asarray(region).reshape(-1)
+    region, percentile, level = INTENSITY_REFS[ref]
+    flat = np.asarray(region(array)).reshape(-1)
     flat = flat[:: max(1, flat.size // 2_000_000)]
     top = float(np.percentile(flat, 99.5)) if flat.size else 0.0
     fg = flat[flat > 0.1 * top]
     if not fg.size:
         return max(top, 1e-6)
-    if ref == "central-p90":
-        return max(float(np.percentile(fg, 90.0)) / CENTRAL_LEVEL, 1e-6)
-    return float(np.percentile(fg, 99.0))
+    return max(float(np.percentile(fg, percentile)) / level, 1e-6)
 
 
 def normalise(array: np.ndarray, scale: float, top: float = 1.5) -> np.ndarray:
@@ -485,9 +486,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
                    help="add the studyforrest slices again with their grey levels matched to the UIH slices' "
                         "(a third training source)")
-    p.add_argument("--intensity-ref", choices=INTENSITY_REFS, default="foreground-p99",
+    p.add_argument("--intensity-ref", choices=tuple(INTENSITY_REFS), default="foreground-p99",
                    help="how series intensities are scaled for training (see intensity_scale)")
-    p.add_argument("--serve-intensity-ref", choices=INTENSITY_REFS, default=None,
+    p.add_argument("--serve-intensity-ref", choices=tuple(INTENSITY_REFS), default=None,
                    help="the scaling stored in the weights, i.e. used by the pipeline and the eval command "
                         "(default: --intensity-ref)")
     p.add_argument("--intensity-max", type=float, default=1.5, help="scaled intensities are clipped to [0, this]")
