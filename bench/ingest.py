@@ -1,13 +1,20 @@
 """Ingest throughput: the same series sent by DCMTK storescu to DCMTK storescp, Orthanc and
 pacs-node, alternating, with 1, 4 and 8 concurrent associations; medians, ratios, peak RSS.
 
-Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--baseline REV] [--json F]
+Usage: .venv/bin/python bench/ingest.py [--series ct/vhf-head] [--reps 3] [--conc 1,4,8] [--baseline REV] [--cpu] [--json F]
 
-Each run starts the target fresh on an empty folder, after a sync(2) that writes back what the
+Each run starts the target fresh on an empty folder and waits until it is idle (done starting up),
+after a sync(2) that writes back what the
 previous runs left in the page cache (pacs-node: fsync + SQLite index on, no rules, so only
 receive/store/index is timed); the series is split into `conc` parts sent by
 `conc` storescu processes at once; the clock runs from the first process start to the last
 exit. TCP_NODELAY=1 is set for DCMTK and Orthanc (else ~40 ms per instance).
+
+--cpu adds where the CPU went during each run, in ms per instance (medians): the target's
+processes (with their children: receiver processes), the storescu senders, the kernel's own
+threads (kworker: e.g. ext4 finishing the block allocation of synced files; ksoftirqd), and how
+busy the machine was (all cores, /proc/stat). Clock ticks are 10 ms: a run of a few hundred
+instances is resolved to about 0.05 ms per instance.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import signal
 import statistics
@@ -110,6 +118,81 @@ class PacsNode2(PacsNode):
     name, receivers = "pacs-node-r2", 2
 
 
+def _ticks() -> dict[int, tuple[int, int, int]]:
+    """pid -> (parent pid, CPU clock ticks user + system, 1 if a kernel thread else 0)."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            raw = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = raw.rsplit(")", 1)[1].split()
+        kernel = int(fields[6]) & 0x00200000  # PF_KTHREAD
+        out[int(entry)] = (int(fields[1]), int(fields[11]) + int(fields[12]), 1 if kernel else 0)
+    return out
+
+
+def _machine() -> tuple[int, int]:
+    """(busy, total) ticks of all cores since boot."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = v[3] + v[4]  # idle + iowait
+    return sum(v[:8]) - idle, sum(v[:8])
+
+
+def settle(pid: int, timeout: float = 20.0) -> None:
+    """Wait until the process tree under ``pid`` is idle (it may still be starting up after its
+    port opened: the node loads its pipelines, Orthanc its plugins), so the run times receiving only."""
+    def tree_ticks() -> int:
+        t = _ticks()
+        tree, changed = {pid}, True
+        while changed:
+            changed = False
+            for p, (ppid, _, _) in t.items():
+                if ppid in tree and p not in tree:
+                    tree.add(p)
+                    changed = True
+        return sum(t[p][1] for p in tree if p in t)
+
+    end = time.monotonic() + timeout
+    last = tree_ticks()
+    while time.monotonic() < end:
+        time.sleep(0.3)
+        now = tree_ticks()
+        if now - last <= 1:
+            return
+        last = now
+
+
+class CpuMeter:
+    """CPU of the target's process tree, the senders (waited-for children) and kernel threads."""
+
+    def __init__(self, root_pid: int) -> None:
+        self.root = root_pid
+        self.p0, self.m0 = _ticks(), _machine()
+        self.c0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+
+    def stop(self, instances: int) -> dict[str, float]:
+        p1, m1 = _ticks(), _machine()
+        c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        hz = os.sysconf("SC_CLK_TCK")
+        tree, changed = {self.root}, True
+        while changed:  # the target's descendants (receiver processes)
+            changed = False
+            for pid, (ppid, _, _) in p1.items():
+                if ppid in tree and pid not in tree:
+                    tree.add(pid)
+                    changed = True
+        delta = {pid: t - self.p0.get(pid, (0, 0, 0))[1] for pid, (_, t, _) in p1.items()}
+        per = 1e3 / hz / instances
+        busy, total = m1[0] - self.m0[0], m1[1] - self.m0[1]
+        return {"target_ms": sum(delta[p] for p in tree if p in delta) * per,
+                "senders_ms": (c1.ru_utime + c1.ru_stime - self.c0.ru_utime - self.c0.ru_stime) * 1e3 / instances,
+                "kernel_ms": sum(d for pid, d in delta.items() if p1[pid][2]) * per,
+                "busy_pct": 100.0 * busy / max(total, 1)}
+
+
 def send(target: Target, files: list[Path], conc: int) -> float:
     parts = [files[i::conc] for i in range(conc)]
     start = time.monotonic()
@@ -133,6 +216,8 @@ def main() -> int:
     ap.add_argument("--baseline", metavar="REV",
                     help="also run pacs-node as of git revision REV (a temporary worktree first on PYTHONPATH), "
                          "as target pacs-node@REV: before/after in one run")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also print CPU ms per instance of the target, the senders and kernel threads")
     ap.add_argument("--json")
     args = ap.parse_args()
     files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())
@@ -144,6 +229,7 @@ def main() -> int:
     targets = [kinds[t] for t in args.targets.split(",")]
     results: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}
+    cpu: dict[tuple[str, int], list[dict[str, float]]] = {}
     repo = Path(__file__).resolve().parent.parent
     with tempfile.TemporaryDirectory() as tmp:
         if args.baseline:
@@ -156,16 +242,17 @@ def main() -> int:
 
             targets.append(Baseline)
         try:
-            measure(targets, files, args, tmp, results, rss)
+            measure(targets, files, args, tmp, results, rss, cpu)
         finally:
             if args.baseline:
                 subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
-    report(results, rss, files, size_mb, args)
+    report(results, rss, files, size_mb, args, cpu)
     return 0
 
 
 def measure(targets: list, files: list[Path], args: argparse.Namespace, tmp: str,
-            results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int], float]) -> None:
+            results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int], float],
+            cpu: dict[tuple[str, int], list[dict[str, float]]]) -> None:
     for rep in range(args.reps):
         for conc in [int(c) for c in args.conc.split(",")]:
             order = targets if rep % 2 == 0 else targets[::-1]  # alternate to spread drift
@@ -177,7 +264,10 @@ def measure(targets: list, files: list[Path], args: argparse.Namespace, tmp: str
                 os.sync()
                 target.start()
                 try:
+                    settle(target.proc.pid)
+                    meter = CpuMeter(target.proc.pid)
                     elapsed = send(target, files, conc)
+                    cpu.setdefault((kind.name, conc), []).append(meter.stop(len(files)))
                 finally:
                     peak = target.stop()
                 results.setdefault((kind.name, conc), []).append(len(files) / elapsed)
@@ -185,10 +275,13 @@ def measure(targets: list, files: list[Path], args: argparse.Namespace, tmp: str
 
 
 def report(results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int], float], files: list[Path],
-           size_mb: float, args: argparse.Namespace) -> None:
+           size_mb: float, args: argparse.Namespace, cpu: dict[tuple[str, int], list[dict[str, float]]]) -> None:
     print(f"machine: {os.cpu_count()} CPU cores; series {args.series}: {len(files)} instances, {size_mb:.0f} MB; "
           f"{args.reps} repetitions, median instances/s; loopback, TCP_NODELAY=1")
-    print(f"{'target':20} {'assocs':>6} {'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'vs storescp':>11} {'vs orthanc':>10}")
+    keys = ("target_ms", "senders_ms", "kernel_ms", "busy_pct")
+    extra = f" {'CPU ms/inst: target':>19} {'senders':>7} {'kernel':>6} {'busy %':>6}" if args.cpu else ""
+    print(f"{'target':20} {'assocs':>6} {'inst/s':>8} {'MB/s':>7} {'peak RSS MB':>11} {'vs storescp':>11} {'vs orthanc':>10}"
+          + extra)
     rows = []
     for (name, conc), rates in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         med = statistics.median(rates)
@@ -197,9 +290,13 @@ def report(results: dict[tuple[str, int], list[float]], rss: dict[tuple[str, int
         row = {"target": name, "associations": conc, "instances_per_s": round(med, 1),
                "mb_per_s": round(med * size_mb / len(files), 1), "peak_rss_mb": round(rss[(name, conc)], 1),
                "ratio_storescp": round(med / ref_d, 2), "ratio_orthanc": round(med / ref_o, 2), "runs": rates}
+        used = {k: statistics.median(r[k] for r in cpu[(name, conc)]) for k in keys}
+        row["cpu"] = {k: round(v, 2) for k, v in used.items()}
         rows.append(row)
         print(f"{name:20} {conc:>6} {med:>8.1f} {row['mb_per_s']:>7.1f} {row['peak_rss_mb']:>11.0f} "
-              f"{row['ratio_storescp']:>11.2f} {row['ratio_orthanc']:>10.2f}")
+              f"{row['ratio_storescp']:>11.2f} {row['ratio_orthanc']:>10.2f}"
+              + (f" {used['target_ms']:>19.2f} {used['senders_ms']:>7.2f} {used['kernel_ms']:>6.2f} {used['busy_pct']:>6.0f}"
+                 if args.cpu else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
 
