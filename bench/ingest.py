@@ -134,6 +134,18 @@ def _ticks() -> dict[int, tuple[int, int, int]]:
     return out
 
 
+def _tree(root: int, ticks: dict[int, tuple[int, int, int]]) -> set[int]:
+    """``root`` and its descendants (a node's receiver processes) among ``ticks``' processes."""
+    tree, changed = {root}, True
+    while changed:
+        changed = False
+        for pid, (ppid, _, _) in ticks.items():
+            if ppid in tree and pid not in tree:
+                tree.add(pid)
+                changed = True
+    return tree
+
+
 def _machine() -> tuple[int, int]:
     """(busy, total) ticks of all cores since boot."""
     v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
@@ -146,14 +158,7 @@ def settle(pid: int, timeout: float = 20.0) -> None:
     port opened: the node loads its pipelines, Orthanc its plugins), so the run times receiving only."""
     def tree_ticks() -> int:
         t = _ticks()
-        tree, changed = {pid}, True
-        while changed:
-            changed = False
-            for p, (ppid, _, _) in t.items():
-                if ppid in tree and p not in tree:
-                    tree.add(p)
-                    changed = True
-        return sum(t[p][1] for p in tree if p in t)
+        return sum(t[p][1] for p in _tree(pid, t) if p in t)
 
     end = time.monotonic() + timeout
     last = tree_ticks()
@@ -177,13 +182,7 @@ class CpuMeter:
         p1, m1 = _ticks(), _machine()
         c1 = resource.getrusage(resource.RUSAGE_CHILDREN)
         hz = os.sysconf("SC_CLK_TCK")
-        tree, changed = {self.root}, True
-        while changed:  # the target's descendants (receiver processes)
-            changed = False
-            for pid, (ppid, _, _) in p1.items():
-                if ppid in tree and pid not in tree:
-                    tree.add(pid)
-                    changed = True
+        tree = _tree(self.root, p1)
         delta = {pid: t - self.p0.get(pid, (0, 0, 0))[1] for pid, (_, t, _) in p1.items()}
         per = 1e3 / hz / instances
         busy, total = m1[0] - self.m0[0], m1[1] - self.m0[1]
