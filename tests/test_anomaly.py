@@ -174,6 +174,31 @@ def test_training_anomalies_are_visible_inside_the_head_and_labelled() -> None:
     assert 3 <= sum(untouched) <= 20  # about a quarter left normal (and labelled 0)
 
 
+def test_bright_training_anomalies_brighten_more_often_and_default_is_unchanged() -> None:
+    """--bright-anomalies P: more training anomalies brighter than their surroundings; without
+    it, the served recipe's random stream (same draws, same anomalies)."""
+    from pacs_node.ml.synth_anomaly import corrupt
+
+    yy, xx = np.mgrid[:96, :96]
+    head = (((yy - 48) ** 2 + (xx - 48) ** 2) < 40 ** 2).astype(np.float32) * 0.6
+    head += ndimage_texture(np.random.default_rng(3))
+    other = np.roll(head, 7, axis=0)
+
+    def brighter_share(bright: float | None) -> float:
+        rng = np.random.default_rng(8)
+        signs = []
+        for _ in range(200):
+            out, label = corrupt(head, other, rng, bright=bright)
+            if label.any():
+                signs.append(float((out - head)[label > 0].mean()) > 0)
+        return float(np.mean(signs))
+
+    assert brighter_share(1.0) > brighter_share(None) + 0.15
+    assert brighter_share(0.0) < brighter_share(None) - 0.05
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    assert all(np.array_equal(corrupt(head, other, a)[0], corrupt(head, other, b, bright=None)[0]) for _ in range(20))
+
+
 def ndimage_texture(rng: np.random.Generator) -> np.ndarray:
     return ndimage.gaussian_filter(rng.standard_normal((96, 96)), 2.0).astype(np.float32) * 0.05
 

@@ -359,7 +359,8 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
-          acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0) -> torch.nn.Module:
+          acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0,
+          bright: float | None = None) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -385,7 +386,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         if crop:
             clean = random_crops(clean, crop, gen)
         if cfg.arch == "recon-disc":
-            corrupted, labels = corrupt_batch(clean[:, 0].numpy(), np_rng)
+            corrupted, labels = corrupt_batch(clean[:, 0].numpy(), np_rng, bright=bright)
             x, y = torch.from_numpy(corrupted)[:, None], torch.from_numpy(labels)[:, None]
             if acquisition_aug:
                 x, clean = acquisition([x, clean], gen)
@@ -481,6 +482,9 @@ def train_main(argv: list[str]) -> int:
                    help="recon-disc: blur / resolution / noise applied after the training anomalies")
     p.add_argument("--elastic", type=float, default=0.0,
                    help="probability of a smooth random deformation per training slice (0: off)")
+    p.add_argument("--bright-anomalies", type=float, default=None,
+                   help="recon-disc: probability that a training intensity-shift anomaly brightens its region "
+                        "(and fills reach 2.2x the head's median level); default: the served recipe's mix")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
@@ -510,7 +514,7 @@ def train_main(argv: list[str]) -> int:
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
                                      "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
-                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max"}
+                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -568,7 +572,7 @@ def train_main(argv: list[str]) -> int:
                 max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
                 log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
                 sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
-                elastic=args.elastic)
+                elastic=args.elastic, bright=args.bright_anomalies)
     train_minutes = (time.time() - started) / 60
     # recon-disc scores a probability (0.5: as likely anomalous as not); the others a residual
     # that calibration maps to [0, 1]
@@ -577,7 +581,7 @@ def train_main(argv: list[str]) -> int:
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
                  "balance_sources": args.balance_sources, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
-                 "elastic": args.elastic,
+                 "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max}

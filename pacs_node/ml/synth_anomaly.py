@@ -45,9 +45,13 @@ def _texture(shape: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
 
 
 def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
-            foreground_level: float = 0.06) -> tuple[np.ndarray, np.ndarray]:
+            foreground_level: float = 0.06, bright: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """One training anomaly in ``image`` (normalised, 2D). ``other`` is another normal slice
-    (same size) for foreign patches. Returns the corrupted image and its label (float 0/1)."""
+    (same size) for foreign patches. Returns the corrupted image and its label (float 0/1).
+
+    ``bright`` (None: the served recipe): the probability that an intensity shift brightens the
+    region, and the fill level's range reaching 2.2x (not 1.6x) the head's median, so that more
+    anomalies are brighter than the tissue around them."""
     h, w = image.shape
     fg = ndimage.gaussian_filter(image, 1.0) > foreground_level
     if fg.mean() < 0.05:
@@ -67,13 +71,19 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
         if rng.random() < 0.5:
             source = source[:, ::-1]
         content = source * float(rng.uniform(0.7, 1.4))
+    elif kind == "shift" and bright is not None:
+        up = rng.random() < bright
+        if rng.random() < 0.5:
+            content = image * float(rng.uniform(1.2, 2.5) if up else rng.uniform(0.1, 0.8))
+        else:
+            content = image + float((1 if up else -1) * rng.uniform(0.1, 0.7)) * level
     elif kind == "shift":
         if rng.random() < 0.5:
             content = image * float(rng.choice([rng.uniform(0.1, 0.8), rng.uniform(1.2, 2.5)]))
         else:
             content = image + float(rng.choice([-1, 1]) * rng.uniform(0.1, 0.7)) * level
     elif kind == "fill":
-        content = np.full_like(image, float(rng.uniform(0.0, 1.6)) * level)
+        content = np.full_like(image, float(rng.uniform(0.0, 1.6 if bright is None else 2.2)) * level)
         content = content + float(rng.uniform(0.0, 0.25)) * level * _texture((h, w), rng)
     else:
         if rng.random() < 0.5:
@@ -90,7 +100,8 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
     return out, label.astype(np.float32)
 
 
-def corrupt_batch(images: np.ndarray, rng: np.random.Generator, p_normal: float = 0.25) -> tuple[np.ndarray, np.ndarray]:
+def corrupt_batch(images: np.ndarray, rng: np.random.Generator, p_normal: float = 0.25,
+                  bright: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``corrupt`` for a batch (N, H, W); a fraction ``p_normal`` is left untouched (label 0),
     and a quarter of the others get a second anomaly."""
     out = images.astype(np.float32, copy=True)
@@ -101,6 +112,6 @@ def corrupt_batch(images: np.ndarray, rng: np.random.Generator, p_normal: float 
             continue
         other = images[(i + 1 + int(rng.integers(max(1, n - 1)))) % n]
         for _ in range(2 if rng.random() < 0.25 else 1):
-            out[i], lab = corrupt(out[i], other, rng)
+            out[i], lab = corrupt(out[i], other, rng, bright=bright)
             labels[i] = np.maximum(labels[i], lab)
     return out, labels
