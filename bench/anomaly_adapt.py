@@ -35,7 +35,7 @@ from common import ROOT  # noqa: F401 - puts the repo on sys.path
 
 from pacs_node.datasets import data_dir
 from pacs_node.ml import anomaly_mr as A
-from pacs_node.ml.anomaly import foreground_mask, load_model, recon_disc_maps, smooth
+from pacs_node.ml.anomaly import foreground_mask, load_model, recon_disc_maps, residual_maps, smooth
 from pacs_node.models_dir import model_path
 
 GEOMETRIC = {
@@ -51,6 +51,12 @@ def _warp(x: torch.Tensor, s: float, dx: float, dy: float, inverse: bool = False
     theta = torch.tensor([[s, 0.0, dx], [0.0, s, dy]], dtype=torch.float32).expand(x.shape[0], 2, 3)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _plain_scores(net: torch.nn.Module, cfg, x: torch.Tensor) -> torch.Tensor:
+    """The served scoring (the pipeline's and the eval command's own code path)."""
+    with torch.no_grad():
+        return residual_maps(net, x, cfg)[0]
 
 
 def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> torch.Tensor:
@@ -116,7 +122,7 @@ def main() -> int:
         for seed in seeds:
             case = A.make_eval_cases(normal, cfg, seed)
             x = torch.from_numpy(case.images[:, None])
-            plain = _geometric_scores(net, cfg, x, [(1.0, 0.0, 0.0)])
+            plain = _plain_scores(net, cfg, x)
             cells.setdefault("plain", []).append(_metrics(plain, case))
             kinds.append(_by_kind(plain, case, normal))
             for name, variants in GEOMETRIC.items():
@@ -127,8 +133,7 @@ def main() -> int:
                     tuned = A.train(case.images.astype(np.float32), cfg, n, batch=12, lr=args.adapt_lr, seed=seed,
                                     log_every=10 ** 9, init=args.model, crop=96)
                 seconds[f"adapt {n}"] = seconds.get(f"adapt {n}", 0.0) + time.time() - t0
-                cells.setdefault(f"adapt {n}", []).append(_metrics(_geometric_scores(tuned, cfg, x, [(1.0, 0.0, 0.0)]),
-                                                                   case))
+                cells.setdefault(f"adapt {n}", []).append(_metrics(_plain_scores(tuned, cfg, x), case))
         print(f"\n{split} ({len(normal)} slices)")
         print(f"{'variant':14} {'AUROC':>7} {'AUPRC':>7}   per seed AUROC")
         for name, vals in cells.items():
