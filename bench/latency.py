@@ -95,6 +95,15 @@ destinations = ["dest"]
     try:
         wait_port(port)
         wait_port(dest)
+        # the node opens its port before its pipelines are loaded (a thread imports them); a job
+        # that came first would wait for that import inside its "load" stage, which a node that
+        # has been running for a while never does
+        loaded = f"pipeline {pipeline} loaded in"
+        deadline = time.monotonic() + 300
+        while loaded not in (work / "node.log").read_text(errors="replace"):
+            if node.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"node did not load pipeline {pipeline}:\n{(work / 'node.log').read_text()[-2000:]}")
+            time.sleep(0.1)
         subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "PACSNODE", "127.0.0.1", str(port), str(series), "+sd"],
                        env=ENV, check=True, stdout=subprocess.DEVNULL)
         db = work / "node.db"

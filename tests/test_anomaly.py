@@ -128,15 +128,21 @@ def test_the_committed_train_config_runs_as_a_smoke_run(tmp_path: Path) -> None:
         assert (served.intensity_ref, served.intensity_max) == (cfg.intensity_ref, cfg.intensity_max)
 
 
-def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
-    """The served architecture (DRAEM): trains on self-made anomalies, saves, reloads, and maps
-    (B, 1, H, W) slices to a smoothed probability in [0, 1] (error scale 1)."""
-    rng = np.random.default_rng(4)
+def _synthetic_heads(tmp_path: Path, seed: int) -> tuple[np.ndarray, Path]:
+    """Six elliptical "heads" with a little noise, and a training-slice cache holding them."""
+    rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[:128, :128]
     heads = np.stack([((yy - 64) ** 2 / 45 ** 2 + (xx - 64) ** 2 / (36 + i) ** 2 < 1) * 0.7 for i in range(6)])
     cache = tmp_path / "slices.npz"
     np.savez(cache, images=(heads + rng.random(heads.shape) * 0.05).astype(np.float16),
              sources=np.array(["synthetic"] * 6))
+    return heads, cache
+
+
+def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
+    """The served architecture (DRAEM): trains on self-made anomalies, saves, reloads, and maps
+    (B, 1, H, W) slices to a smoothed probability in [0, 1] (error scale 1)."""
+    heads, cache = _synthetic_heads(tmp_path, seed=4)
     out = tmp_path / "rd.safetensors"
     assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "3",
                        "--crop", "64", "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
@@ -147,6 +153,49 @@ def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
     assert err.shape == recon.shape == (2, 1, 128, 128)
     assert float(err.min()) >= 0.0 and float(err.max()) <= 1.0
     assert float(err[0, 0, 0, 0]) == 0.0  # outside the head: masked
+
+
+def test_ensemble_averages_its_members_probabilities_and_round_trips(tmp_path: Path) -> None:
+    """--members 2 trains two networks (seeds s, s + 1) into one file; --combine-members makes the
+    same kind of file from single ones. The ensemble's probability is the mean of its members'."""
+    from pacs_node.ml.anomaly import recon_disc_maps
+
+    heads, cache = _synthetic_heads(tmp_path, seed=7)
+    small = ["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "64",
+             "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4", "--tta-flip"]
+    singles = []
+    for seed in (3, 4):
+        singles.append(tmp_path / f"seed{seed}.safetensors")
+        assert train_main([*small, "--seed", str(seed), "--out", str(singles[-1])]) == 0
+    trained = tmp_path / "members.safetensors"
+    assert train_main([*small, "--seed", "3", "--members", "2", "--out", str(trained)]) == 0
+    combined = tmp_path / "combined.safetensors"
+    assert train_main(["--combine-members", ",".join(map(str, singles)), "--out", str(combined)]) == 0
+
+    x = torch.from_numpy(heads[:2, None].astype(np.float32))
+    x[:, :, 50:60, 50:60] *= 1.8  # something for the networks to disagree about
+    probs = []
+    for path in singles:
+        net, cfg = load_model(path)
+        with torch.no_grad():
+            probs.append(recon_disc_maps(net, x, cfg)[0])
+    for path in (trained, combined):
+        net, cfg = load_model(path)
+        assert cfg.members == 2 and len(net.members) == 2
+        if path == trained:
+            assert cfg.extra["member_seeds"] == [3, 4]
+        else:
+            assert len(cfg.extra["members"]) == 2
+        with torch.no_grad():
+            prob = recon_disc_maps(net, x, cfg)[0]
+        assert float((probs[0] - probs[1]).abs().max()) > 1e-4  # two different networks ...
+        if path == combined:  # ... whose probabilities the combined file averages
+            assert torch.allclose(prob, (probs[0] + probs[1]) / 2, atol=1e-5)
+        err, _ = residual_maps(net, x, cfg)
+        assert float(err.min()) >= 0.0 and float(err.max()) <= 1.0
+
+    with pytest.raises(SystemExit):  # one file is not an ensemble
+        train_main(["--combine-members", str(singles[0]), "--out", str(tmp_path / "one.safetensors")])
 
 
 def test_training_anomalies_are_visible_inside_the_head_and_labelled() -> None:

@@ -25,6 +25,7 @@ See models/anomaly-mr/README.md for how they compared.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import asdict, dataclass, field
@@ -80,6 +81,9 @@ class AnomalyConfig:
     #: recon-disc: features of the discriminative U-Net (MONAI BasicUNet: five levels and the
     #: last up-sampling; ``channels`` are the reconstructive U-Net's)
     disc_channels: tuple[int, ...] = (8, 16, 32, 64, 128, 8)
+    #: recon-disc: how many independently trained networks (same architecture, other seeds) are
+    #: stored; their per-pixel probabilities are averaged (``ReconDiscEnsemble``)
+    members: int = 1
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -256,8 +260,32 @@ class ReconDisc(nn.Module):
         return logits, recon, x.new_zeros((x.shape[0], 0, 1, 1))
 
 
+class ReconDiscEnsemble(nn.Module):
+    """Several ``ReconDisc`` networks trained alone with other seeds: the per-pixel anomaly
+    probability is the mean of theirs (returned as its logit, so callers treat it like one
+    network's output), the reconstruction the mean of theirs. Networks trained from other
+    random starts and anomaly streams make different false positives on unseen anatomy and
+    contrast, while a lesion is seen by each of them."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        prob = recon = None
+        for member in self.members:
+            logits, rec, _ = member(x, sample)
+            p = torch.sigmoid(logits)
+            prob = p if prob is None else prob + p
+            recon = rec if recon is None else recon + rec
+        n = len(self.members)
+        return torch.logit(prob / n, eps=1e-6), recon / n, x.new_zeros((x.shape[0], 0, 1, 1))
+
+
 def build_network(cfg: AnomalyConfig) -> nn.Module:
     if cfg.arch == "recon-disc":
+        if cfg.members > 1:
+            return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels) for _ in range(cfg.members)])
         return ReconDisc(cfg.channels, cfg.disc_channels)
     if cfg.arch == "dae-unet":
         return DenoisingUNet(cfg.channels)
@@ -515,6 +543,26 @@ def save_model(net: SpatialVAE, cfg: AnomalyConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
     save_file(state, str(path), metadata={"config": cfg.to_json()})
+
+
+def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Module, AnomalyConfig]:
+    """One ``ReconDiscEnsemble`` from single recon-disc networks of one architecture and one
+    scoring; the first config is kept (with ``members`` set, and each member's training notes
+    under ``extra["members"]``)."""
+    if len(nets) < 2:
+        raise ValueError("an ensemble needs at least two networks")
+    first = cfgs[0]
+    for cfg in cfgs:
+        if cfg.arch != "recon-disc" or cfg.members != 1:
+            raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
+        differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
+                               "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale")
+                   if getattr(cfg, k) != getattr(first, k)]
+        if differs:
+            raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")
+    cfg = dataclasses.replace(first, members=len(nets),
+                              extra={**first.extra, "members": [c.extra for c in cfgs]})
+    return ReconDiscEnsemble(list(nets)).eval(), cfg
 
 
 def load_model(path: Path) -> tuple[SpatialVAE, AnomalyConfig]:

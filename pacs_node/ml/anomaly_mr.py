@@ -27,7 +27,9 @@ import torch.nn.functional as F
 from ..models_dir import model_path
 from .anomaly import (
     AnomalyConfig,
+    ReconDiscEnsemble,
     build_network,
+    ensemble_of,
     inpainting_input,
     training_noise,
     foreground_mask,
@@ -502,6 +504,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
                    help="comma-separated coarse noise resolutions, e.g. 4,8,16 (default: one field at 16)")
+    p.add_argument("--members", type=int, default=1,
+                   help="recon-disc: train this many networks, seeds --seed, --seed + 1, ..., each for --steps, and "
+                        "store them as one ensemble (probabilities averaged)")
+    p.add_argument("--combine-members", default=None, metavar="A,B,...",
+                   help="recon-disc: no training: store these single-network weight files as one ensemble in --out")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML with any of: steps, batch, lr, seed, max_minutes, threads (flags override it)")
     known, _ = p.parse_known_args(argv)
@@ -514,7 +521,8 @@ def train_main(argv: list[str]) -> int:
                                      "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
                                      "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
-                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies"}
+                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
+                                     "members"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -523,6 +531,10 @@ def train_main(argv: list[str]) -> int:
                 settings[key] = ",".join(str(v) for v in settings[key])
         p.set_defaults(**settings)
     args = p.parse_args(argv)
+    if args.combine_members:
+        return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out)
+    if args.members < 1 or (args.members > 1 and args.arch != "recon-disc"):
+        p.error("--members must be 1, or more with --arch recon-disc")
     if args.acquisition and args.arch != "recon-disc":
         p.error("--acquisition applies to --arch recon-disc only (it replaces the blur and noise of augment)")
     torch.set_num_threads(args.threads)
@@ -568,11 +580,17 @@ def train_main(argv: list[str]) -> int:
     if args.balance_sources:  # each slice weighted by 1 / (slices of its series)
         _, series_of, counts = np.unique(sset.sources[: len(images)], return_inverse=True, return_counts=True)
         weights = 1.0 / counts[series_of]
-    net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-                max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
-                log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
-                sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
-                elastic=args.elastic, bright=args.bright_anomalies)
+    nets = []
+    for member in range(args.members):
+        if args.members > 1:
+            print(f"member {member + 1} of {args.members}: seed {args.seed + member}", flush=True)
+        nets.append(train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed + member,
+                          max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
+                          log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
+                          sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
+                          elastic=args.elastic, bright=args.bright_anomalies))
+    net = nets[0] if len(nets) == 1 else ReconDiscEnsemble(nets).eval()
+    cfg.members = len(nets)
     train_minutes = (time.time() - started) / 60
     # recon-disc scores a probability (0.5: as likely anomalous as not); the others a residual
     # that calibration maps to [0, 1]
@@ -584,7 +602,8 @@ def train_main(argv: list[str]) -> int:
                  "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
-                 "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max}
+                 "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max,
+                 "members": len(nets), "member_seeds": [args.seed + m for m in range(len(nets))]}
     # the pipeline and the eval command scale intensities as the weights' config says
     cfg.intensity_ref = args.serve_intensity_ref or cfg.intensity_ref
     if args.serve_intensity_max is not None:
@@ -594,6 +613,24 @@ def train_main(argv: list[str]) -> int:
     if partial.exists():
         partial.unlink()
     print(f"saved {args.out} (error scale {cfg.error_scale:.4f})", flush=True)
+    return 0
+
+
+def _combine_members(p: argparse.ArgumentParser, paths: list[Path], out: Path) -> int:
+    """``--combine-members``: single recon-disc weight files -> one ensemble file (no training)."""
+    if len(paths) < 2:
+        p.error("--combine-members needs at least two weight files")
+    missing = [str(v) for v in paths if not v.is_file()]
+    if missing:
+        p.error(f"--combine-members: no such file: {', '.join(missing)}")
+    loaded = [load_model(v) for v in paths]
+    try:
+        net, cfg = ensemble_of([n for n, _ in loaded], [c for _, c in loaded])
+    except ValueError as exc:
+        p.error(f"--combine-members: {exc}")
+    cfg.extra["member_files"] = [v.name for v in paths]
+    save_model(net, cfg, out)
+    print(f"saved {out}: ensemble of {len(paths)} networks ({', '.join(v.name for v in paths)})", flush=True)
     return 0
 
 
