@@ -328,3 +328,63 @@ def test_an_instance_over_max_instance_mb_aborts_its_association_and_the_node_ca
     stored = sorted(p.name for p in (node.root / "storage" / "instances").rglob("*.dcm"))
     assert len(stored) == 2, stored
     assert not any(p.name.endswith(".tmp") for p in (node.root / "storage").rglob("*"))
+
+
+def test_results_are_written_while_encoding_and_a_failed_encoding_leaves_none(tmp_path, monkeypatch):
+    """The worker writes each result as the encoder hands it over (encode_outputs' sink); when
+    encoding fails after some were written, the job fails and its folder is gone, so no
+    half series can be sent later; a successful job has every result durable in its folder."""
+    import datetime as dt
+
+    import pydicom
+
+    from pacs_node import jobs
+    from pacs_node.config import parse
+    from pacs_node.errors import EncodeError
+    from pacs_node.store.files import FileStore
+    from pacs_node.store.index import Database, Job, Patient, Series, Study
+
+    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+    store = FileStore(tmp_path / "storage")
+    sources = [pydicom.dcmread(p) for p in synthetic_ct_series(tmp_path / "src", 3, 32, seed=9)]
+
+    def seed(session):
+        p = Patient(key="k")
+        session.add(p)
+        session.flush()
+        st = Study(study_uid="1.2.3", patient_id=p.id)
+        session.add(st)
+        session.flush()
+        now = dt.datetime.utcnow()
+        se = Series(series_uid="1.2.3.4", study_id=st.id, state="complete", first_received_at=now, last_received_at=now)
+        session.add(se)
+        session.flush()
+        for rule in ("fails", "works"):
+            session.add(Job(series_id=se.id, rule=rule, pipeline="x", priority=1, state="queued", created_at=now))
+
+    db.run(seed)
+    seen_on_disk: list[int] = []
+
+    def fake_process_series(files, pipeline, params, outputs, rule, sink=None):
+        made = []
+        for i, ds in enumerate(sources):
+            ds.SOPInstanceUID = f"1.2.3.4.{int(rule == 'works')}.{i}"
+            sink(ds)
+            made.append(ds)
+            if rule == "fails" and i == 1:
+                time.sleep(0.5)  # the first two are on disk by now
+                seen_on_disk.append(len(list((store.result_dir(1)).rglob("*.dcm"))))
+                raise EncodeError("the third slice cannot be encoded")
+        return made, {"load": 0.0, "model": 0.0, "encode": 0.0}
+
+    monkeypatch.setattr(jobs, "process_series", fake_process_series)
+    worker = jobs.Worker(db, store, parse({}))
+    assert worker.run_once() and worker.run_once()
+    states = dict(db.run(lambda s: [(j.rule, (j.state, j.error, j.result_path)) for j in s.query(Job)]))
+    assert seen_on_disk == [2]  # written while "encoding" went on
+    assert states["fails"][0] == "failed" and "third slice" in states["fails"][1]
+    assert not store.result_dir(1).exists()  # nothing of the failed attempt is left
+    assert states["works"][0] == "done"
+    written = sorted(store.absolute(states["works"][2]).glob("*.dcm"))
+    assert [pydicom.dcmread(p).SOPInstanceUID for p in written] == [f"1.2.3.4.1.{i}" for i in range(3)]
+    db.dispose()
