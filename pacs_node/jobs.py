@@ -214,16 +214,14 @@ class Worker:
         beat = threading.Thread(target=self._heartbeat, args=(item.job_id, stop), daemon=True)
         beat.start()
         timings: dict[str, float] = {}
-        # one folder per attempt and worker: a worker that lost its lease writes beside,
-        # never into, the folder of the worker that took the job over
-        out_dir = self.files.result_dir(item.job_id) / f"{item.attempt}-{self.owner.rsplit(':', 1)[-1]}"
-        pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"job{item.job_id}-write")
-        writes: list = []
         try:
+            datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule)
+            t0 = time.perf_counter()
+            # one folder per attempt and worker: a worker that lost its lease writes beside,
+            # never into, the folder of the worker that took the job over
+            out_dir = self.files.result_dir(item.job_id) / f"{item.attempt}-{self.owner.rsplit(':', 1)[-1]}"
             if out_dir.exists():
                 shutil.rmtree(out_dir)
-            out_dir.mkdir(parents=True, exist_ok=True)
-
             def write(ds: Dataset) -> None:
                 buf = io.BytesIO()
                 ds.save_as(buf, enforce_file_format=True)
@@ -231,29 +229,19 @@ class Worker:
                 # before the job's row names it (_hand_over), after the folder's fsync below
                 write_new(out_dir / f"{ds.SOPInstanceUID}.dcm", buf.getbuffer())
 
-            # each result is written (its sync releases the GIL) while the next is encoded
-            datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule,
-                                               sink=lambda ds: writes.append(pool.submit(write, ds)))
-            t0 = time.perf_counter()
-            for done in writes:
-                done.result()
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # the syncs run side by side (they release the GIL)
+            with ThreadPoolExecutor(max_workers=4, thread_name_prefix=f"job{item.job_id}-write") as pool:
+                list(pool.map(write, datasets))
             if datasets:
                 fsync_dir(out_dir)  # once for all results, before the job says they exist
-            # the writes that overlapped encoding are in "encode"; "write" is what was left after it
             timings["write"] = time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - any pipeline failure fails this job only
             message = f"{type(exc).__name__}: {exc}"[:1000]
             log.error("job %d (%s, series %s) failed: %s", item.job_id, item.pipeline, item.series_uid, message)
-            pool.shutdown(wait=True, cancel_futures=True)
-            shutil.rmtree(out_dir, ignore_errors=True)  # results written before the failure
-            try:
-                out_dir.parent.rmdir()  # the job's folder, unless another attempt's results are there
-            except OSError:
-                pass
             self._finish_failed(item.job_id, message, timings)
             return
         finally:
-            pool.shutdown(wait=True)
             stop.set()
         self._hand_over(item, len(datasets), timings, self.files.relative(out_dir))
 

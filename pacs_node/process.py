@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from pydicom.dataset import Dataset
 
@@ -15,10 +15,8 @@ from .volume import load_series
 
 
 def process_series(files: list[Path], pipeline_name: str, params: Mapping[str, Any],
-                   outputs: tuple[str, ...] = (), rule: str = "",
-                   sink: Callable[[Dataset], None] | None = None) -> tuple[list[Dataset], dict[str, float]]:
-    """Return the result datasets and the seconds spent per stage (load, model, encode).
-    ``sink`` gets each result dataset as soon as it is encoded (``encode_outputs``)."""
+                   outputs: tuple[str, ...] = (), rule: str = "") -> tuple[list[Dataset], dict[str, float]]:
+    """Return the result datasets and the seconds spent per stage (load, model, encode)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     volume = load_series(files)
@@ -30,6 +28,6 @@ def process_series(files: list[Path], pipeline_name: str, params: Mapping[str, A
     timings["model"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     ctx = EncodeContext(pipeline.name, pipeline.version, rule, json.dumps(dict(params), sort_keys=True))
-    datasets = encode_outputs(volume, results, outputs or pipeline.default_outputs, ctx, sink)
+    datasets = encode_outputs(volume, results, outputs or pipeline.default_outputs, ctx)
     timings["encode"] = time.perf_counter() - t0
     return datasets, timings

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 import uuid
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 from pydicom.dataset import Dataset
 
@@ -40,12 +40,11 @@ class EncodeContext:
         return f"2.25.{uuid.uuid5(_UID_NAMESPACE, name).int}"
 
 
-#: a list, or an iterator yielding one dataset at a time (per-slice writers)
-Writer = Callable[[Volume, Output, EncodeContext], Iterable[Dataset]]
+Writer = Callable[[Volume, Output, EncodeContext], list[Dataset]]
 
 _WRITERS: dict[str, tuple[type, str]] = {
-    "derived": (DerivedVolume, "pacs_node.encode.derived:iter_derived"),
-    "secondary_capture": (ScoreMap, "pacs_node.encode.overlay:iter_secondary_capture"),
+    "derived": (DerivedVolume, "pacs_node.encode.derived:encode_derived"),
+    "secondary_capture": (ScoreMap, "pacs_node.encode.overlay:encode_secondary_capture"),
     "parametric_map": (ScoreMap, "pacs_node.encode.parametric:encode_parametric_map"),
     "segmentation": (ScoreMap, "pacs_node.encode.segmentation:encode_segmentation"),
 }
@@ -58,11 +57,8 @@ def _writer(kind: str) -> Writer:
     return getattr(importlib.import_module(module_name), fn)
 
 
-def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...], ctx: EncodeContext,
-                   sink: Callable[[Dataset], None] | None = None) -> list[Dataset]:
-    """Encode each output with every requested writer that accepts its type. ``sink``, if
-    given, gets each dataset as soon as it is made (a job writes it while the next one is
-    encoded); what it got before an EncodeError is the caller's to discard."""
+def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...], ctx: EncodeContext) -> list[Dataset]:
+    """Encode each output with every requested writer that accepts its type."""
     unknown = [k for k in kinds if k not in _WRITERS]
     if unknown:
         raise EncodeError(f"unknown output kind {unknown[0]!r} (known: {', '.join(OUTPUT_KINDS)})")
@@ -74,10 +70,7 @@ def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...]
             if isinstance(output, accepted):
                 matched = True
                 out_ctx = EncodeContext(ctx.pipeline, ctx.version, ctx.rule, f"{ctx.params_key}|{kind}|{index}")
-                for ds in _writer(kind)(volume, output, out_ctx):
-                    result.append(ds)
-                    if sink is not None:
-                        sink(ds)
+                result.extend(_writer(kind)(volume, output, out_ctx))
         if not matched:
             raise EncodeError(
                 f"pipeline {ctx.pipeline} produced a {type(output).__name__}, but none of the outputs "

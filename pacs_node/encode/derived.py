@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
-from typing import Iterator
 
 import numpy as np
 from pydicom.dataelem import RawDataElement
@@ -87,12 +86,6 @@ def _fix_known_errors(ds: Dataset) -> None:
 
 def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) -> list[Dataset]:
     """One dataset per output slice, copied from its source slice, with the new pixels."""
-    return list(iter_derived(volume, output, ctx))
-
-
-def iter_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) -> Iterator[Dataset]:
-    """``encode_derived``, a slice at a time (the checks of the whole output come first), so
-    that a job can write each result while the next is encoded."""
     arr = np.asarray(output.array, dtype=np.float32)
     if arr.ndim != 3:
         raise EncodeError(f"pipeline {ctx.pipeline}: derived array must be (z, y, x), got shape {arr.shape}")
@@ -118,6 +111,7 @@ def iter_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) -> I
         # resampled along the normal: the header's slice step must follow the new positions
         new_step = float(np.median(np.abs(np.diff(np.asarray(output.positions) @ volume.normal))))
 
+    result: list[Dataset] = []
     for z in range(n_out):
         sources = [volume.datasets[i] for i in mapping[z]]
         src = sources[0]
@@ -182,7 +176,8 @@ def iter_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) -> I
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds.file_meta = meta
-        yield ds
+        result.append(ds)
+    return result
 
 
 def _reference(src: Dataset) -> Dataset:

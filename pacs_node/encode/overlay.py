@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import math
 from functools import lru_cache
-from typing import Iterator
 
 import highdicom as hd
 import numpy as np
@@ -128,11 +127,6 @@ def render_overlay(plane: np.ndarray, score: np.ndarray, window: tuple[float, fl
 
 def encode_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContext) -> list[Dataset]:
     """One RGB Secondary Capture per source slice (same study, new series)."""
-    return list(iter_secondary_capture(volume, output, ctx))
-
-
-def iter_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContext) -> Iterator[Dataset]:
-    """``encode_secondary_capture``, a slice at a time (see ``derived.iter_derived``)."""
     scores = checked_scores(volume, output, ctx)
     window = _window(volume)
     first = volume.datasets[0]
@@ -142,6 +136,7 @@ def iter_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContext)
     description = series_description(volume, ctx, "overlay")
     orientation = (_orientation_letters(volume.row_direction), _orientation_letters(volume.column_direction))
     now = dt.datetime.now()
+    result: list[Dataset] = []
     for z, src in enumerate(volume.datasets):
         pixels = render_overlay(volume.array[z], scores[z], window)
         ref = sanitised_source(src)  # highdicom reads patient and study from it
@@ -175,4 +170,5 @@ def iter_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContext)
         sc.ContentDate = now.strftime("%Y%m%d")
         sc.ContentTime = now.strftime("%H%M%S")
         copy_type2_study_attributes(sc, src)
-        yield sc
+        result.append(sc)
+    return result
