@@ -247,3 +247,47 @@ def test_deflated_data_sets_are_read_and_a_deflate_bomb_refused(ge_head, monkeyp
     monkeypatch.setattr(scp_module, "_MAX_INFLATED", 1 << 20)
     with pytest.raises(InvalidInstance, match="inflates to more than 1 MiB"):
         read_dataset(deflate(b"\0" * (2 << 20)), deflated)
+
+
+@pytest.mark.parametrize("associations", [1, 2])
+def test_scp_stores_good_and_refuses_bad_with_one_or_several_associations(tmp_path, ge_head, associations):
+    """One association: the data set is checked on another thread during the file's write;
+    several in one process: on the association's own thread, before the write. Both store a
+    good instance and refuse a truncated one (0xC000), leaving no file of it."""
+    settings = parse({"node": {"storage_dir": str(tmp_path / "s"), "database_url": f"sqlite:///{tmp_path}/n.db",
+                               "allow_any_caller": True}}, tmp_path)
+    db = Database(settings.node.database_url)
+    ingest = Ingest(db, FileStore(settings.node.storage_dir))
+    scp = StorageSCP(settings, db, ingest, lambda key, series: None, lambda key: None)
+    scp.start()
+    handed: list[int] = []
+    submit = scp._checkers.submit
+    scp._checkers.submit = lambda *a, **k: (handed.append(1), submit(*a, **k))[1]  # type: ignore[method-assign]
+    try:
+        assocs = []
+        for i in range(associations):
+            assoc = Association("SCU", "127.0.0.1", 100 + i)
+            assoc.contexts[1] = (CT, EXPLICIT)
+            scp.accepted(assoc)
+            assocs.append(assoc)
+        good, bad = sorted(ge_head.glob("*.dcm"))[:2]
+
+        def store(path: Path, cut: int = 0) -> tuple[int, str]:
+            meta, body = split(path)
+            command = Dataset()
+            command.AffectedSOPClassUID = meta.MediaStorageSOPClassUID
+            command.AffectedSOPInstanceUID = meta.MediaStorageSOPInstanceUID
+            result = scp.c_store(assocs[-1], 1, command, bytearray(body[:len(body) - cut] if cut else body))
+            return int(result.Status), str(result.get("ErrorComment", ""))
+
+        assert store(good) == (0x0000, "")
+        status, comment = store(bad, cut=len(split(bad)[1]) - 400)  # the header, cut in its middle
+        assert status == 0xC000 and comment, comment
+        assert scp.indexer.flush(timeout=30)
+        rows = db.run(lambda s: s.execute(select(Instance.sop_uid)).scalars().all())
+        assert rows == [pydicom.dcmread(good, stop_before_pixels=True).SOPInstanceUID]
+        assert len(list((tmp_path / "s" / "instances").rglob("*.dcm"))) == 1
+        assert all(p.stat().st_size == 0 for p in (tmp_path / "s" / "incoming").iterdir())
+        assert len(handed) == (2 if associations == 1 else 0)  # which thread checked
+    finally:
+        scp.stop()
