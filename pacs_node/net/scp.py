@@ -325,15 +325,8 @@ class StorageSCP:
                 nonlocal checking
                 checking = self._checkers.submit(*check)
 
-            if len(self._stats) > 1:
-                # other associations are served by this process: their threads use the time
-                # this one waits for its write, and handing the check to another thread and
-                # back would only add two thread switches per instance
-                entry = check[0](*check[1:])
-                tmp = self.ingest.files.write_temp((header, data))
-            else:
-                tmp = self.ingest.files.write_temp((header, data), hand_over)
-                entry = checking.result()
+            tmp = self.ingest.files.write_temp((header, data), hand_over)
+            entry = checking.result()
             self.ingest.files.place(tmp, entry.rel)
             tmp = None
         except InvalidInstance as exc:
