@@ -5,11 +5,11 @@ slices (never the held-out block). Prints a table.
         [--seeds 97,98,99] [--worst 12] [--threads 2]
 
 The lesions are the eval command's (``make_eval_cases``: same generator, same seeds, same
-slices). For each lesion: its kind and factor, the mean intensity of the tissue it replaced and
+slices, all slices scored in one batch as there). For each lesion: its kind and factor, the mean intensity of the tissue it replaced and
 its own (normalised units: white matter near 0.94), the median score of its pixels, and the
 fraction of the slice's normal scored pixels that score higher than that median ("normal
 above": 0 is a lesion every threshold finds first, 1 one that no threshold separates). Several
-``--model`` files are scored as one ensemble (``ensemble_of``: probabilities averaged), as
+``--model`` files are scored as one ensemble (``load_models``: probabilities averaged), as
 ``pacs-node models train anomaly-mr --combine-members`` would store them.
 """
 
@@ -26,20 +26,17 @@ from scipy import ndimage
 
 from pacs_node.datasets import data_dir
 from pacs_node.ml import anomaly_mr as A
-from pacs_node.ml.anomaly import ensemble_of, foreground_mask, load_model, residual_maps
-from pacs_node.ml.lesions import insert_lesions
+from pacs_node.ml.anomaly import load_models, residual_maps
 from pacs_node.models_dir import model_path
 
 
 def lesion_rows(net, cfg, normal: np.ndarray, seed: int) -> list[dict]:
-    """One row per drawn lesion; the same draws as ``anomaly_mr.make_eval_cases(normal, cfg, seed)``."""
-    rng = np.random.default_rng(seed)
-    masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
+    """One row per drawn lesion of ``anomaly_mr.make_eval_cases(normal, cfg, seed)``."""
+    case = A.make_eval_cases(normal, cfg, seed)
+    scores = residual_maps(net, torch.from_numpy(case.images[:, None]), cfg)[0][:, 0].numpy()
     rows = []
-    for index, (image, fg) in enumerate(zip(normal, masks)):
-        region = A.brain_region(fg, 0.55)
-        out, truth, drawn = insert_lesions(image, region, rng, count=int(rng.integers(1, 4)))
-        score = residual_maps(net, torch.from_numpy(out[None, None]), cfg)[0][0, 0].numpy()
+    for index, drawn in enumerate(case.lesions):
+        score, truth, region = scores[index], case.truth[index], case.masks[index]
         normal_scores = score[region & ~truth]
         labels, _ = ndimage.label(truth)
         for lesion in drawn:
@@ -49,8 +46,8 @@ def lesion_rows(net, cfg, normal: np.ndarray, seed: int) -> list[dict]:
             pixels = labels == label
             median = float(np.median(score[pixels]))
             rows.append({"seed": seed, "slice": index, "hyper": lesion.hyper, "factor": lesion.factor,
-                         "radius": lesion.radius, "tissue": float(image[pixels].mean()),
-                         "lesion": float(out[pixels].mean()), "score": median,
+                         "radius": lesion.radius, "tissue": float(normal[index][pixels].mean()),
+                         "lesion": float(case.images[index][pixels].mean()), "score": median,
                          "normal_above": float((normal_scores > median).mean())})
     return rows
 
@@ -67,8 +64,7 @@ def main() -> int:
     splits = args.splits.split(",")
     if "held-out" in splits:
         raise SystemExit("validation and training slices only: the held-out block is for the model card's final number")
-    loaded = [load_model(Path(p)) for p in args.model.split(",")]
-    net, cfg = loaded[0] if len(loaded) == 1 else ensemble_of([n for n, _ in loaded], [c for _, c in loaded])
+    net, cfg = load_models([Path(p) for p in args.model.split(",")])
     data = data_dir()
     print(f"model {', '.join(Path(p).name for p in args.model.split(','))}; lesion seeds {args.seeds}; CPU")
     for split in splits:

@@ -565,6 +565,14 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
     return ReconDiscEnsemble(list(nets)).eval(), cfg
 
 
+def load_models(paths: list[Path]) -> tuple[nn.Module, AnomalyConfig]:
+    """One weight file's network, or several single recon-disc files as one ensemble (``ensemble_of``)."""
+    loaded = [load_model(Path(p)) for p in paths]
+    if len(loaded) == 1:
+        return loaded[0]
+    return ensemble_of([n for n, _ in loaded], [c for _, c in loaded])
+
+
 def load_model(path: Path) -> tuple[SpatialVAE, AnomalyConfig]:
     from safetensors import safe_open
     from safetensors.torch import load_file

@@ -17,7 +17,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,6 @@ from .anomaly import (
     AnomalyConfig,
     ReconDiscEnsemble,
     build_network,
-    ensemble_of,
     inpainting_input,
     training_noise,
     foreground_mask,
@@ -37,12 +36,13 @@ from .anomaly import (
     kl_divergence,
     laplace_nll,
     load_model,
+    load_models,
     residual_maps,
     save_model,
     smooth,
     to_canvas,
 )
-from .lesions import insert_lesions
+from .lesions import Lesion, insert_lesions
 from .synth_anomaly import corrupt_batch
 
 log = logging.getLogger(__name__)
@@ -603,7 +603,7 @@ def train_main(argv: list[str]) -> int:
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max,
-                 "members": len(nets), "member_seeds": [args.seed + m for m in range(len(nets))]}
+                 "member_seeds": [args.seed + m for m in range(len(nets))]}
     # the pipeline and the eval command scale intensities as the weights' config says
     cfg.intensity_ref = args.serve_intensity_ref or cfg.intensity_ref
     if args.serve_intensity_max is not None:
@@ -623,9 +623,8 @@ def _combine_members(p: argparse.ArgumentParser, paths: list[Path], out: Path) -
     missing = [str(v) for v in paths if not v.is_file()]
     if missing:
         p.error(f"--combine-members: no such file: {', '.join(missing)}")
-    loaded = [load_model(v) for v in paths]
     try:
-        net, cfg = ensemble_of([n for n, _ in loaded], [c for _, c in loaded])
+        net, cfg = load_models(paths)
     except ValueError as exc:
         p.error(f"--combine-members: {exc}")
     cfg.extra["member_files"] = [v.name for v in paths]
@@ -675,6 +674,8 @@ class EvalCase:
     images: np.ndarray
     truth: np.ndarray
     masks: np.ndarray  # scored pixels: brain region of each lesion-free slice
+    #: what was drawn in each slice (``insert_lesions``), for lesion-by-lesion looks
+    lesions: list[list[Lesion]] = field(default_factory=list)
 
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
@@ -684,14 +685,15 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
     rng = np.random.default_rng(seed)
     masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
     fractions = fractions if fractions is not None else [0.55] * len(normal)
-    imgs, truths, regions = [], [], []
+    imgs, truths, regions, lesions = [], [], [], []
     for img, m, fraction in zip(normal, masks, fractions):
         region = brain_region(m, fraction)
-        out, truth, _ = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
+        out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
         imgs.append(out)
         truths.append(truth)
         regions.append(region)
-    return EvalCase(np.stack(imgs), np.stack(truths), np.stack(regions))
+        lesions.append(drawn)
+    return EvalCase(np.stack(imgs), np.stack(truths), np.stack(regions), lesions)
 
 
 def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
