@@ -3,10 +3,14 @@ the last result acknowledged by the destination.
 
 Usage: .venv/bin/python bench/latency.py [--pipelines ct-denoise-classical] [--series ct/ge-head-tilt]
                                          [--quiet 1.5] [--reps 2] [--slices N] [--json F]
+                                         [--read-ahead-mb 2048,0]
 
 A fresh node (SQLite, fsync on) and a DCMTK storescp destination; storescu sends the series
 and releases; stages come from the job row: completion wait (last instance -> series
-complete), queue, load/decode, model, encode, write, send.
+complete), queue, load/decode, model, encode, write, send. "read ahead" is the time the node
+spent reading the series while it waited out its quiet time ([worker] read_ahead_mb; not part
+of the total: it overlaps the completion wait); with a list of values (e.g. 2048,0) each
+pipeline runs once per value, alternating, so the two are compared at the same hour.
 """
 
 from __future__ import annotations
@@ -61,7 +65,7 @@ def extend_series(src: Path, slices: int, out: Path) -> Path:
     return out
 
 
-def one_run(work: Path, pipeline: str, series: Path, quiet: float) -> dict[str, float]:
+def one_run(work: Path, pipeline: str, series: Path, quiet: float, read_ahead_mb: int | None = None) -> dict[str, float]:
     work.mkdir(parents=True)
     port, dest = free_port(), free_port()
     (work / "out").mkdir()
@@ -73,6 +77,7 @@ storage_dir = "storage"
 database_url = "sqlite:///node.db"
 [completion]
 quiet_seconds = {quiet}
+{"" if read_ahead_mb is None else f"[worker]{chr(10)}read_ahead_mb = {read_ahead_mb}"}
 [[peers]]
 name = "modality"
 ae_title = "STORESCU"
@@ -138,8 +143,11 @@ def main() -> int:
     ap.add_argument("--quiet", type=float, default=1.5, help="quiet_seconds (default: the shipped 1.5)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--slices", type=int, help="stretch the series to this many slices (e.g. 300)")
+    ap.add_argument("--read-ahead-mb", default="",
+                    help="comma-separated [worker] read_ahead_mb values to compare (default: the node's default)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    variants: list[int | None] = [int(v) for v in args.read_ahead_mb.split(",") if v] or [None]
     series = data_dir() / args.series
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -147,19 +155,26 @@ def main() -> int:
             series = extend_series(series, args.slices, Path(tmp) / "series")
         n = len([p for p in series.iterdir() if p.is_file()])
         for pipeline in args.pipelines.split(","):
-            runs = [one_run(Path(tmp) / f"{pipeline}-{i}", pipeline, series, args.quiet) for i in range(args.reps)]
-            med = {k: statistics.median(r.get(k, 0.0) for r in runs) for k in (*STAGES, "total")}
-            rows.append({"pipeline": pipeline, "series": args.series, "instances": n, "median_seconds": med, "runs": runs})
+            runs: dict[int | None, list[dict[str, float]]] = {v: [] for v in variants}
+            for i in range(args.reps):
+                for v in variants:  # alternating: each value meets the same hour of the machine
+                    runs[v].append(one_run(Path(tmp) / f"{pipeline}-{v}-{i}", pipeline, series, args.quiet, v))
+            for v in variants:
+                med = {k: statistics.median(r.get(k, 0.0) for r in runs[v]) for k in (*STAGES, "total", "read_ahead")}
+                label = pipeline if v is None else f"{pipeline} ra={v}"
+                rows.append({"pipeline": label, "series": args.series, "instances": n, "read_ahead_mb": v,
+                             "median_seconds": med, "runs": runs[v]})
     print(f"machine: {os.cpu_count()} CPU cores, CPU only; series {args.series} ({n} instances); quiet_seconds={args.quiet}; "
           f"median of {args.reps}; seconds")
     # "after complete" = total - completion - model: the issue's "<= 3 s plus model time once
     # the series is complete"
-    print(f"{'pipeline':24}" + "".join(f"{s:>11}" for s in (*STAGES, "total")) + f"{'total-model':>12}"
-          + f"{'after complete':>15}")
+    print(f"{'pipeline':30}" + "".join(f"{s:>11}" for s in (*STAGES, "total")) + f"{'total-model':>12}"
+          + f"{'after complete':>15}{'read ahead':>11}")
     for r in rows:
         m = r["median_seconds"]
-        print(f"{r['pipeline']:24}" + "".join(f"{m[s]:>11.2f}" for s in (*STAGES, "total"))
-              + f"{m['total'] - m['model']:>12.2f}" + f"{m['total'] - m['model'] - m['completion']:>15.2f}")
+        print(f"{r['pipeline']:30}" + "".join(f"{m[s]:>11.2f}" for s in (*STAGES, "total"))
+              + f"{m['total'] - m['model']:>12.2f}" + f"{m['total'] - m['model'] - m['completion']:>15.2f}"
+              + f"{m['read_ahead']:>11.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
     return 0

@@ -24,6 +24,8 @@ from .store.index import Database, Series, utcnow
 log = logging.getLogger(__name__)
 
 OnComplete = Callable[[Session, Series], None]
+#: called (in the completion loop: return quickly) once a series waits out its quiet time
+OnQuiet = Callable[[Series], None]
 
 
 class CompletionTracker:
@@ -44,6 +46,8 @@ class CompletionTracker:
         self._open: dict[int, set[str]] = {}
         self.wake = threading.Event()
         self.next_due: float | None = None
+        self.on_quiet: OnQuiet | None = None
+        self._quiet_seen: dict[str, dt.datetime] = {}
 
     def association_started(self, assoc_id: int) -> None:
         with self._lock:
@@ -93,11 +97,19 @@ class CompletionTracker:
             lambda s: list(s.execute(select(Series).where(Series.state == "receiving")).scalars()))
         done: list[str] = []
         self.next_due = None
+        quiet_seen, self._quiet_seen = self._quiet_seen, {}
         for row in candidates:
             if self.reason_to_complete(row, row.series_uid in busy, now) is None:
                 if row.series_uid not in busy:
                     due = (row.last_received_at - now).total_seconds() + self._quiet_for(row)
                     self.next_due = due if self.next_due is None else min(self.next_due, due)
+                    # once per quiet spell: its last instance is what tells one spell from the next
+                    self._quiet_seen[row.series_uid] = row.last_received_at
+                    if self.on_quiet is not None and quiet_seen.get(row.series_uid) != row.last_received_at:
+                        try:
+                            self.on_quiet(row)
+                        except Exception:  # noqa: BLE001 - a hint; completion must go on
+                            log.exception("quiet-series hook failed for series %s", row.series_uid)
                 continue
             series_id, series_uid, seen_last = row.id, row.series_uid, row.last_received_at
 

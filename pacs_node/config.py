@@ -54,6 +54,9 @@ class WorkerSettings:
     starvation_seconds: float = 600.0
     #: "HH:MM-HH:MM" (local time) when research jobs may run; empty: whenever nothing else waits
     research_window: str = ""
+    #: read a series into memory while it waits out completion.quiet_seconds, for its job
+    #: (pacs_node/readahead.py); the most MB of float32 voxels held so; 0 = off
+    read_ahead_mb: int = 2048
 
 
 @dataclass(frozen=True)
@@ -320,6 +323,7 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
         starvation_seconds=_positive(_take(w, "starvation_seconds", "worker.", float, dw.starvation_seconds),
                                      "worker.starvation_seconds"),
         research_window=_window(_take(w, "research_window", "worker.", str, dw.research_window), "worker.research_window"),
+        read_ahead_mb=int(_positive(_take(w, "read_ahead_mb", "worker.", int, dw.read_ahead_mb), "worker.read_ahead_mb", True)),
     )
     _no_unknown(w, "worker.")
 

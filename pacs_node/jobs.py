@@ -31,6 +31,7 @@ from .config import Rule, SendSettings, Settings
 from .net.scu import SendError, send_files
 from .net.tls import context_for_peer
 from .process import process_series
+from .readahead import ReadAhead
 from .store.files import FileStore, fsync_dir, write_new
 from .store.index import Database, Delivery, Instance, Job, Series, utcnow
 
@@ -158,6 +159,10 @@ class Worker:
         self.pipelines = pipelines
         self.owner = new_owner()
         self.wake = threading.Event()
+        #: a series read while it waits for completion (the node feeds it: Node._read_ahead)
+        self.read_ahead = ReadAhead(settings.worker.read_ahead_mb * 2**20)
+        #: set while a job is processed (the node reads ahead only for an idle worker)
+        self.busy = threading.Event()
         #: called after a job's results were handed over (the node wakes its sender with it)
         self.on_hand_over: Callable[[], None] | None = None
 
@@ -215,7 +220,11 @@ class Worker:
         beat.start()
         timings: dict[str, float] = {}
         try:
-            datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule)
+            volume, ahead = self.read_ahead.take(item.series_uid, item.files)
+            datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule,
+                                               volume=volume)
+            if volume is not None:
+                timings["read_ahead"] = ahead  # read while the series waited for completion
             t0 = time.perf_counter()
             # one folder per attempt and worker: a worker that lost its lease writes beside,
             # never into, the folder of the worker that took the job over
@@ -300,7 +309,11 @@ class Worker:
             return False
         log.info("job %d claimed: pipeline %s, rule %s, series %s, %d instance(s)", item.job_id, item.pipeline,
                  item.rule, item.series_uid, len(item.files))
-        self.process(item)
+        self.busy.set()
+        try:
+            self.process(item)
+        finally:
+            self.busy.clear()
         return True
 
     def run(self, stop: threading.Event) -> None:

@@ -40,6 +40,8 @@ class Node:
         self.worker.on_hand_over = self.sender.wake.set  # results go out at once, not at the next poll
         self.tracker = CompletionTracker(self.db, settings.completion, self._route, receiver=self.token,
                                          shared=not self.single_process)
+        if self.run_worker and self.worker.read_ahead.enabled:
+            self.tracker.on_quiet = self._read_ahead
         self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -68,6 +70,28 @@ class Node:
                      detail="; ".join(f"{d.rule.name}: {'match' if d.matched else 'no match'}" for d in decisions)[:2000])
         if jobs:
             self.worker.wake.set()
+
+    def _read_ahead(self, series: Series) -> None:
+        """A series waits out its quiet time: an idle worker reads it for its job meanwhile."""
+        if self.worker.busy.is_set():
+            return
+        threading.Thread(target=self._read_ahead_series, args=(series.id, series.series_uid, series.calling_ae or ""),
+                         name="read-ahead", daemon=True).start()
+
+    def _read_ahead_series(self, series_id: int, series_uid: str, calling_ae: str) -> None:
+        try:
+            paths = self.db.run(lambda s: s.execute(
+                select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)).scalars().all())
+            if not paths:
+                return
+            files = [self.files.absolute(p) for p in paths]
+            first = pydicom.dcmread(files[0], stop_before_pixels=True)
+            if not any(d.matched for d in self.router.decide(first, calling_ae)):
+                return
+            voxels = len(files) * int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
+            self.worker.read_ahead.read(series_uid, files, voxels)
+        except Exception:  # noqa: BLE001 - a hint only: the job reads the series itself
+            log.debug("read-ahead of series %s skipped", series_uid, exc_info=True)
 
     def start(self) -> None:
         self.files.remove_temp_files()

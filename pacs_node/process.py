@@ -11,15 +11,18 @@ from pydicom.dataset import Dataset
 
 from .encode import EncodeContext, encode_outputs
 from .pipelines import get_pipeline
-from .volume import load_series
+from .volume import Volume, load_series
 
 
 def process_series(files: list[Path], pipeline_name: str, params: Mapping[str, Any],
-                   outputs: tuple[str, ...] = (), rule: str = "") -> tuple[list[Dataset], dict[str, float]]:
-    """Return the result datasets and the seconds spent per stage (load, model, encode)."""
+                   outputs: tuple[str, ...] = (), rule: str = "",
+                   volume: Volume | None = None) -> tuple[list[Dataset], dict[str, float]]:
+    """Return the result datasets and the seconds spent per stage (load, model, encode).
+    ``volume``: ``files`` already read (pacs_node/readahead.py); "load" is then the check alone."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    volume = load_series(files)
+    if volume is None:
+        volume = load_series(files)
     pipeline = get_pipeline(pipeline_name)
     pipeline.check(volume)
     timings["load"] = time.perf_counter() - t0

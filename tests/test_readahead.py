@@ -1,0 +1,100 @@
+"""Reading a series while it waits out its quiet time (pacs_node/readahead.py): the job uses what
+was read only for exactly the same, unchanged files, and gives the same results either way."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+from conftest import StoreSCP, storescu, wait_for
+from pacs_node.readahead import ReadAhead
+from pacs_node.volume import load_series
+
+
+def _copy(src: Path, dst: Path) -> list[Path]:
+    dst.mkdir(parents=True)
+    return [Path(shutil.copy2(p, dst / p.name)) for p in sorted(src.glob("*.dcm"))]
+
+
+def test_volume_read_ahead_is_taken_once_and_only_for_the_same_unchanged_files(tmp_path, ge_head):
+    files = _copy(ge_head, tmp_path / "series")
+    reference = load_series(files)
+    voxels = reference.array.size
+    ahead = ReadAhead(max_bytes=voxels * 4)
+
+    assert ahead.read("1.2.3", files, voxels)
+    assert ahead.take("9.9.9", files) == (None, 0.0)  # another series' job: not this volume
+    volume, seconds = ahead.take("1.2.3", list(reversed(files)))  # the job lists them in any order
+    assert volume is not None and seconds > 0
+    np.testing.assert_array_equal(volume.array, reference.array)
+    assert [p.name for p in volume.files] == [p.name for p in reference.files]
+    assert ahead.take("1.2.3", files) == (None, 0.0)  # taken once
+
+    # an instance sent again after the read (same path, new content): the job reads it itself
+    assert ahead.read("1.2.3", files, voxels)
+    ds = pydicom.dcmread(files[3])
+    arr = ds.pixel_array.copy()
+    arr[:8, :8] = 1234
+    ds.PixelData = arr.tobytes()
+    tmp = files[3].with_suffix(".new")
+    ds.save_as(tmp)
+    tmp.replace(files[3])
+    assert ahead.take("1.2.3", files) == (None, 0.0)
+
+    # one more instance since the read: a different set of files
+    assert ahead.read("1.2.3", files[:-1], voxels)
+    assert ahead.take("1.2.3", files) == (None, 0.0)
+
+    # over the limit, or off: nothing is read
+    assert not ReadAhead(max_bytes=voxels * 4 - 1).read("1.2.3", files, voxels)
+    assert not ReadAhead(max_bytes=0).read("1.2.3", files, voxels)
+    # a file that vanished: nothing is read
+    assert not ahead.read("1.2.3", [*files, tmp_path / "gone.dcm"], voxels)
+
+
+def _results(scp: StoreSCP) -> dict[tuple[float, ...], np.ndarray]:
+    out = {}
+    for p in scp.files():
+        ds = pydicom.dcmread(p)
+        out[tuple(float(v) for v in ds.ImagePositionPatient)] = ds.pixel_array
+    return out
+
+
+def test_job_uses_the_series_read_during_its_quiet_time_and_gives_the_same_results(tmp_path, node_factory, ge_head):
+    """The same series through two nodes, read ahead and not: same result pixels; the job that
+    used the read says so in its timings (read_ahead=...)."""
+    results = {}
+    timings = {}
+    for mb in (2048, 0):
+        scp = StoreSCP(tmp_path / f"scp-{mb}").start()
+        try:
+            peers = [{"name": "modality", "ae_title": "STORESCU"},
+                     {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}]
+            rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
+                      "destinations": ["viewer"]}]
+            node = node_factory(peers, rules, worker={"read_ahead_mb": mb},
+                                completion={"quiet_seconds": 1.5, "max_wait_seconds": 120.0})
+            # the job must not wait for the pipeline's first import inside its stages
+            wait_for(lambda: "pipeline ct-denoise-classical loaded in" in node.log(), 120, "the pipeline to load")
+            sent = storescu(node.port, ge_head)
+            assert sent.returncode == 0, sent.stderr
+            n = len(list(ge_head.glob("*.dcm")))
+            wait_for(lambda: len(scp.files()) >= n, 240, f"{n} results at storescp")
+            wait_for(lambda: "last result acknowledged" in node.log(), 30, "the job to end")
+            results[mb] = _results(scp)
+            timings[mb] = sqlite3.connect(node.root / "node.db").execute("select timings from job").fetchone()[0]
+            node.stop()
+        finally:
+            scp.stop()
+
+    assert "read_ahead=" in timings[2048], timings
+    assert "read_ahead=" not in timings[0], timings
+    assert re.search(r"read_ahead=[\d.]+ ", timings[2048] + " ")
+    assert results[2048].keys() == results[0].keys() and len(results[0]) > 0
+    for position, pixels in results[0].items():
+        np.testing.assert_array_equal(results[2048][position], pixels)
