@@ -12,6 +12,11 @@ Two families, each against the served model as it is ("plain"):
   being scored (lesions included, their places unknown), with the training recipe's own
   anomalies and augmentation: the model adapting to an unseen scanner's contrast from the input
   alone. N steps of 12 crops take about N * 0.35 s on 2 CPU threads.
+- score fusion (on request with --fuse w1,w2,...): "fuse w" is the weights' scoring with
+  AnomalyConfig baseline_weight = w, 1 - (1 - p) (1 - min(1, w |z|)), p the network's map and |z|
+  the intensity baseline's (the pipeline's and the eval command's code path); "sum w" is
+  p + w |z| (session 4's probe); "bright w" is p + w max(z, 0), only the bright side of z, since
+  the misses are hyper-intense lesions.
 Each cell is the mean over the lesion seeds of the eval command's pixel AUROC / AUPRC; "plain"
 also splits its AUROC by lesion kind (hyper- and hypo-intense pixels, each against all normal
 pixels). Split "uih-train" (on request) is the UIH slices that *were* trained on next to the gap
@@ -26,6 +31,7 @@ import contextlib
 import io
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +75,15 @@ def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> t
     return smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
 
 
+def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:
+    """The bright side of the intensity baseline: max(z, 0), smoothed and masked the same way."""
+    mask = foreground_mask(x, cfg.mask_erode_px)
+    n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    mean = (x * mask).sum(dim=(2, 3), keepdim=True) / n
+    std = ((((x - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n).sqrt().clamp_min(1e-6)
+    return smooth(((x - mean) / std).clamp_min(0.0), cfg.smooth_sigma) * mask
+
+
 def _metrics(err: torch.Tensor, case: A.EvalCase) -> tuple[float, float]:
     m = A.pixel_metrics(err[:, 0].numpy()[case.masks], case.truth[case.masks])
     return m.auroc, m.auprc
@@ -100,6 +115,8 @@ def main() -> int:
     ap.add_argument("--seeds", default="97,98,99")
     ap.add_argument("--adapt-steps", default="100,300", help="test-time training lengths ('' for none)")
     ap.add_argument("--adapt-lr", type=float, default=3e-4)
+    ap.add_argument("--fuse", default="", help="weights w of the fusion variants, e.g. 0.1,0.2,0.3 ('' for none)")
+    ap.add_argument("--no-geometric", action="store_true", help="skip the geometric variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=model_path("anomaly-mr"))
     args = ap.parse_args()
@@ -110,6 +127,7 @@ def main() -> int:
                          "one final number)")
     seeds = [int(s) for s in args.seeds.split(",")]
     steps = [int(s) for s in args.adapt_steps.split(",") if s]
+    fuse = [float(w) for w in args.fuse.split(",") if w]
     net, cfg = load_model(args.model)
     data = data_dir()
     print(f"model {args.model.name} ({cfg.arch}); splits {', '.join(splits)}; lesion seeds {seeds}; "
@@ -125,7 +143,15 @@ def main() -> int:
             plain = _plain_scores(net, cfg, x)
             cells.setdefault("plain", []).append(_metrics(plain, case))
             kinds.append(_by_kind(plain, case, normal))
-            for name, variants in GEOMETRIC.items():
+            if fuse:
+                prob = _plain_scores(net, replace(cfg, baseline_weight=0.0), x)
+                z_abs, z_pos = A.intensity_baseline(x, cfg), _bright_z(x, cfg)
+                for w in fuse:
+                    fused = _plain_scores(net, replace(cfg, baseline_weight=w), x)
+                    cells.setdefault(f"fuse {w:g}", []).append(_metrics(fused, case))
+                    cells.setdefault(f"sum {w:g}", []).append(_metrics(prob + w * z_abs, case))
+                    cells.setdefault(f"bright {w:g}", []).append(_metrics(prob + w * z_pos, case))
+            for name, variants in ({} if args.no_geometric else GEOMETRIC).items():
                 cells.setdefault(name, []).append(_metrics(_geometric_scores(net, cfg, x, variants), case))
             for n in steps:
                 t0 = time.time()

@@ -334,6 +334,45 @@ def test_pipeline_scores_a_real_mr_series_and_encodes_default_outputs() -> None:
 
 
 @needs_weights
+def test_baseline_weight_fuses_the_intensity_outliers_into_the_probability(tmp_path: Path) -> None:
+    """baseline_weight w (stored by --baseline-weight): score = 1 - (1 - p)(1 - min(1, w |z|)),
+    still in [0, 1]; w = 0 is the network's map alone; a bright blob scores higher fused."""
+    from dataclasses import replace
+
+    from pacs_node.ml.anomaly import intensity_baseline
+
+    heads, cache = _synthetic_heads(tmp_path, seed=5)
+    out = tmp_path / "fused.safetensors"
+    assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "64",
+                       "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
+                       "--baseline-weight", "0.1", "--out", str(out)]) == 0
+    net, cfg = load_model(out)
+    assert cfg.baseline_weight == 0.1
+    x = torch.from_numpy(heads[:2, None].astype(np.float32))
+    x[:, :, 50:60, 50:60] *= 2.0
+    with torch.no_grad():
+        fused, _ = residual_maps(net, x, cfg)
+        p, _ = residual_maps(net, x, replace(cfg, baseline_weight=0.0))
+    q = (0.1 * intensity_baseline(x, cfg)).clamp(max=1.0)
+    assert torch.allclose(fused, 1 - (1 - p) * (1 - q), atol=1e-6)
+    assert float(fused.min()) >= 0.0 and float(fused.max()) <= 1.0
+    assert bool((fused >= p - 1e-7).all())
+    assert float(fused[:, :, 52:58, 52:58].mean()) > float(p[:, :, 52:58, 52:58].mean()) + 0.05
+    with pytest.raises(SystemExit):  # the fusion is recon-disc scoring only
+        train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "1", "--arch", "vae",
+                    "--baseline-weight", "0.1", "--out", str(tmp_path / "vae.safetensors")])
+
+
+@needs_weights
+def test_served_weights_fuse_the_intensity_baseline() -> None:
+    """0.5.0: the served file scores with baseline_weight 0.1, as models/anomaly-mr/train.toml says."""
+    import tomllib
+
+    _, cfg = load_model(model_path("anomaly-mr"))
+    train = tomllib.loads((Path(__file__).parents[1] / "models/anomaly-mr/train.toml").read_text())
+    assert cfg.baseline_weight == train["baseline_weight"] == 0.1
+
+
 def test_pipeline_marks_an_inserted_lesion() -> None:
     from pacs_node.pipelines import get_pipeline
     from pacs_node.volume import load_series

@@ -84,6 +84,12 @@ class AnomalyConfig:
     #: recon-disc: how many independently trained networks (same architecture, other seeds) are
     #: stored; their per-pixel probabilities are averaged (``ReconDiscEnsemble``)
     members: int = 1
+    #: recon-disc: the score is 1 - (1 - p) (1 - q), p the network's probability and q =
+    #: min(1, baseline_weight * |z|), |z| the intensity-outlier map of ``intensity_baseline``
+    #: (Meissen et al.): anomalous if the network says so or the intensity is an outlier. It gives
+    #: back bright lesions the network misses on a scanner whose normal anatomy has bright tissue
+    #: (the model card); 0: the probability alone
+    baseline_weight: float = 0.0
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -497,6 +503,9 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> t
     if cfg.arch == "recon-disc":
         prob, recon = recon_disc_maps(net, images, cfg)
         err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
+        if cfg.baseline_weight > 0:
+            q = (cfg.baseline_weight * intensity_baseline(images, cfg)).clamp(max=1.0)
+            err = 1.0 - (1.0 - err) * (1.0 - q)
         return err, recon
     if cfg.arch == "prob-inpaint":
         z, loc, _ = prob_inpaint_maps(net, images, cfg)
@@ -556,7 +565,7 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
         if cfg.arch != "recon-disc" or cfg.members != 1:
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
-                               "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale")
+                               "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

@@ -501,6 +501,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--serve-intensity-max", type=float, default=None,
                    help="the clip stored in the weights (default: --intensity-max)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
+    p.add_argument("--baseline-weight", type=float, default=0.0,
+                   help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|))")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
                    help="comma-separated coarse noise resolutions, e.g. 4,8,16 (default: one field at 16)")
@@ -522,7 +524,7 @@ def train_main(argv: list[str]) -> int:
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
                                      "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                                      "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                                     "members"}
+                                     "members", "baseline_weight"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -564,6 +566,9 @@ def train_main(argv: list[str]) -> int:
         cfg.tta_flip = bool(args.tta_flip)
     if args.smooth_sigma is not None:
         cfg.smooth_sigma = float(args.smooth_sigma)
+    if args.baseline_weight < 0 or (args.baseline_weight > 0 and args.arch != "recon-disc"):
+        p.error("--baseline-weight must be >= 0, and > 0 only with --arch recon-disc")
+    cfg.baseline_weight = float(args.baseline_weight)  # scoring only: training never sees it
     if args.data is None:
         from ..datasets import data_dir
 

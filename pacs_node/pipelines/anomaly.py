@@ -88,7 +88,7 @@ def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.4.0"
+    version = "0.5.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
