@@ -329,6 +329,7 @@ class Worker:
                 log.exception("worker loop error; retrying")
                 busy = False
             if not busy:
+                self.read_ahead.expire()
                 self.wake.wait(self.settings.worker.poll_seconds)
                 self.wake.clear()
 

@@ -50,8 +50,8 @@ class _Entry:
 
 
 class ReadAhead:
-    #: a volume read ahead and not taken within this many seconds is dropped at the next read
-    #: (its series got more instances, or its job ran elsewhere)
+    #: a volume read ahead and not taken within this many seconds is dropped (its series got
+    #: more instances, or its job ran elsewhere)
     MAX_AGE_SECONDS = 120.0
 
     def __init__(self, max_bytes: int) -> None:
@@ -87,6 +87,16 @@ class ReadAhead:
             entry.done.set()
         log.debug("series %s read ahead: %d file(s) in %.2f s", series_uid, len(files), entry.seconds)
         return entry.volume is not None
+
+    def expire(self) -> None:
+        """Drop a volume read more than MAX_AGE_SECONDS ago and not taken (the worker calls this
+        when idle), so that memory is not held for a job that ran elsewhere or never came."""
+        with self._lock:
+            entry = self._entry
+            if entry is not None and entry.done.is_set() and time.monotonic() - entry.started > self.MAX_AGE_SECONDS:
+                self._entry = None
+                log.debug("read-ahead of series %s dropped: not taken within %.0f s", entry.series_uid,
+                          self.MAX_AGE_SECONDS)
 
     def take(self, series_uid: str, files: Sequence[Path]) -> tuple[Volume | None, float]:
         """The volume read ahead for exactly these files as they are now, and the seconds its

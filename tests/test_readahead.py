@@ -50,6 +50,14 @@ def test_volume_read_ahead_is_taken_once_and_only_for_the_same_unchanged_files(t
     assert ahead.read("1.2.3", files[:-1], voxels)
     assert ahead.take("1.2.3", files) == (None, 0.0)
 
+    # not taken for MAX_AGE_SECONDS: dropped by the idle worker's expire()
+    assert ahead.read("1.2.3", files, voxels)
+    ahead.expire()
+    assert ahead._entry is not None  # fresh: kept
+    ahead._entry.started -= ReadAhead.MAX_AGE_SECONDS + 1
+    ahead.expire()
+    assert ahead.take("1.2.3", files) == (None, 0.0)
+
     # over the limit, or off: nothing is read
     assert not ReadAhead(max_bytes=voxels * 4 - 1).read("1.2.3", files, voxels)
     assert not ReadAhead(max_bytes=0).read("1.2.3", files, voxels)
