@@ -16,7 +16,9 @@ Two families, each against the served model as it is ("plain"):
   AnomalyConfig baseline_weight = w, 1 - (1 - p) (1 - min(1, w |z|)), p the network's map and |z|
   the intensity baseline's (the pipeline's and the eval command's code path); "sum w" is
   p + w |z| (session 4's probe); "bright w" is p + w max(z, 0), only the bright side of z, since
-  the misses are hyper-intense lesions.
+  the misses are hyper-intense lesions; "local S w" (with --local-sizes S1,S2) adds to the
+  served score a third noisy-OR term, min(1, w |x - median_S(x)| / std), a local-contrast outlier
+  (median filter of S x S canvas pixels).
 Each cell is the mean over the lesion seeds of the eval command's pixel AUROC / AUPRC; "plain"
 also splits its AUROC by lesion kind (hyper- and hypo-intense pixels, each against all normal
 pixels). Split "uih-train" (on request) is the UIH slices that *were* trained on next to the gap
@@ -84,6 +86,18 @@ def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:
     return smooth(((x - mean) / std).clamp_min(0.0), cfg.smooth_sigma) * mask
 
 
+def _local_z(x: torch.Tensor, cfg, size: int) -> torch.Tensor:
+    """|x - its S x S median| in units of the slice's std of that difference in the head, smoothed and masked."""
+    from scipy import ndimage
+
+    mask = foreground_mask(x, cfg.mask_erode_px)
+    med = torch.from_numpy(np.stack([ndimage.median_filter(a, size=size) for a in x[:, 0].numpy()])[:, None])
+    d = x - med
+    n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    std = (((d * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n).sqrt().clamp_min(1e-6)
+    return smooth((d / std).abs(), cfg.smooth_sigma) * mask
+
+
 def _metrics(err: torch.Tensor, case: A.EvalCase) -> tuple[float, float]:
     m = A.pixel_metrics(err[:, 0].numpy()[case.masks], case.truth[case.masks])
     return m.auroc, m.auprc
@@ -116,6 +130,7 @@ def main() -> int:
     ap.add_argument("--adapt-steps", default="100,300", help="test-time training lengths ('' for none)")
     ap.add_argument("--adapt-lr", type=float, default=3e-4)
     ap.add_argument("--fuse", default="", help="weights w of the fusion variants, e.g. 0.1,0.2,0.3 ('' for none)")
+    ap.add_argument("--local-sizes", default="", help="median-filter sizes of the local-contrast variants (with --fuse)")
     ap.add_argument("--no-geometric", action="store_true", help="skip the geometric variants")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=model_path("anomaly-mr"))
@@ -128,6 +143,7 @@ def main() -> int:
     seeds = [int(s) for s in args.seeds.split(",")]
     steps = [int(s) for s in args.adapt_steps.split(",") if s]
     fuse = [float(w) for w in args.fuse.split(",") if w]
+    local_sizes = [int(v) for v in args.local_sizes.split(",") if v]
     net, cfg = load_model(args.model)
     data = data_dir()
     print(f"model {args.model.name} ({cfg.arch}); splits {', '.join(splits)}; lesion seeds {seeds}; "
@@ -151,6 +167,11 @@ def main() -> int:
                     cells.setdefault(f"fuse {w:g}", []).append(_metrics(fused, case))
                     cells.setdefault(f"sum {w:g}", []).append(_metrics(prob + w * z_abs, case))
                     cells.setdefault(f"bright {w:g}", []).append(_metrics(prob + w * z_pos, case))
+                for size in local_sizes:
+                    z_loc = _local_z(x, cfg, size)
+                    for w in fuse:
+                        q = (w * z_loc).clamp(max=1.0)
+                        cells.setdefault(f"local {size} {w:g}", []).append(_metrics(1 - (1 - plain) * (1 - q), case))
             for name, variants in ({} if args.no_geometric else GEOMETRIC).items():
                 cells.setdefault(name, []).append(_metrics(_geometric_scores(net, cfg, x, variants), case))
             for n in steps:
