@@ -40,6 +40,7 @@ class Node:
         self.worker.on_hand_over = self.sender.wake.set  # results go out at once, not at the next poll
         self.tracker = CompletionTracker(self.db, settings.completion, self._route, receiver=self.token,
                                          shared=not self.single_process)
+        self._reading = threading.Lock()
         if self.run_worker and self.worker.read_ahead.enabled:
             self.tracker.on_quiet = self._read_ahead
         self.scp = StorageSCP(settings, self.db, self.ingest, self.tracker.instance_received, self.tracker.association_ended)
@@ -73,10 +74,15 @@ class Node:
 
     def _read_ahead(self, series: Series) -> None:
         """A series waits out its quiet time: an idle worker reads it for its job meanwhile."""
-        if self.worker.busy.is_set():
+        # one read at a time (many series can go quiet in one tick, e.g. after a restart)
+        if self.worker.busy.is_set() or not self._reading.acquire(blocking=False):
             return
-        threading.Thread(target=self._read_ahead_series, args=(series.id, series.series_uid, series.calling_ae or ""),
-                         name="read-ahead", daemon=True).start()
+        try:
+            threading.Thread(target=self._read_ahead_series, args=(series.id, series.series_uid, series.calling_ae or ""),
+                             name="read-ahead", daemon=True).start()
+        except BaseException:
+            self._reading.release()
+            raise
 
     def _read_ahead_series(self, series_id: int, series_uid: str, calling_ae: str) -> None:
         try:
@@ -92,6 +98,8 @@ class Node:
             self.worker.read_ahead.read(series_uid, files, voxels)
         except Exception:  # noqa: BLE001 - a hint only: the job reads the series itself
             log.debug("read-ahead of series %s skipped", series_uid, exc_info=True)
+        finally:
+            self._reading.release()
 
     def start(self) -> None:
         self.files.remove_temp_files()
