@@ -14,7 +14,7 @@ Two families, each against the served model as it is ("plain"):
   alone. N steps of 12 crops take about N * 0.35 s on 2 CPU threads.
 - score fusion (on request with --fuse w1,w2,...): "fuse w" is the weights' scoring with
   AnomalyConfig baseline_weight = w, 1 - (1 - p) (1 - min(1, w |z|)), p the network's map and |z|
-  the intensity baseline's (the pipeline's and the eval command's code path); "sum w" is
+  the intensity baseline's (the pipeline's and the eval command's code path; "fuse 0" is p alone); "sum w" is
   p + w |z| (session 4's probe); "bright w" is p + w max(z, 0), only the bright side of z, since
   the misses are hyper-intense lesions; "local S w" (with --local-sizes S1,S2) adds to the
   served score a third noisy-OR term, min(1, w |x - median_S(x)| / std), a local-contrast outlier
@@ -74,7 +74,10 @@ def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> t
             identity = (s, dx, dy) == (1.0, 0.0, 0.0)
             prob, _ = recon_disc_maps(net, x if identity else _warp(x, s, dx, dy), cfg)
             acc += prob if identity else _warp(prob, s, dx, dy, inverse=True)
-    return smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
+    err = smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
+    if cfg.baseline_weight > 0:  # the served fusion, as residual_maps does it
+        err = 1.0 - (1.0 - err) * (1.0 - (cfg.baseline_weight * A.intensity_baseline(x, cfg)).clamp(max=1.0))
+    return err
 
 
 def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:

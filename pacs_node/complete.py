@@ -84,6 +84,27 @@ class CompletionTracker:
             quiet += self.FOREIGN_GRACE_SECONDS
         return quiet
 
+    #: on_quiet waits until a series has been quiet for this fraction of its quiet time (a sender
+    #: that opens one association per instance leaves no open association between them)
+    QUIET_HINT_FRACTION = 1 / 3
+
+    def _announce_quiet(self, row: Series, now: dt.datetime, seen: dict[str, dt.datetime]) -> None:
+        """Call on_quiet once per quiet spell of a series this process received (with shared
+        receivers only this process knows whether its associations are open): its last instance
+        tells one spell from the next."""
+        if self.shared and row.receiver != self.receiver:
+            return
+        if seen.get(row.series_uid) == row.last_received_at:
+            self._quiet_seen[row.series_uid] = row.last_received_at
+            return
+        if (now - row.last_received_at).total_seconds() < self._quiet_for(row) * self.QUIET_HINT_FRACTION:
+            return
+        self._quiet_seen[row.series_uid] = row.last_received_at
+        try:
+            self.on_quiet(row)  # type: ignore[misc]
+        except Exception:  # noqa: BLE001 - a hint; completion must go on
+            log.exception("quiet-series hook failed for series %s", row.series_uid)
+
     def tick(self) -> list[str]:
         """Complete every series that is due; return their UIDs.
 
@@ -103,13 +124,8 @@ class CompletionTracker:
                 if row.series_uid not in busy:
                     due = (row.last_received_at - now).total_seconds() + self._quiet_for(row)
                     self.next_due = due if self.next_due is None else min(self.next_due, due)
-                    # once per quiet spell: its last instance is what tells one spell from the next
-                    self._quiet_seen[row.series_uid] = row.last_received_at
-                    if self.on_quiet is not None and quiet_seen.get(row.series_uid) != row.last_received_at:
-                        try:
-                            self.on_quiet(row)
-                        except Exception:  # noqa: BLE001 - a hint; completion must go on
-                            log.exception("quiet-series hook failed for series %s", row.series_uid)
+                    if self.on_quiet is not None:
+                        self._announce_quiet(row, now, quiet_seen)
                 continue
             series_id, series_uid, seen_last = row.id, row.series_uid, row.last_received_at
 

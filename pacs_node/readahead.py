@@ -110,14 +110,18 @@ class ReadAhead:
                 if entry.done.is_set() and time.monotonic() - entry.started > self.MAX_AGE_SECONDS:
                     self._entry = None
                 return None, 0.0
-        entry.done.wait()
+        # not the files being read (the series grew or changed since): no use waiting for it
+        same = fingerprint(files) == entry.key
+        if same:
+            entry.done.wait()
         with self._lock:
             if self._entry is entry:
                 self._entry = None  # one job takes it; another rule's job reads its own
-        if entry.volume is None:
-            return None, 0.0
-        if fingerprint(files) != entry.key:
+        # again after the wait: an instance sent again during the read changes its file
+        if not same or fingerprint(files) != entry.key:
             log.info("series %s changed since it was read ahead (%d file(s) now); reading it again",
                      series_uid, len(files))
+            return None, 0.0
+        if entry.volume is None:
             return None, 0.0
         return entry.volume, entry.seconds

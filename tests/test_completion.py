@@ -85,3 +85,40 @@ def test_late_instance_reopens_series_as_next_generation(env):
     receive(ingest, tracker, files[2], assoc=3)
     series = db.run(lambda s: s.query(Series).one())
     assert (series.state, series.generation, series.instance_count) == ("receiving", 2, 2)
+
+
+def test_quiet_hook_once_per_quiet_spell_after_a_third_of_the_quiet_time(env):
+    """on_quiet (the node's read-ahead) is called once a series has had no open association and
+    no instance for a third of quiet_seconds, once per spell; not for a series still arriving."""
+    db, ingest, tracker, completed, files = env
+    quiet: list[str] = []
+    tracker.on_quiet = lambda series: quiet.append(series.series_uid)
+    uid = receive(ingest, tracker, files[0])
+    age(db, 0.1)
+    assert tracker.tick() == [] and quiet == []  # the association is open
+    tracker.association_ended(1)
+    assert tracker.tick() == [] and quiet == []  # quiet for 0.1 s of 2: not yet
+    age(db, 0.8)
+    assert tracker.tick() == [] and quiet == [uid]
+    assert tracker.tick() == [] and quiet == [uid]  # once per spell
+    receive(ingest, tracker, files[1], assoc=2)  # one association per instance
+    tracker.association_ended(2)
+    assert tracker.tick() == [] and quiet == [uid]  # the new instance is too recent
+    age(db, 0.8)
+    assert tracker.tick() == [] and quiet == [uid, uid]  # a new spell
+    age(db, 5)
+    assert tracker.tick() == [uid] and quiet == [uid, uid]
+
+
+def test_quiet_hook_skips_series_another_receiver_took_in_shared_mode(tmp_path, ge_head):
+    db = Database(f"sqlite:///{tmp_path / 'c.db'}")
+    other = Ingest(db, FileStore(tmp_path / "s"), receiver="other-host:1:x")
+    tracker = CompletionTracker(db, CompletionSettings(quiet_seconds=2, max_wait_seconds=60),
+                                lambda session, series: None, receiver="this-host:2:y", shared=True)
+    quiet: list[str] = []
+    tracker.on_quiet = lambda series: quiet.append(series.series_uid)
+    receive(other, tracker, sorted(ge_head.glob("*.dcm"))[0])
+    tracker.association_ended(1)
+    age(db, 1.0)
+    tracker.tick()
+    assert quiet == []  # only the receiver that holds its associations knows it is quiet

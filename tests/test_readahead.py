@@ -106,3 +106,33 @@ def test_job_uses_the_series_read_during_its_quiet_time_and_gives_the_same_resul
     assert results[2048].keys() == results[0].keys() and len(results[0]) > 0
     for position, pixels in results[0].items():
         np.testing.assert_array_equal(results[2048][position], pixels)
+
+
+def test_job_does_not_wait_for_a_read_of_other_files(tmp_path, ge_head, monkeypatch):
+    """A read still running over an older set of the series' files is of no use to the job: it
+    returns at once and reads the series itself."""
+    import threading
+    import time
+
+    import pacs_node.readahead as readahead
+
+    files = _copy(ge_head, tmp_path / "series")
+    release = threading.Event()
+    real = readahead.load_series
+
+    def slow_load(paths):
+        release.wait(30)
+        return real(paths)
+
+    monkeypatch.setattr(readahead, "load_series", slow_load)
+    ahead = ReadAhead(max_bytes=2**30)
+    reader = threading.Thread(target=ahead.read, args=("1.2.3", files[:-1], 1))
+    reader.start()
+    try:
+        time.sleep(0.2)
+        t0 = time.monotonic()
+        assert ahead.take("1.2.3", files) == (None, 0.0)  # one more file now
+        assert time.monotonic() - t0 < 5
+    finally:
+        release.set()
+        reader.join(30)

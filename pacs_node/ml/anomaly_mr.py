@@ -502,7 +502,8 @@ def train_main(argv: list[str]) -> int:
                    help="the clip stored in the weights (default: --intensity-max)")
     p.add_argument("--init", type=Path, default=None, help="start from these weights (same architecture)")
     p.add_argument("--baseline-weight", type=float, default=0.0,
-                   help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|))")
+                   help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|)) "
+                        "(not with --combine-members: an ensemble keeps its members' scoring)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
                    help="comma-separated coarse noise resolutions, e.g. 4,8,16 (default: one field at 16)")

@@ -2,8 +2,9 @@
 
 For the served ``recon-disc`` model (DRAEM) the score is the discriminative network's
 probability that a pixel differs from the model's normal-looking reconstruction because of an
-anomaly, smoothed; for ``prob-inpaint`` the standardised inpainting residual |x - location| /
-scale. ``residual_maps`` computes either, the same code path as the eval command."""
+anomaly, smoothed, and (``baseline_weight`` > 0, anomaly-mr 0.5.0) fused with the slice's
+intensity-outlier map as a noisy-OR; for ``prob-inpaint`` the standardised inpainting residual
+|x - location| / scale. ``residual_maps`` computes either, the same code path as the eval command."""
 
 from __future__ import annotations
 
@@ -72,7 +73,8 @@ class AnomalyPipeline(Pipeline):
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
         return [ScoreMap(
             array=scores,
-            description=f"Anomaly map ({_SCORE_KIND.get(self.cfg.arch, 'reconstruction error')}, "
+            description=f"Anomaly map ({_SCORE_KIND.get(self.cfg.arch, 'reconstruction error')}"
+                        f"{' + intensity outliers' if self.cfg.baseline_weight > 0 else ''}, "
                         f"{self.model_name} {self.cfg.arch})",
             threshold=threshold,
             extra={"max_score": float(scores.max()) if scores.size else 0.0,
