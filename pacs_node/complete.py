@@ -84,9 +84,10 @@ class CompletionTracker:
             quiet += self.FOREIGN_GRACE_SECONDS
         return quiet
 
-    #: on_quiet waits until a series has been quiet for this fraction of its quiet time (a sender
-    #: that opens one association per instance leaves no open association between them)
-    QUIET_HINT_FRACTION = 1 / 3
+    #: on_quiet waits until a series has been quiet this long (at most a third of its quiet time):
+    #: a sender that opens one association per instance leaves no open association between
+    #: them, and its next instance comes within milliseconds, not tenths of a second
+    QUIET_HINT_SECONDS = 0.2
 
     def _announce_quiet(self, row: Series, now: dt.datetime, seen: dict[str, dt.datetime]) -> None:
         """Call on_quiet once per quiet spell of a series this process received (with shared
@@ -97,7 +98,7 @@ class CompletionTracker:
         if seen.get(row.series_uid) == row.last_received_at:
             self._quiet_seen[row.series_uid] = row.last_received_at
             return
-        if (now - row.last_received_at).total_seconds() < self._quiet_for(row) * self.QUIET_HINT_FRACTION:
+        if (now - row.last_received_at).total_seconds() < min(self.QUIET_HINT_SECONDS, self._quiet_for(row) / 3):
             return
         self._quiet_seen[row.series_uid] = row.last_received_at
         try:

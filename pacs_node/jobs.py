@@ -220,9 +220,12 @@ class Worker:
         beat.start()
         timings: dict[str, float] = {}
         try:
-            volume, ahead = self.read_ahead.take(item.series_uid, item.files)
+            t0 = time.perf_counter()
+            volume, ahead = self.read_ahead.take(item.series_uid, item.files)  # may wait for the read to end
+            waited = time.perf_counter() - t0
             datasets, timings = process_series(item.files, item.pipeline, item.params, item.outputs, item.rule,
                                                volume=volume)
+            timings["load"] = timings.get("load", 0.0) + waited
             if volume is not None:
                 timings["read_ahead"] = ahead  # read while the series waited for completion
             t0 = time.perf_counter()

@@ -87,17 +87,18 @@ def test_late_instance_reopens_series_as_next_generation(env):
     assert (series.state, series.generation, series.instance_count) == ("receiving", 2, 2)
 
 
-def test_quiet_hook_once_per_quiet_spell_after_a_third_of_the_quiet_time(env):
+def test_quiet_hook_once_per_quiet_spell_after_a_short_quiet_time(env):
     """on_quiet (the node's read-ahead) is called once a series has had no open association and
-    no instance for a third of quiet_seconds, once per spell; not for a series still arriving."""
+    no instance for QUIET_HINT_SECONDS (0.2 s), once per spell; not for a series still arriving."""
     db, ingest, tracker, completed, files = env
     quiet: list[str] = []
     tracker.on_quiet = lambda series: quiet.append(series.series_uid)
     uid = receive(ingest, tracker, files[0])
-    age(db, 0.1)
+    age(db, 0.5)
     assert tracker.tick() == [] and quiet == []  # the association is open
     tracker.association_ended(1)
-    assert tracker.tick() == [] and quiet == []  # quiet for 0.1 s of 2: not yet
+    age(db, 0.05)
+    assert tracker.tick() == [] and quiet == []  # quiet for 0.05 s: not yet
     age(db, 0.8)
     assert tracker.tick() == [] and quiet == [uid]
     assert tracker.tick() == [] and quiet == [uid]  # once per spell
