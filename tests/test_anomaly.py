@@ -4,6 +4,7 @@ pipeline on a real MR series with the committed weights, and the eval command.""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 import warnings
 from pathlib import Path
 
@@ -371,6 +372,26 @@ def test_served_weights_fuse_the_intensity_baseline() -> None:
     _, cfg = load_model(model_path("anomaly-mr"))
     train = tomllib.loads((Path(__file__).parents[1] / "models/anomaly-mr/train.toml").read_text())
     assert cfg.baseline_weight == train["baseline_weight"] == 0.1
+
+
+def test_pipeline_param_intensity_outliers_false_scores_the_network_alone() -> None:
+    from pacs_node.pipelines import get_pipeline
+    from pacs_node.pipelines.base import UnsupportedInput
+    from pacs_node.volume import load_series
+
+    files = sorted((_data_dir() / "mr/uih-t1-3d-sag").iterdir())
+    pipeline = get_pipeline("anomaly-mr")
+    volume = load_series(files[84:86])
+    (fused,) = pipeline.run(volume, {})
+    (alone,) = pipeline.run(volume, {"intensity_outliers": False})
+    expected = pipeline.scores(volume, cfg=replace(pipeline.cfg, baseline_weight=0.0))
+    np.testing.assert_allclose(alone.array, expected, atol=1e-6)
+    assert pipeline.cfg.baseline_weight > 0  # the served weights fuse: the two maps differ ...
+    assert float(np.abs(fused.array - alone.array).max()) > 0.05
+    assert bool((fused.array >= alone.array - 1e-5).all())  # ... and the fusion only adds
+    assert "intensity outliers" in fused.description and "intensity outliers" not in alone.description
+    with pytest.raises(UnsupportedInput, match="intensity_outliers"):
+        pipeline.run(volume, {"intensity_outliers": "no"})
 
 
 def test_pipeline_marks_an_inserted_lesion() -> None:

@@ -8,6 +8,7 @@ intensity-outlier map as a noisy-OR; for ``prob-inpaint`` the standardised inpai
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, ClassVar, Mapping
 
 import numpy as np
@@ -48,8 +49,8 @@ class AnomalyPipeline(Pipeline):
         self.device = torch.device(device())
         self.net.to(self.device).eval()
 
-    def scores(self, volume: Volume, batch_size: int = 16) -> np.ndarray:
-        cfg: AnomalyConfig = self.cfg
+    def scores(self, volume: Volume, batch_size: int = 16, cfg: AnomalyConfig | None = None) -> np.ndarray:
+        cfg = cfg or self.cfg
         images = type(self).normalise(volume.array, cfg)
         out = np.zeros(volume.shape, dtype=np.float32)
         for start in range(0, volume.shape[0], batch_size):
@@ -70,11 +71,17 @@ class AnomalyPipeline(Pipeline):
         threshold = float(params.get("threshold", 0.5))
         if not 0.0 < threshold <= 1.0:
             raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
-        scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)))
+        outliers = params.get("intensity_outliers", True)
+        if not isinstance(outliers, bool):
+            raise UnsupportedInput(f"pipeline {self.name}: intensity_outliers must be true or false, got {outliers!r}")
+        # false: the network's map alone, without the fused intensity-outlier map (0.5.0's
+        # baseline_weight), e.g. for a sequence whose normal fat or vessels are very bright
+        cfg = self.cfg if outliers else dataclasses.replace(self.cfg, baseline_weight=0.0)
+        scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)), cfg=cfg)
         return [ScoreMap(
             array=scores,
             description=f"Anomaly map ({_SCORE_KIND.get(self.cfg.arch, 'reconstruction error')}"
-                        f"{' + intensity outliers' if self.cfg.baseline_weight > 0 else ''}, "
+                        f"{' + intensity outliers' if cfg.baseline_weight > 0 else ''}, "
                         f"{self.model_name} {self.cfg.arch})",
             threshold=threshold,
             extra={"max_score": float(scores.max()) if scores.size else 0.0,
