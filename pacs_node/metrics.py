@@ -44,6 +44,9 @@ jobs_finished = Counter("pacs_node_jobs_finished", "Jobs ended, by pipeline and 
                         ["pipeline", "outcome"], registry=REGISTRY)
 send_retries = Counter("pacs_node_send_retries", "Delivery attempts that failed and were scheduled again",
                        registry=REGISTRY)
+read_ahead = Counter("pacs_node_read_ahead", "Series read while they waited for completion, by what their job "
+                     "did with the read (used; changed: the files changed since, read again)", ["outcome"],
+                     registry=REGISTRY)
 webhook_calls = Counter("pacs_node_webhook_calls", "Webhook calls by outcome (ok, retry, failed)", ["outcome"],
                         registry=REGISTRY)
 
@@ -54,6 +57,8 @@ for _transport in ("dimse", "stow"):
     bytes_received.labels(_transport)
 for _outcome in ("accepted", "rejected"):
     associations.labels(_outcome)
+for _outcome in ("used", "changed"):
+    read_ahead.labels(_outcome)
 for _stage in STAGES:
     stage_seconds.labels(_stage)
 

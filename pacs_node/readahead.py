@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from . import metrics
 from .volume import Volume, load_series
 
 log = logging.getLogger(__name__)
@@ -121,7 +122,9 @@ class ReadAhead:
         if not same or fingerprint(files) != entry.key:
             log.info("series %s changed since it was read ahead (%d file(s) now); reading it again",
                      series_uid, len(files))
+            metrics.read_ahead.labels("changed").inc()
             return None, 0.0
         if entry.volume is None:
             return None, 0.0
+        metrics.read_ahead.labels("used").inc()
         return entry.volume, entry.seconds

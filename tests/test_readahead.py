@@ -27,6 +27,12 @@ def test_volume_read_ahead_is_taken_once_and_only_for_the_same_unchanged_files(t
     voxels = reference.array.size
     ahead = ReadAhead(max_bytes=voxels * 4)
 
+    from pacs_node import metrics
+
+    def count(outcome: str) -> float:
+        return metrics.REGISTRY.get_sample_value("pacs_node_read_ahead_total", {"outcome": outcome}) or 0.0
+
+    used, changed = count("used"), count("changed")
     assert ahead.read("1.2.3", files, voxels)
     assert ahead.take("9.9.9", files) == (None, 0.0)  # another series' job: not this volume
     volume, seconds = ahead.take("1.2.3", list(reversed(files)))  # the job lists them in any order
@@ -34,6 +40,7 @@ def test_volume_read_ahead_is_taken_once_and_only_for_the_same_unchanged_files(t
     np.testing.assert_array_equal(volume.array, reference.array)
     assert [p.name for p in volume.files] == [p.name for p in reference.files]
     assert ahead.take("1.2.3", files) == (None, 0.0)  # taken once
+    assert count("used") == used + 1 and count("changed") == changed
 
     # an instance sent again after the read (same path, new content): the job reads it itself
     assert ahead.read("1.2.3", files, voxels)
@@ -45,6 +52,7 @@ def test_volume_read_ahead_is_taken_once_and_only_for_the_same_unchanged_files(t
     ds.save_as(tmp)
     tmp.replace(files[3])
     assert ahead.take("1.2.3", files) == (None, 0.0)
+    assert count("changed") == changed + 1
 
     # one more instance since the read: a different set of files
     assert ahead.read("1.2.3", files[:-1], voxels)
