@@ -144,3 +144,45 @@ def test_job_does_not_wait_for_a_read_of_other_files(tmp_path, ge_head, monkeypa
     finally:
         release.set()
         reader.join(30)
+
+
+def test_two_series_in_one_association_both_come_back_identical(tmp_path, node_factory, ge_head):
+    """Two series go quiet at the same release: one is read ahead, the other read by its job
+    (one read at a time). Series B is series A's pixels under new UIDs, so their results must
+    be pixel-identical whichever way each was read."""
+    from pydicom.uid import generate_uid
+
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    series_uid = generate_uid()
+    for p in sorted(ge_head.glob("*.dcm")):
+        ds = pydicom.dcmread(p)
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.save_as(copy / p.name)
+    scp = StoreSCP(tmp_path / "scp").start()
+    try:
+        peers = [{"name": "modality", "ae_title": "STORESCU"},
+                 {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}]
+        rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
+                  "destinations": ["viewer"]}]
+        node = node_factory(peers, rules, completion={"quiet_seconds": 1.5, "max_wait_seconds": 120.0})
+        wait_for(lambda: "pipeline ct-denoise-classical loaded in" in node.log(), 120, "the pipeline to load")
+        sent = storescu(node.port, ge_head, copy)  # one association, two series
+        assert sent.returncode == 0, sent.stderr
+        n = len(list(ge_head.glob("*.dcm")))
+        wait_for(lambda: len(scp.files()) >= 2 * n, 300, f"{2 * n} results at storescp")
+        wait_for(lambda: node.log().count("last result acknowledged") >= 2, 30, "both jobs to end")
+        rows = sqlite3.connect(node.root / "node.db").execute("select state, timings from job").fetchall()
+        assert [r[0] for r in rows] == ["done", "done"], rows
+        assert sum("read_ahead=" in r[1] for r in rows) >= 1, rows
+        by_series: dict[str, dict[int, np.ndarray]] = {}
+        for p in scp.files():
+            ds = pydicom.dcmread(p)
+            by_series.setdefault(ds.SeriesInstanceUID, {})[int(ds.InstanceNumber)] = ds.pixel_array
+        a, b = by_series.values()
+        assert a.keys() == b.keys() and len(a) == n
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    finally:
+        scp.stop()
