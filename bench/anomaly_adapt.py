@@ -43,7 +43,8 @@ from common import ROOT  # noqa: F401 - puts the repo on sys.path
 
 from pacs_node.datasets import data_dir
 from pacs_node.ml import anomaly_mr as A
-from pacs_node.ml.anomaly import foreground_mask, load_model, recon_disc_maps, residual_maps, smooth
+from pacs_node.ml.anomaly import (foreground_mask, fuse_intensity_outliers, intensity_z, load_model, recon_disc_maps,
+                                  residual_maps, smooth)
 from pacs_node.models_dir import model_path
 
 GEOMETRIC = {
@@ -75,18 +76,13 @@ def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> t
             prob, _ = recon_disc_maps(net, x if identity else _warp(x, s, dx, dy), cfg)
             acc += prob if identity else _warp(prob, s, dx, dy, inverse=True)
     err = smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
-    if cfg.baseline_weight > 0:  # the served fusion, as residual_maps does it
-        err = 1.0 - (1.0 - err) * (1.0 - (cfg.baseline_weight * A.intensity_baseline(x, cfg)).clamp(max=1.0))
-    return err
+    return fuse_intensity_outliers(err, x, cfg)  # the served fusion, as residual_maps does it
 
 
 def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:
     """The bright side of the intensity baseline: max(z, 0), smoothed and masked the same way."""
-    mask = foreground_mask(x, cfg.mask_erode_px)
-    n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
-    mean = (x * mask).sum(dim=(2, 3), keepdim=True) / n
-    std = ((((x - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n).sqrt().clamp_min(1e-6)
-    return smooth(((x - mean) / std).clamp_min(0.0), cfg.smooth_sigma) * mask
+    z, mask = intensity_z(x, cfg)
+    return smooth(z.clamp_min(0.0), cfg.smooth_sigma) * mask
 
 
 def _local_z(x: torch.Tensor, cfg, size: int) -> torch.Tensor:

@@ -55,8 +55,7 @@ class Node:
         ).scalar_one_or_none()
         if path is None:
             return
-        first = pydicom.dcmread(self.files.absolute(path), stop_before_pixels=True)
-        decisions = self.router.decide(first, series.calling_ae)
+        _, decisions = self._decide(path, series.calling_ae)
         matched = [d.rule for d in decisions if d.matched]
         jobs = create_jobs(session, series, matched)
         study = session.get(Study, series.study_id)
@@ -71,6 +70,11 @@ class Node:
                      detail="; ".join(f"{d.rule.name}: {'match' if d.matched else 'no match'}" for d in decisions)[:2000])
         if jobs:
             self.worker.wake.set()
+
+    def _decide(self, first_path: str, calling_ae: str) -> tuple[pydicom.Dataset, list]:
+        """The rules' decisions on a series, from its first instance's header (and that header)."""
+        first = pydicom.dcmread(self.files.absolute(first_path), stop_before_pixels=True)
+        return first, self.router.decide(first, calling_ae)
 
     def _read_ahead(self, series: Series) -> None:
         """A series waits out its quiet time: an idle worker reads it for its job meanwhile."""
@@ -90,10 +94,10 @@ class Node:
                 select(Instance.path).where(Instance.series_id == series_id).order_by(Instance.id)).scalars().all())
             if not paths:
                 return
-            files = [self.files.absolute(p) for p in paths]
-            first = pydicom.dcmread(files[0], stop_before_pixels=True)
-            if not any(d.matched for d in self.router.decide(first, calling_ae)):
+            first, decisions = self._decide(paths[0], calling_ae)
+            if not any(d.matched for d in decisions):
                 return
+            files = [self.files.absolute(p) for p in paths]
             voxels = len(files) * int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
             self.worker.read_ahead.read(series_uid, files, voxels)
         except Exception:  # noqa: BLE001 - a hint only: the job reads the series itself

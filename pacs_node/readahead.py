@@ -108,18 +108,18 @@ class ReadAhead:
             if entry is None:
                 return None, 0.0
             if entry.series_uid != series_uid:
-                if entry.done.is_set() and time.monotonic() - entry.started > self.MAX_AGE_SECONDS:
-                    self._entry = None
-                return None, 0.0
+                return None, 0.0  # another series' (expire() drops it if its job never comes)
+            waiting = not entry.done.is_set()
         # not the files being read (the series grew or changed since): no use waiting for it
         same = fingerprint(files) == entry.key
-        if same:
+        if same and waiting:
             entry.done.wait()
+            # again after the wait: an instance sent again during the read changes its file
+            same = fingerprint(files) == entry.key
         with self._lock:
             if self._entry is entry:
                 self._entry = None  # one job takes it; another rule's job reads its own
-        # again after the wait: an instance sent again during the read changes its file
-        if not same or fingerprint(files) != entry.key:
+        if not same:
             log.info("series %s changed since it was read ahead (%d file(s) now); reading it again",
                      series_uid, len(files))
             metrics.read_ahead.labels("changed").inc()

@@ -503,10 +503,7 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> t
     if cfg.arch == "recon-disc":
         prob, recon = recon_disc_maps(net, images, cfg)
         err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
-        if cfg.baseline_weight > 0:
-            q = (cfg.baseline_weight * intensity_baseline(images, cfg)).clamp(max=1.0)
-            err = 1.0 - (1.0 - err) * (1.0 - q)
-        return err, recon
+        return fuse_intensity_outliers(err, images, cfg), recon
     if cfg.arch == "prob-inpaint":
         z, loc, _ = prob_inpaint_maps(net, images, cfg)
         err = smooth(z, cfg.smooth_sigma)
@@ -535,12 +532,27 @@ def intensity_baseline(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor
     |z-score| of the intensity within the foreground, smoothed like the model's residual so
     that the comparison is about the model, not the post-processing.
     """
+    z, mask = intensity_z(images, cfg)
+    return smooth(z.abs(), cfg.smooth_sigma) * mask
+
+
+def intensity_z(images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The signed z-score of each pixel's intensity against its slice's foreground (mean and
+    standard deviation inside the eroded head mask), and that mask."""
     mask = foreground_mask(images, cfg.mask_erode_px)
     n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
     mean = (images * mask).sum(dim=(2, 3), keepdim=True) / n
     var = (((images - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n
-    z = (images - mean).abs() / var.sqrt().clamp_min(1e-6)
-    return smooth(z, cfg.smooth_sigma) * mask
+    return (images - mean) / var.sqrt().clamp_min(1e-6), mask
+
+
+def fuse_intensity_outliers(err: torch.Tensor, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """recon-disc's map ``err`` (in [0, 1]) fused with the intensity-outlier map as a noisy-OR,
+    1 - (1 - err)(1 - min(1, baseline_weight |z|)); ``err`` itself when baseline_weight is 0."""
+    if cfg.baseline_weight <= 0:
+        return err
+    q = (cfg.baseline_weight * intensity_baseline(images, cfg)).clamp(max=1.0)
+    return 1.0 - (1.0 - err) * (1.0 - q)
 
 
 # ------------------------------------------------------------------------------- persistence
