@@ -202,3 +202,43 @@ def test_work_left_for_after_the_response_runs_even_when_the_peer_is_gone():
     finally:
         ours.close()
     assert done == ["indexed"] and assoc.after_response == []
+
+
+def test_a_request_seen_before_is_answered_from_the_cache_and_still_checked(node_factory):
+    """The acceptor keeps each distinct request's negotiation (decoding the 128 contexts
+    storescu proposes costs 10-15 ms of CPU): a repeated request gets the same A-ASSOCIATE-AC,
+    byte for byte, with its own AE titles echoed, and still goes through access control and the
+    AE title checks."""
+    from fuzz_store import echo_pdata
+
+    node = node_factory(PEERS, [])
+
+    def request(rq: bytes) -> tuple[int, bytes]:
+        with socket.create_connection(("127.0.0.1", node.port), timeout=10) as sock:
+            sock.sendall(rq)
+            kind, body = read_pdu(sock)
+            if kind == 0x02:  # accepted: the association works (C-ECHO), then release
+                sock.sendall(echo_pdata())
+                reply, pdv = read_pdu(sock)
+                assert reply == 0x04
+                assert decode(BytesIO(pdv[6:]), True, True).Status == 0x0000
+                sock.sendall(struct.pack(">BBL", 0x05, 0, 4) + b"\0" * 4)
+                assert read_pdu(sock)[0] == 0x06
+            return kind, body
+
+    first = request(associate_rq())
+    again = request(associate_rq())
+    assert first[0] == again[0] == 0x02
+    assert first[1] == again[1], "a repeated request got a different A-ASSOCIATE-AC"
+    assert first[1][4:36] == associate_rq()[10:42], "the AC does not echo the request's AE title fields"
+    # the same items from a caller that is not a peer: rejected, as without the cache
+    kind, body = request(associate_rq(calling="STRANGER"))
+    assert kind == 0x03 and tuple(body[1:4]) == (0x01, 0x01, 0x03), "an unknown caller was not rejected"
+    # the same items under a Calling AE Title of 16 spaces (not allowed): aborted, as a full decode does
+    kind, _ = request(associate_rq(calling=""))
+    assert kind == 0x07
+    assert "malformed A-ASSOCIATE-RQ (ValueError)" in node.log()
+    # another peer with other items is negotiated afresh
+    a = associate(node.port)
+    assert a.is_established and a.send_c_echo().Status == 0x0000
+    a.release()

@@ -27,6 +27,7 @@ import ssl
 import struct
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
@@ -97,6 +98,34 @@ class Handler(Protocol):
 
     def releasing(self, assoc: Association) -> None:
         """The peer asked to release; called before the A-RELEASE-RP is sent."""
+
+
+@dataclass(frozen=True)
+class _Negotiated:
+    """What an A-ASSOCIATE-RQ's variable items (application context, presentation contexts,
+    user information) negotiate to: the accepted contexts and the A-ASSOCIATE-AC's own variable
+    items. The same items always negotiate the same way, so an Acceptor keeps the answer."""
+    contexts: dict[int, tuple[str, str]]
+    ac_items: bytes
+
+
+@dataclass
+class _Request:
+    """An A-ASSOCIATE-RQ as the acceptor uses it."""
+    calling_ae: str
+    #: the Called and Calling AE Title fields as received: the A-ASSOCIATE-AC echoes them (PS3.8 9.3.3)
+    ae_fields: bytes
+    #: the variable items, undecoded: the key of the negotiation cache
+    items: bytes
+    #: pynetdicom's decoding of the request; None where these items were negotiated before
+    primitive: A_ASSOCIATE | None
+    negotiated: _Negotiated | None
+
+
+#: how many different requests' negotiations an Acceptor keeps (least recently used go first),
+#: and the largest variable part it keeps one for
+NEGOTIATIONS_KEPT = 64
+NEGOTIATION_ITEMS_MAX = 1 << 16
 
 
 def _pdu(pdu_type: int, body: bytes) -> bytes:
@@ -228,6 +257,10 @@ class Acceptor:
         #: how long to wait for the peer to close after our last PDU (PS3.8 ARTIM timer)
         self.artim_timeout = artim_timeout
         self._lock = threading.Lock()
+        #: A-ASSOCIATE-RQ variable items -> their negotiation. Decoding a request with pynetdicom
+        #: and negotiating it is 10-15 ms of CPU under the GIL for the 128 contexts storescu proposes
+        #: (docs/performance.md, session 12); a sender proposes the same every time
+        self._negotiated: OrderedDict[bytes, _Negotiated] = OrderedDict()
         self._connections: set[socket.socket] = set()
         self._active = 0
         self._stopping = False
@@ -416,25 +449,37 @@ class Acceptor:
             got += k
         return buf
 
-    def _read_request(self, sock: socket.socket) -> A_ASSOCIATE:
-        """The A-ASSOCIATE-RQ, decoded by pynetdicom; an A-ABORT for anything else."""
+    def _read_request(self, sock: socket.socket) -> _Request:
+        """The A-ASSOCIATE-RQ, decoded by pynetdicom (unless its variable items were negotiated
+        before: then only its AE titles, by pynetdicom's rules); an A-ABORT for anything else."""
         pdu_type, body = self._read_pdu(sock)
         if pdu_type != 0x01:
             raise Abort(ABORT_UNEXPECTED_PDU, f"expected an A-ASSOCIATE-RQ, got PDU type 0x{pdu_type:02x}")
+        if len(body) < 68:  # protocol version, reserved, two AE titles, 32 reserved bytes
+            raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({len(body)} bytes)")
+        items = bytes(body[68:])
+        with self._lock:
+            negotiated = self._negotiated.get(items)
+            if negotiated is not None:
+                self._negotiated.move_to_end(items)
         try:
+            if negotiated is not None:
+                titles = A_ASSOCIATE_RQ()  # its setters check the titles as a full decode would
+                titles.called_ae_title = bytes(body[4:20])
+                titles.calling_ae_title = bytes(body[20:36])
+                return _Request(str(titles.calling_ae_title).strip(), bytes(body[4:36]), items, None, negotiated)
             rq = A_ASSOCIATE_RQ()
             rq.decode(bytes(_pdu(0x01, bytes(body))))
             primitive = rq.to_primitive()
             list(primitive.presentation_context_definition_list)
         except Exception as exc:  # noqa: BLE001 - pynetdicom raises many types on garbage
             raise Abort(ABORT_INVALID_PARAMETER, f"malformed A-ASSOCIATE-RQ ({type(exc).__name__})") from None
-        return primitive
+        return _Request(str(primitive.calling_ae_title or "").strip(), bytes(body[4:36]), items, primitive, None)
 
-    def _accept(self, sock: socket.socket, address: tuple[str, int], primitive: A_ASSOCIATE,
+    def _accept(self, sock: socket.socket, address: tuple[str, int], request: _Request,
                 over_limit: bool) -> Association | None:
         """Reject (None) or accept the request: negotiate contexts, send the A-ASSOCIATE-AC."""
-        calling = str(primitive.calling_ae_title or "").strip()
-        proposed = list(primitive.presentation_context_definition_list)
+        calling = request.calling_ae
         reason = self.handler.admit(calling, address[0])
         if reason is not None:
             sock.sendall(reject_pdu(0x01, 0x01, 0x03))  # permanent, service user, calling AE not recognised
@@ -444,17 +489,32 @@ class Acceptor:
                         self.max_associations)
             sock.sendall(reject_pdu(0x02, 0x03, 0x02))  # transient, provider (presentation), local limit exceeded
             return None
+        negotiated = request.negotiated
+        if negotiated is None:
+            assert request.primitive is not None
+            negotiated = self._negotiate(request.primitive)
+            if len(request.items) <= NEGOTIATION_ITEMS_MAX:
+                with self._lock:
+                    self._negotiated[request.items] = negotiated
+                    while len(self._negotiated) > NEGOTIATIONS_KEPT:
+                        self._negotiated.popitem(last=False)
+        assoc = Association(calling, address[0], address[1], contexts=dict(negotiated.contexts), after_response=[])
+        # protocol version 1, reserved, the AE title fields echoed, 32 reserved bytes, the items
+        sock.sendall(_pdu(0x02, b"\x00\x01\x00\x00" + request.ae_fields + bytes(32) + negotiated.ac_items))
+        self.handler.accepted(assoc)
+        return assoc
+
+    def _negotiate(self, primitive: A_ASSOCIATE) -> _Negotiated:
+        """Presentation contexts and roles (pynetdicom), and the A-ASSOCIATE-AC's variable items."""
+        proposed = list(primitive.presentation_context_definition_list)
         if not proposed:
             raise Abort(ABORT_INVALID_PARAMETER, "A-ASSOCIATE-RQ without presentation contexts")
-
         info = list(primitive.user_information or [])
         roles = {item.sop_class_uid: (item.scu_role, item.scp_role)
                  for item in info if isinstance(item, SCP_SCU_RoleSelectionNegotiation)}
         results, ac_roles = negotiate_as_acceptor(proposed, self.contexts, roles)
-        assoc = Association(calling, address[0], address[1], after_response=[])
-        for cx in results:
-            if cx.result == 0x00 and cx.context_id is not None:
-                assoc.contexts[int(cx.context_id)] = (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+        contexts = {int(cx.context_id): (str(cx.abstract_syntax), str(cx.transfer_syntax[0]))
+                    for cx in results if cx.result == 0x00 and cx.context_id is not None}
 
         ac = A_ASSOCIATE()
         ac.application_context_name = primitive.application_context_name
@@ -478,9 +538,7 @@ class Acceptor:
         ac.user_information = user_info
         pdu = A_ASSOCIATE_AC()
         pdu.from_primitive(ac)
-        sock.sendall(pdu.encode())
-        self.handler.accepted(assoc)
-        return assoc
+        return _Negotiated(contexts, pdu.encode()[6 + 68:])
 
     def _run(self, sock: socket.socket, assoc: Association) -> bool:
         """Serve DIMSE messages until release (True) or abort by the peer (False)."""
