@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from common import ENV  # noqa: E402
-from ingest import Orthanc, PacsNode, StoreSCP, CpuMeter, settle  # noqa: E402
+from ingest import CpuMeter, Orthanc, PacsNode, StoreSCP, baseline_node, settle  # noqa: E402
 
 from pacs_node.datasets import data_dir  # noqa: E402
 
@@ -49,38 +49,25 @@ def main() -> int:
     files = sorted(p for p in (data_dir() / args.series).iterdir() if p.is_file())[: args.count + 1]
     kinds = {k.name: k for k in (StoreSCP, Orthanc, PacsNode)}
     targets = [kinds[t] for t in args.targets.split(",")]
-    repo = Path(__file__).resolve().parent.parent
     ms: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline:
-            tree = Path(tmp) / "baseline"
-            subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(tree), args.baseline],
-                           check=True)
-
-            class Baseline(PacsNode):
-                name, env = f"pacs-node@{args.baseline}", {**ENV, "PYTHONPATH": str(tree)}
-
-            targets.append(Baseline)
-        try:
-            for rep in range(args.reps):
-                for kind in (targets if rep % 2 == 0 else targets[::-1]):
-                    target = kind(Path(tmp) / f"{kind.name}-{rep}")
-                    target.start()
-                    try:
-                        settle(target.proc.pid)
-                        one(target, files[0])  # untimed: the target meets this sender once
-                        settle(target.proc.pid, timeout=5)
-                        meter = CpuMeter(target.proc.pid)
-                        times = [one(target, path) for path in files[1:]]
-                        used = meter.stop(len(times))
-                    finally:
-                        target.stop()
-                    ms.setdefault(kind.name, []).append(statistics.median(times) * 1e3)
-                    cpu.setdefault(kind.name, []).append(used["target_ms"])
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+    with tempfile.TemporaryDirectory() as tmp, baseline_node(args.baseline, tmp) as baseline:
+        targets += [baseline] if baseline else []
+        for rep in range(args.reps):
+            for kind in (targets if rep % 2 == 0 else targets[::-1]):
+                target = kind(Path(tmp) / f"{kind.name}-{rep}")
+                target.start()
+                try:
+                    settle(target.proc.pid)
+                    one(target, files[0])  # untimed: the target meets this sender once
+                    settle(target.proc.pid, timeout=5)
+                    meter = CpuMeter(target.proc.pid)
+                    times = [one(target, path) for path in files[1:]]
+                    used = meter.stop(len(times))
+                finally:
+                    target.stop()
+                ms.setdefault(kind.name, []).append(statistics.median(times) * 1e3)
+                cpu.setdefault(kind.name, []).append(used["target_ms"])
     print(f"series {args.series}: {args.count} associations of one instance each, one after the other; "
           f"median of {args.reps} runs; loopback, TCP_NODELAY=1")
     print(f"{'target':22} {'ms/association':>14} {'target CPU ms/association':>26}")

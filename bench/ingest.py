@@ -20,6 +20,7 @@ instances is resolved to about 0.05 ms per instance.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -32,6 +33,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 from common import BIN, ENV, free_port, peak_rss_mb, wait_port  # noqa: E402
 
@@ -205,6 +207,25 @@ def send(target: Target, files: list[Path], conc: int) -> float:
     return time.monotonic() - start
 
 
+@contextlib.contextmanager
+def baseline_node(rev: str | None, tmp: str) -> Iterator[type[PacsNode] | None]:
+    """pacs-node as of git revision ``rev`` (a temporary worktree under ``tmp``, first on
+    PYTHONPATH), as target pacs-node@REV, for before/after in one run; None without a revision."""
+    if not rev:
+        yield None
+        return
+    repo, tree = Path(__file__).resolve().parent.parent, Path(tmp) / "baseline"
+    subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(tree), rev], check=True)
+
+    class Baseline(PacsNode):
+        name, env = f"pacs-node@{rev}", {**ENV, "PYTHONPATH": str(tree)}
+
+    try:
+        yield Baseline
+    finally:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--series", default="ct/vhf-head", help="folder under the data cache (default ct/vhf-head)")
@@ -229,22 +250,8 @@ def main() -> int:
     results: dict[tuple[str, int], list[float]] = {}
     rss: dict[tuple[str, int], float] = {}
     cpu: dict[tuple[str, int], list[dict[str, float]]] = {}
-    repo = Path(__file__).resolve().parent.parent
-    with tempfile.TemporaryDirectory() as tmp:
-        if args.baseline:
-            tree = Path(tmp) / "baseline"
-            subprocess.run(["git", "-C", str(repo), "worktree", "add", "-q", "--detach", str(tree), args.baseline],
-                           check=True)
-
-            class Baseline(PacsNode):
-                name, env = f"pacs-node@{args.baseline}", {**ENV, "PYTHONPATH": str(tree)}
-
-            targets.append(Baseline)
-        try:
-            measure(targets, files, args, tmp, results, rss, cpu)
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], check=False)
+    with tempfile.TemporaryDirectory() as tmp, baseline_node(args.baseline, tmp) as baseline:
+        measure(targets + ([baseline] if baseline else []), files, args, tmp, results, rss, cpu)
     report(results, rss, files, size_mb, args, cpu)
     return 0
 
