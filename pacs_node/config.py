@@ -139,6 +139,17 @@ class NotifySettings:
 
 
 @dataclass(frozen=True)
+class RetentionSettings:
+    """How long received series and their results stay on this node (it is not an archive)."""
+
+    #: a series' instance files and its jobs' result files are deleted this many days after its
+    #: last instance arrived, once none of its jobs is queued, running or sending; 0 = never
+    days: float = 7.0
+    #: how often the node looks for such series
+    interval_minutes: float = 60.0
+
+
+@dataclass(frozen=True)
 class Settings:
     node: NodeSettings = NodeSettings()
     completion: CompletionSettings = CompletionSettings()
@@ -147,6 +158,7 @@ class Settings:
     tls: TlsSettings = TlsSettings()
     http: HttpSettings = HttpSettings()
     notify: NotifySettings = NotifySettings()
+    retention: RetentionSettings = RetentionSettings()
     peers: tuple[Peer, ...] = ()
     rules: tuple[Rule, ...] = ()
     source: Path | None = None
@@ -360,6 +372,15 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
 
     http, notify = _http_and_notify(data)
 
+    k = data.pop("retention", {})
+    dk = RetentionSettings()
+    retention = RetentionSettings(
+        days=_positive(_take(k, "days", "retention.", float, dk.days), "retention.days", True),
+        interval_minutes=_positive(_take(k, "interval_minutes", "retention.", float, dk.interval_minutes),
+                                   "retention.interval_minutes"),
+    )
+    _no_unknown(k, "retention.")
+
     peers: list[Peer] = []
     raw_peers = data.pop("peers", [])
     if not isinstance(raw_peers, list):
@@ -439,7 +460,7 @@ def parse(data: dict[str, Any], base_dir: Path | None = None) -> Settings:
 
     _no_unknown(data, "")
     return Settings(node=node, completion=completion, send=send, worker=worker, tls=tls, http=http, notify=notify,
-                    peers=tuple(peers), rules=tuple(rules))
+                    retention=retention, peers=tuple(peers), rules=tuple(rules))
 
 
 def load(path: Path | str) -> Settings:

@@ -9,7 +9,9 @@ and GPU memory are read when Prometheus scrapes.
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -47,6 +49,8 @@ send_retries = Counter("pacs_node_send_retries", "Delivery attempts that failed 
 read_ahead = Counter("pacs_node_read_ahead", "Series read while they waited for completion, by what their job "
                      "did with the read (used; changed: the files changed since, read again)", ["outcome"],
                      registry=REGISTRY)
+retention_removed = Counter("pacs_node_retention_removed", "What retention deleted: series, instance files, "
+                            "bytes", ["kind"], registry=REGISTRY)
 webhook_calls = Counter("pacs_node_webhook_calls", "Webhook calls by outcome (ok, retry, failed)", ["outcome"],
                         registry=REGISTRY)
 
@@ -92,8 +96,9 @@ def observe_job(job: "JobEnded") -> None:
 class DatabaseCollector(Collector):
     """Queue depth per pipeline and state, read from the job table at scrape time; GPU memory."""
 
-    def __init__(self, db: "Database") -> None:
+    def __init__(self, db: "Database", storage_dir: Path | None = None) -> None:
         self.db = db
+        self.storage_dir = storage_dir
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         from sqlalchemy import func, select
@@ -111,6 +116,16 @@ class DatabaseCollector(Collector):
         for pipeline, state, count in rows:
             depth.add_metric([pipeline, state], count)
         yield depth
+        if self.storage_dir is not None:
+            storage = GaugeMetricFamily("pacs_node_storage_bytes", "The file system of storage_dir: free (for "
+                                        "unprivileged writers, as the node is) and total bytes", labels=["kind"])
+            try:
+                usage = os.statvfs(self.storage_dir)
+                storage.add_metric(["free"], usage.f_bavail * usage.f_frsize)
+                storage.add_metric(["total"], usage.f_blocks * usage.f_frsize)
+            except OSError:
+                pass
+            yield storage
         # only when a pipeline already loaded torch: no import on scrape. The node loads its
         # pipelines in a thread at start, so torch may be half-imported here: then skip it.
         cuda = getattr(sys.modules.get("torch"), "cuda", None)
@@ -130,10 +145,11 @@ class DatabaseCollector(Collector):
 _collector: DatabaseCollector | None = None
 
 
-def watch_database(db: "Database") -> None:
-    """Export queue depth from ``db`` (once per process; a later call replaces the database)."""
+def watch_database(db: "Database", storage_dir: Path | None = None) -> None:
+    """Export queue depth from ``db`` and, given ``storage_dir``, its file system's free space
+    (once per process; a later call replaces them)."""
     global _collector
     if _collector is not None:
         REGISTRY.unregister(_collector)
-    _collector = DatabaseCollector(db)
+    _collector = DatabaseCollector(db, storage_dir)
     REGISTRY.register(_collector)

@@ -15,6 +15,7 @@ from .complete import CompletionTracker
 from .config import Settings
 from .jobs import Sender, Worker, create_jobs, new_owner, recover
 from .net.scp import StorageSCP
+from .retention import Retention
 from .route import Router
 from .store.files import FileStore
 from .store.index import Database, Instance, Series, Study
@@ -121,7 +122,8 @@ class Node:
             self.receivers.start()
             # node.port's listener hands connections to the receiver processes in turn
             self.scp.server.handoff = self.receivers.handoff
-        loops = [("completion", self.tracker.run), ("sender", self.sender.run)]
+        loops = [("completion", self.tracker.run), ("sender", self.sender.run),
+                 ("retention", Retention(self.db, self.files, self.settings.retention).run)]
         if self.run_worker:
             loops.append(("worker", self.worker.run))
         for name, target in loops:

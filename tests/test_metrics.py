@@ -50,8 +50,13 @@ def test_queue_depth_per_pipeline_and_the_watcher(tmp_path: Path) -> None:
                 session.add(AuditEvent(event=f"job-{state}", job_id=i, at=now, detail="boom" if state == "failed" else ""))
 
     db.run(rows)
-    metrics.watch_database(db)
+    metrics.watch_database(db, tmp_path)
     text = generate_latest(metrics.REGISTRY).decode()
+    free = float(next(line.split()[-1] for line in text.splitlines()
+                      if line.startswith('pacs_node_storage_bytes{kind="free"}')))
+    total = float(next(line.split()[-1] for line in text.splitlines()
+                       if line.startswith('pacs_node_storage_bytes{kind="total"}')))
+    assert 0 < free <= total
     assert 'pacs_node_jobs{pipeline="a",state="queued"} 2.0' in text
     assert 'pacs_node_jobs{pipeline="a",state="running"} 1.0' in text
     assert 'pacs_node_jobs{pipeline="b",state="sending"} 1.0' in text

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import fcntl
 import logging
 import os
 import re
@@ -167,24 +168,41 @@ class FileStore:
 
     def place(self, tmp: Path, rel: str) -> None:
         """Rename a fsynced temp file to ``rel`` and make the new name durable (folder fsync;
-        folders created on the way are fsynced into their parents too)."""
+        folders created on the way are fsynced into their parents too). The rename holds a
+        shared lock on the folder: retention (pacs_node/retention.py) removes old files of a
+        series under an exclusive one, so it never takes an instance sent again meanwhile."""
         path = os.path.join(self.root, rel)
-        try:
-            os.replace(tmp, path)  # the series folder exists but for a series' first instance
-        except FileNotFoundError:
-            if not os.path.exists(tmp):
-                raise
-            created: list[Path] = []
-            folder = Path(path).parent
-            while not folder.is_dir():
-                created.append(folder)
-                folder = folder.parent
-            for new in reversed(created):
-                new.mkdir(exist_ok=True)
-            os.replace(tmp, path)
-            for new in created:
-                fsync_dir(new.parent)
-        fsync_dir(os.path.dirname(path))
+        folder = os.path.dirname(path)
+        for attempt in range(3):
+            try:
+                fd = os.open(folder, os.O_RDONLY)  # the series folder exists but for a series' first instance
+            except FileNotFoundError:
+                self._make_folders(Path(folder))
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                try:
+                    os.replace(tmp, path)
+                except FileNotFoundError:
+                    if not os.path.exists(tmp) or attempt == 2:
+                        raise
+                    continue  # the folder was removed (empty, by retention) after it was opened
+                os.fsync(fd)
+                return
+            finally:
+                os.close(fd)  # and the lock with it
+        raise FileNotFoundError(f"cannot make folder {folder}")
+
+    @staticmethod
+    def _make_folders(folder: Path) -> None:
+        created: list[Path] = []
+        while not folder.is_dir():
+            created.append(folder)
+            folder = folder.parent
+        for new in reversed(created):
+            new.mkdir(exist_ok=True)
+        for new in created:
+            fsync_dir(new.parent)
 
     def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> Path:
         parts = (
