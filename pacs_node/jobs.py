@@ -119,10 +119,11 @@ def retry(db: Database, job_id: int) -> str:
             raise LookupError(f"job {job_id} does not exist")
         if job.state not in ("failed", "done"):
             raise ValueError(f"job {job_id} is {job.state}; only failed or done jobs can be retried")
-        series = session.get(Series, job.series_id)
-        if series is not None and series.state == "purged":
-            raise ValueError(f"job {job_id}: its series and results were removed by retention ([retention] days); "
-                             "have the series sent again")
+        # locked: retention (which skips a locked series) must not purge it under the retry
+        series = session.get(Series, job.series_id, with_for_update=True)
+        if series is not None and series.state in ("purging", "purged"):
+            raise ValueError(f"job {job_id}: the files of its series and results were removed by retention "
+                             "([retention] days); have the series sent again")
         deliveries = session.execute(select(Delivery).where(Delivery.job_id == job.id)).scalars().all()
         if job.encoded_at is not None and deliveries:
             again = [d for d in deliveries if d.state == "failed"] or list(deliveries)

@@ -15,7 +15,7 @@ from .complete import CompletionTracker
 from .config import Settings
 from .jobs import Sender, Worker, create_jobs, new_owner, recover
 from .net.scp import StorageSCP
-from .retention import Retention
+from .retention import Retention, finish_interrupted
 from .route import Router
 from .store.files import FileStore
 from .store.index import Database, Instance, Series, Study
@@ -108,6 +108,8 @@ class Node:
 
     def start(self) -> None:
         self.files.remove_temp_files()
+        # a retention purge cut short by the stop is finished before files are indexed
+        finish_interrupted(self.db, self.files)
         # instances acknowledged just before a kill may have a file but no index row yet
         index_missing_files(self.ingest)
         # with SQLite and the worker in this process, every 'running' job is ours from before

@@ -6,36 +6,49 @@ queued, running or sending. The database keeps the series row (state ``purged``,
 its jobs and deliveries as history, and an audit row (``series-purged``: UIDs and counts, no
 patient data). A series sent again later is received as a new generation and processed again.
 
-No acknowledged instance is deleted by mistake: the decision is taken in one transaction per
-series (row lock; PostgreSQL skips a series another node is purging), then each instance file
-is removed only if it is older than the cutoff, under an exclusive lock on its series folder
-that ``FileStore.place`` takes shared for every rename into it; an instance of the series sent
-again meanwhile is newer than the cutoff and stays (and reopens the series when indexed).
+No acknowledged instance is deleted by mistake. A purge is three steps:
+
+1. one transaction: the series row is locked (PostgreSQL skips a series another node is
+   purging) and checked again, its instance rows are deleted, its state becomes ``purging``
+   and ``purge_cutoff`` records the cutoff;
+2. the series folder and its jobs' result folders are *renamed* into ``storage/purging/<cutoff>-
+   <study>-<series>-<random>/`` (one atomic step per folder: a rename into the series folder
+   lands either before it, and moves with it, or after it, in a new folder); instance files
+   written after the cutoff (sent again meanwhile, acknowledged) are linked back into the
+   series folder and synced; then the moved folder is deleted;
+3. one transaction: ``purging`` becomes ``purged`` unless an instance sent again has reopened
+   the series meanwhile (then it is ``receiving``, a new generation).
+
+A stop at any point is finished at the next start (``finish_interrupted``) before the node
+indexes files or receives: series still ``purging`` go through steps 2 and 3, folders left under
+``purging/`` have their newer files put back (the cutoff is in their name) and are deleted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import fcntl
 import logging
 import os
 import shutil
 import threading
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, select, update
 from sqlalchemy.orm import Session
 
 from . import audit, metrics
 from .config import RetentionSettings
-from .store.files import FileStore
+from .store.files import FileStore, fsync_dir
 from .store.index import Database, Instance, Job, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
 #: job states in which a job still needs its series' files (or its own results)
 ACTIVE = ("queued", "running", "sending")
+PURGING_DIR = "purging"
 
 
 @dataclass
@@ -45,14 +58,17 @@ class Purged:
     instances: int = 0
     result_folders: int = 0
     bytes: int = 0
-    #: instance files found newer than the cutoff (sent again meanwhile): left in place
+    #: instance files written after the cutoff (sent again meanwhile): kept
     kept: int = 0
 
 
 @dataclass
 class _Doomed:
+    series_id: int
+    study_uid: str
     series_uid: str
-    paths: list[str] = field(default_factory=list)
+    cutoff: dt.datetime
+    instances: int = 0
     job_ids: list[int] = field(default_factory=list)
 
 
@@ -69,16 +85,18 @@ def sweep(db: Database, files: FileStore, days: float, now: dt.datetime | None =
             .order_by(Series.last_received_at).limit(batch)).scalars()))
         progress = 0
         for series_id in candidates:
-            doomed = db.run(lambda s, sid=series_id: _purge_rows(s, sid, cutoff, days, db.is_sqlite))
+            doomed = db.run(lambda s, sid=series_id: _begin(s, sid, cutoff, db.is_sqlite))
             if doomed is None:  # changed meanwhile, or another node has it
                 continue
             progress += 1
-            _remove_files(files, doomed, cutoff, total)
+            _remove_files(files, doomed, total)
+            db.run(lambda s, d=doomed: _end(s, d, f"retention {days:g} days"))
         if len(candidates) < batch or not progress:
             return total
 
 
-def _purge_rows(session: Session, series_id: int, cutoff: dt.datetime, days: float, sqlite: bool) -> _Doomed | None:
+def _begin(session: Session, series_id: int, cutoff: dt.datetime, sqlite: bool) -> _Doomed | None:
+    """Step 1: the index forgets the series' instances; the series is ``purging``."""
     query = select(Series).where(Series.id == series_id)
     if not sqlite:
         query = query.with_for_update(skip_locked=True)
@@ -87,72 +105,112 @@ def _purge_rows(session: Session, series_id: int, cutoff: dt.datetime, days: flo
         return None
     if session.execute(select(Job.id).where(Job.series_id == series_id, Job.state.in_(ACTIVE)).limit(1)).first():
         return None
-    doomed = _Doomed(series.series_uid)
-    doomed.paths = list(session.execute(select(Instance.path).where(Instance.series_id == series_id)).scalars())
-    doomed.job_ids = list(session.execute(select(Job.id).where(Job.series_id == series_id)).scalars())
-    session.execute(delete(Instance).where(Instance.series_id == series_id))
-    series.state = "purged"
-    series.instance_count = 0
-    study_uid = session.execute(select(Study.study_uid).where(Study.id == series.study_id)).scalar_one_or_none()
-    audit.add(session, "series-purged", study_uid=study_uid, series_uid=series.series_uid, count=len(doomed.paths),
-              detail=f"retention {days:g} days: last instance {series.last_received_at:%Y-%m-%d %H:%M} UTC; "
-                     f"{len(doomed.paths)} instance file(s), results of {len(doomed.job_ids)} job(s)")
-    return doomed
+    instances = session.execute(delete(Instance).where(Instance.series_id == series_id)).rowcount
+    series.state, series.instance_count, series.purge_cutoff = "purging", 0, cutoff
+    return _doomed(session, series, instances)
 
 
-def _remove_files(files: FileStore, doomed: _Doomed, cutoff: dt.datetime, total: Purged) -> None:
-    limit = cutoff.replace(tzinfo=dt.timezone.utc).timestamp()
-    by_folder: dict[str, list[str]] = {}
-    for rel in doomed.paths:
-        path = files.absolute(rel)
-        by_folder.setdefault(str(path.parent), []).append(str(path))
-    removed = kept = size = 0
-    for folder, paths in by_folder.items():
-        try:
-            fd = os.open(folder, os.O_RDONLY)
-        except FileNotFoundError:
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # FileStore.place renames into the folder under LOCK_SH
-            for path in paths:
-                try:
-                    info = os.stat(path)
-                    if info.st_mtime >= limit:  # the instance was sent again after the cutoff: it stays
-                        kept += 1
-                        continue
-                    os.unlink(path)
-                except FileNotFoundError:
-                    continue
-                removed += 1
-                size += info.st_size
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        _remove_empty(Path(folder), files.root / "instances")
+def _doomed(session: Session, series: Series, instances: int = 0) -> _Doomed:
+    study_uid = session.execute(select(Study.study_uid).where(Study.id == series.study_id)).scalar_one()
+    job_ids = list(session.execute(select(Job.id).where(Job.series_id == series.id)).scalars())
+    assert series.purge_cutoff is not None
+    return _Doomed(series.id, study_uid, series.series_uid, series.purge_cutoff, instances, job_ids)
+
+
+def _end(session: Session, doomed: _Doomed, why: str) -> None:
+    """Step 3: ``purged``, unless an instance sent again reopened the series meanwhile."""
+    done = session.execute(update(Series).where(Series.id == doomed.series_id, Series.state == "purging")
+                           .values(state="purged")).rowcount
+    audit.add(session, "series-purged", study_uid=doomed.study_uid, series_uid=doomed.series_uid,
+              count=doomed.instances,
+              detail=f"{why}: files older than {doomed.cutoff:%Y-%m-%d %H:%M} UTC; {doomed.instances} instance(s), "
+                     f"results of {len(doomed.job_ids)} job(s)" + ("" if done else "; the series was sent again "
+                                                                        "meanwhile and is being received anew"))
+
+
+def _timestamp(when: dt.datetime) -> float:
+    return when.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
+def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
+    """Step 2: move the series folder and its jobs' result folders away, put back what was
+    written after the cutoff, delete the rest."""
+    trash = files.root / PURGING_DIR / (f"{int(_timestamp(doomed.cutoff))}-{doomed.study_uid}-{doomed.series_uid}-"
+                                        f"{uuid.uuid4().hex[:8]}")
+    trash.mkdir(parents=True)
+    fsync_dir(trash.parent)
+    series_dir = files.root / "instances" / doomed.study_uid / doomed.series_uid
+    with contextlib.suppress(FileNotFoundError):
+        os.rename(series_dir, trash / "instances")
     for job_id in doomed.job_ids:
-        folder = files.result_dir(job_id)
-        if folder.exists():
-            size += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-            shutil.rmtree(folder, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.rename(files.result_dir(job_id), trash / f"result-{job_id}")
             total.result_folders += 1
+    _empty_trash(files, trash, total)
+    _remove_empty(series_dir.parent, files.root / "instances")
     total.series += 1
-    total.instances += removed
+
+
+def _empty_trash(files: FileStore, trash: Path, total: Purged) -> None:
+    """Put back, from a folder under purging/, the instance files written after its cutoff;
+    delete the folder."""
+    cutoff_ts, study_uid, series_uid, _ = trash.name.split("-")
+    limit = float(cutoff_ts)
+    moved = trash / "instances"
+    kept = 0
+    if moved.is_dir():
+        series_dir = files.root / "instances" / study_uid / series_uid
+        for path in sorted(moved.iterdir()):
+            info = path.stat()
+            if path.suffix != ".dcm" or info.st_mtime < limit:
+                total.instances += 1
+                total.bytes += info.st_size
+                continue
+            # an instance of the series sent again after the cutoff (acknowledged): back it goes
+            series_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                os.link(path, series_dir / path.name)
+            except FileExistsError:
+                pass  # a newer copy arrived since; that one is indexed
+            kept += 1
+        if kept:
+            fsync_dir(series_dir)
+            fsync_dir(series_dir.parent)
+            fsync_dir(series_dir.parent.parent)
+            log.warning("retention: series %s: %d instance file(s) were sent again while it was removed; kept",
+                        series_uid, kept)
     total.kept += kept
-    total.bytes += size
-    if kept:
-        log.warning("retention: series %s: %d instance file(s) were sent again while it was removed; kept",
-                    doomed.series_uid, kept)
+    for folder in trash.glob("result-*"):
+        total.bytes += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    shutil.rmtree(trash)
 
 
 def _remove_empty(folder: Path, top: Path) -> None:
-    """Remove ``folder`` and its parents up to ``top`` while they are empty (a concurrent rename
-    into one makes rmdir fail, and FileStore.place makes a removed folder again)."""
+    """Remove ``folder`` and its parents up to ``top`` while they are empty (FileStore.place
+    makes a removed folder again)."""
     while folder != top and top in folder.parents:
         try:
             folder.rmdir()
         except OSError:
             return
         folder = folder.parent
+
+
+def finish_interrupted(db: Database, files: FileStore) -> int:
+    """At start, before files are indexed or received: finish purges a stop cut short."""
+    total = Purged()
+    pending = db.run(lambda s: [_doomed(s, series) for series in
+                                s.execute(select(Series).where(Series.state == "purging")).scalars()])
+    for doomed in pending:
+        _remove_files(files, doomed, total)
+    for trash in sorted((files.root / PURGING_DIR).glob("*-*-*-*")) if (files.root / PURGING_DIR).is_dir() else ():
+        _empty_trash(files, trash, total)
+    for doomed in pending:
+        db.run(lambda s, d=doomed: _end(s, d, "retention, finished after a restart"))
+    if pending or total.instances or total.kept:
+        log.warning("retention: finished %d removal(s) cut short by a stop: %d instance file(s) deleted, %d kept",
+                    len(pending), total.instances, total.kept)
+    return len(pending)
 
 
 class Retention:
@@ -173,7 +231,7 @@ class Retention:
             wait = self.settings.interval_minutes * 60
             try:
                 done = sweep(self.db, self.files, self.settings.days)
-            except Exception:  # noqa: BLE001 - the next pass tries again; receiving goes on
+            except Exception:  # noqa: BLE001 - the next pass (or the next start) finishes it; receiving goes on
                 log.exception("retention pass failed; trying again in %g min", self.settings.interval_minutes)
                 continue
             if done.series:

@@ -15,7 +15,8 @@ from sqlalchemy import select
 
 from pacs_node.config import ConfigError, parse
 from pacs_node.jobs import retry
-from pacs_node.retention import _purge_rows, sweep
+from pacs_node import retention
+from pacs_node.retention import Purged, _begin, _end, _remove_files, sweep
 from pacs_node.store.files import FileStore
 from pacs_node.store.index import AuditEvent, Database, Instance, Job, Series, utcnow
 from pacs_node.store.indexer import index_missing_files
@@ -90,6 +91,11 @@ def _state(db: Database, series_uid: str) -> tuple[str, int, int]:
     return row.state, row.instance_count, row.generation
 
 
+def _leftovers(files: FileStore) -> list[Path]:
+    folder = files.root / "purging"
+    return sorted(folder.iterdir()) if folder.is_dir() else []
+
+
 def test_old_series_and_results_go_once_no_job_needs_them(store):
     db, files, ingest, series = store
     old, busy, new = (s[0].SeriesInstanceUID for s in (series["old"], series["busy"], series["new"]))
@@ -103,8 +109,9 @@ def test_old_series_and_results_go_once_no_job_needs_them(store):
 
     got = sweep(db, files, days=7)
     assert (got.series, got.instances, got.result_folders, got.kept) == (1, 4, 1, 0)
+    assert got.bytes > 0
     assert not any(p.exists() for p in old_files) and not old_files[0].parent.exists()
-    assert not files.result_dir(done_job).exists()
+    assert not files.result_dir(done_job).exists() and _leftovers(files) == []
     assert _state(db, old) == ("purged", 0, 1)
     assert db.run(lambda s: s.get(Job, done_job).state) == "done"  # history stays
     # a series whose job still waits, and a recent one, are untouched
@@ -126,36 +133,96 @@ def test_old_series_and_results_go_once_no_job_needs_them(store):
     assert _state(db, old) == ("receiving", 1, 2)
 
 
-def test_an_instance_sent_again_during_the_removal_stays(store):
-    """The decision is taken on the index; a file written after the cutoff (an instance of the
-    series sent again while it is removed) is left in place, and indexing it reopens the series."""
-    db, files, ingest, series = store
-    old = series["old"][0].SeriesInstanceUID
-    _age(db, files, old, 10)
-    resent = files.absolute(db.run(lambda s: s.execute(
-        select(Instance.path).where(Instance.sop_uid == series["old"][1].SOPInstanceUID)).scalar_one()))
-    os.utime(resent, None)  # written just now
-    got = sweep(db, files, days=7)
-    assert (got.series, got.instances, got.kept) == (1, 3, 1)
-    assert resent.exists()
-    assert index_missing_files(ingest) == 1
-    assert _state(db, old) == ("receiving", 1, 2)
-
-
-def test_a_removal_cut_short_is_finished_at_start(store):
-    """The index says purged but the node stopped before the files went: at start the old files
-    are removed instead of being indexed again (which would reopen and reprocess the series)."""
-    db, files, ingest, series = store
-    old = series["old"][0].SeriesInstanceUID
-    _age(db, files, old, 10)
+def _begin_purge(db: Database, uid: str):  # type: ignore[no-untyped-def]
     cutoff = utcnow() - 7 * DAY
-    series_id = db.run(lambda s: s.execute(select(Series.id).where(Series.series_uid == old)).scalar_one())
-    assert db.run(lambda s: _purge_rows(s, series_id, cutoff, 7, True)) is not None  # rows only
+    series_id = db.run(lambda s: s.execute(select(Series.id).where(Series.series_uid == uid)).scalar_one())
+    doomed = db.run(lambda s: _begin(s, series_id, cutoff, True))
+    assert doomed is not None
+    return doomed
+
+
+def test_an_instance_sent_again_during_the_removal_stays(store):
+    """Between the index's decision and the files' removal an instance of the series arrives
+    again (acknowledged): its file stays, its index row with it, and the series is received anew."""
+    db, files, ingest, series = store
+    old = series["old"][0].SeriesInstanceUID
+    _age(db, files, old, 10)
+    doomed = _begin_purge(db, old)
+    assert _state(db, old)[0] == "purging"
+    _store(ingest, series["old"][1])  # sent again now: placed into the series folder, indexed
+    assert _state(db, old) == ("receiving", 1, 2)
+    total = Purged()
+    _remove_files(files, doomed, total)
+    db.run(lambda s: _end(s, doomed, "test"))
+    assert (total.instances, total.kept) == (3, 1)
     left = list((files.root / "instances").rglob(f"{old}/*.dcm"))
-    assert len(left) == 4
-    assert index_missing_files(ingest) == 0
-    assert not any(p.exists() for p in left)
-    assert _state(db, old) == ("purged", 0, 1)
+    assert [p.name for p in left] == [f"{series['old'][1].SOPInstanceUID}.dcm"]
+    indexed = db.run(lambda s: list(s.execute(select(Instance.path)).scalars()))
+    assert files.relative(left[0]) in indexed
+    assert _state(db, old) == ("receiving", 1, 2), "the purge's end overwrote a series received again"
+    assert index_missing_files(ingest) == 0 and _leftovers(files) == []
+
+
+def test_removals_cut_short_are_finished_at_start(store, monkeypatch):
+    """A stop after the index's decision, or after the files were moved away: the next start
+    deletes the old files (it does not index them again, which would reprocess the series) and
+    keeps an instance sent again in between."""
+    db, files, ingest, series = store
+    first, second = series["old"][0].SeriesInstanceUID, series["busy"][0].SeriesInstanceUID
+    for uid in (first, second):
+        _age(db, files, uid, 10)
+    # first: stopped right after step 1
+    _begin_purge(db, first)
+    # second: stopped after its folder was moved, with an instance sent again (file written,
+    # acknowledged, not yet indexed) that went into the folder before the move
+    doomed = _begin_purge(db, second)
+    again = series["busy"][2]
+    buf = io.BytesIO()
+    again.save_as(buf, enforce_file_format=True)
+    entry = ingest.entry(again, len(buf.getvalue()), "TESTSCU", str(again.file_meta.TransferSyntaxUID))
+    files.place(files.write_temp((buf.getvalue(),)), entry.rel)
+
+    def stop(*_args):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt("stopped")
+
+    monkeypatch.setattr(retention, "_empty_trash", stop)
+    with pytest.raises(KeyboardInterrupt):
+        _remove_files(files, doomed, Purged())
+    monkeypatch.undo()
+    assert len(_leftovers(files)) == 1
+
+    assert retention.finish_interrupted(db, files) == 2
+    assert _state(db, first) == ("purged", 0, 1) and _state(db, second) == ("purged", 0, 1)
+    assert list((files.root / "instances").rglob(f"{first}/*.dcm")) == []
+    kept = list((files.root / "instances").rglob(f"{second}/*.dcm"))
+    assert [p.name for p in kept] == [f"{again.SOPInstanceUID}.dcm"] and _leftovers(files) == []
+    # the instance sent again is indexed at start, as any acknowledged file without a row
+    assert index_missing_files(ingest) == 1
+    assert _state(db, second) == ("receiving", 1, 2)
+
+
+def test_a_rename_reaches_the_disk_when_the_folder_moves_under_it(tmp_path, monkeypatch):
+    """FileStore.place syncs the folder its rename went into, also when retention moved the
+    series folder away between the open and the rename and another one took its name."""
+    from pacs_node.store import files as files_module
+
+    store = FileStore(tmp_path / "storage")
+    rel = "instances/1.2/1.2.3/1.2.3.4.dcm"
+    folder = store.absolute(rel).parent
+    store.place(store.write_temp((b"a",)), "instances/1.2/1.2.3/1.2.3.1.dcm")
+    real_replace, synced = os.replace, []
+
+    def replace_after_a_move(src, dst):  # type: ignore[no-untyped-def]
+        os.rename(folder, tmp_path / "moved")
+        folder.mkdir()
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(files_module.os, "replace", replace_after_a_move)
+    monkeypatch.setattr(files_module, "fsync_dir", lambda path: synced.append(str(path)))
+    store.place(store.write_temp((b"b",)), rel)
+    monkeypatch.undo()
+    assert store.absolute(rel).read_bytes() == b"b"
+    assert synced == [str(folder)], "the folder that now holds the file was not synced"
 
 
 def test_retention_settings(tmp_path):
@@ -166,29 +233,3 @@ def test_retention_settings(tmp_path):
         parse({"retention": {"days": -1}}, tmp_path)
     with pytest.raises(ConfigError, match="retention.keep"):
         parse({"retention": {"keep": 3}}, tmp_path)
-
-
-def test_renames_into_a_folder_wait_while_retention_removes_from_it(tmp_path):
-    """FileStore.place renames under a shared lock on the series folder, which retention's
-    removal holds exclusively: a rename cannot slip between its age check and its unlink."""
-    import fcntl
-    import threading
-
-    files = FileStore(tmp_path / "storage")
-    rel = "instances/1.2/1.2.3/1.2.3.4.dcm"
-    folder = files.absolute(rel).parent
-    folder.mkdir(parents=True)
-    tmp = files.write_temp((b"x",))
-    fd = os.open(folder, os.O_RDONLY)
-    fcntl.flock(fd, fcntl.LOCK_EX)
-    placing = threading.Thread(target=files.place, args=(tmp, rel))
-    placing.start()
-    placing.join(0.5)
-    assert placing.is_alive() and not files.absolute(rel).exists(), "the rename did not wait for the lock"
-    os.close(fd)
-    placing.join(5)
-    assert not placing.is_alive() and files.absolute(rel).read_bytes() == b"x"
-    # and a folder removed (empty) under it is made again
-    other = "instances/1.5/1.5.6/1.5.6.7.dcm"
-    files.place(files.write_temp((b"y",)), other)
-    assert files.absolute(other).read_bytes() == b"y"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import fcntl
 import logging
 import os
 import re
@@ -168,9 +167,12 @@ class FileStore:
 
     def place(self, tmp: Path, rel: str) -> None:
         """Rename a fsynced temp file to ``rel`` and make the new name durable (folder fsync;
-        folders created on the way are fsynced into their parents too). The rename holds a
-        shared lock on the folder: retention (pacs_node/retention.py) removes old files of a
-        series under an exclusive one, so it never takes an instance sent again meanwhile."""
+        folders created on the way are fsynced into their parents too).
+
+        Retention (pacs_node/retention.py) may move a series folder away at any moment: the
+        folder is opened before the rename and synced through that descriptor, which reaches
+        the rename wherever the folder went (retention puts back what was written after its
+        decision); if the path names another folder by then, that one is synced too."""
         path = os.path.join(self.root, rel)
         folder = os.path.dirname(path)
         for attempt in range(3):
@@ -180,17 +182,22 @@ class FileStore:
                 self._make_folders(Path(folder))
                 continue
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH)
                 try:
                     os.replace(tmp, path)
                 except FileNotFoundError:
                     if not os.path.exists(tmp) or attempt == 2:
                         raise
-                    continue  # the folder was removed (empty, by retention) after it was opened
+                    continue  # the folder was moved away after it was opened: make it again
                 os.fsync(fd)
+                try:
+                    moved = os.stat(folder).st_ino != os.fstat(fd).st_ino
+                except FileNotFoundError:
+                    moved = False  # moved away, not made again: the rename went into fd's folder
+                if moved:
+                    fsync_dir(folder)
                 return
             finally:
-                os.close(fd)  # and the lock with it
+                os.close(fd)
         raise FileNotFoundError(f"cannot make folder {folder}")
 
     @staticmethod

@@ -65,7 +65,7 @@ class Series(Base):
     #: the receiver process that last stored an instance (only it knows whether the
     #: association is still open; others complete the series only after a grace period)
     receiver: Mapped[str | None] = mapped_column(String(128), nullable=True)
-    #: receiving -> complete; a late instance reopens the series (generation + 1)
+    #: receiving -> complete (-> purging -> purged, retention); a late instance reopens the series (generation + 1)
     state: Mapped[str] = mapped_column(String(16), default="receiving", index=True)
     generation: Mapped[int] = mapped_column(Integer, default=1)
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
@@ -74,6 +74,9 @@ class Series(Base):
     last_received_at: Mapped[dt.datetime] = mapped_column(DateTime, default=utcnow)
     completed_at: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
     completed_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    #: retention (pacs_node/retention.py): files older than this were deleted, or are being
+    #: (state purging); set when a purge begins and kept when the series is sent again
+    purge_cutoff: Mapped[dt.datetime | None] = mapped_column(DateTime, nullable=True)
 
 
 class Instance(Base):

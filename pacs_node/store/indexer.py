@@ -15,6 +15,7 @@ WAL fsync). The files are the record; the index is derived from them:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import logging
@@ -163,34 +164,24 @@ def index_missing_files(ingest: Ingest) -> int:
     root = files.root / "instances"
     on_disk: dict[str, list[Path]] = {}
     for study_dir in root.iterdir() if root.is_dir() else ():
-        if not study_dir.is_dir():
-            continue
-        for series_dir in study_dir.iterdir():
-            if series_dir.is_dir():
-                found = [p for p in series_dir.iterdir() if p.suffix == ".dcm" and not p.name.endswith(TEMP_SUFFIX)]
-                on_disk.setdefault(series_dir.name, []).extend(found)
+        # retention may move a folder away meanwhile (this also runs on a live node)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            for series_dir in study_dir.iterdir():
+                with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                    found = [p for p in series_dir.iterdir() if p.suffix == ".dcm" and not p.name.endswith(TEMP_SUFFIX)]
+                    on_disk.setdefault(series_dir.name, []).extend(found)
     if not on_disk:
         return 0
     known_series = {row.series_uid: row for row in ingest.db.run(lambda s: list(s.execute(
         select(Series.series_uid, Series.instance_count, Series.state, Series.last_received_at))))}
     entries: list[Entry] = []
-    removed = purged = 0
+    removed = 0
     for series_uid, paths in on_disk.items():
         series = known_series.get(series_uid)
         if series is not None and series.instance_count == len(paths):
             continue
-        if series is not None and series.state == "purged":
-            # retention removed the series from the index, then the node stopped before all of
-            # its files were gone: those files are from before its last instance (purged days
-            # after it); a file written since is an instance sent again and is indexed below
-            limit = series.last_received_at.replace(tzinfo=dt.timezone.utc).timestamp() + 60
-            for path in list(paths):
-                if path.stat().st_mtime <= limit:
-                    path.unlink(missing_ok=True)
-                    paths.remove(path)
-                    purged += 1
-            if not paths:
-                continue
+        if series is not None and series.state == "purging":
+            continue  # retention is moving its files away (pacs_node/retention.py); it puts back newer ones
         known = set(ingest.db.run(lambda s, uid=series_uid: list(s.execute(
             select(Instance.path).join(Series, Series.id == Instance.series_id)
             .where(Series.series_uid == uid)).scalars())))
@@ -226,7 +217,4 @@ def index_missing_files(ingest: Ingest) -> int:
     if entries or removed:
         log.warning("indexed %d instance file(s) that were stored but not yet indexed when the node stopped; "
                     "removed %d file(s) of instances that had moved", len(entries), removed)
-    if purged:
-        log.warning("removed %d instance file(s) of series that retention had removed from the index before the "
-                    "node stopped", purged)
     return len(entries)

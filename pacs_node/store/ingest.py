@@ -20,7 +20,7 @@ from sqlalchemy import case, insert, select, update
 from sqlalchemy.orm import Session
 
 from ..errors import InvalidInstance
-from .files import FileStore, check_uid, write_atomic
+from .files import FileStore, check_uid
 from .index import Database, Instance, Patient, Series, Study, patient_key, utcnow
 
 log = logging.getLogger(__name__)
@@ -103,12 +103,18 @@ class Ingest:
               affected_sop_uid: str | None = None) -> Stored:
         """Write and index ``encoded`` (the whole DICOM file); raise InvalidInstance or OutOfResources."""
         entry = self.entry(ds, len(encoded), calling_ae, transfer_syntax, affected_sop_uid)
-        try:
-            write_atomic(self.files.absolute(entry.rel), encoded)
+        tmp = None
+        try:  # as the DIMSE path does: a synced temp file, renamed into place (FileStore.place)
+            tmp = self.files.write_temp((encoded,))
+            self.files.place(tmp, entry.rel)
+            tmp = None
         except OSError as exc:
             if out_of_resources(exc):
                 raise OutOfResources(f"cannot write instance: {exc.strerror}") from exc
             raise
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
         previous = self.index([entry])[0]
         return Stored(entry.sop_uid, entry.series_uid, entry.study_uid, previous is not None)
 
@@ -173,9 +179,11 @@ class Ingest:
                     changes[e.series_uid].update(state="receiving", generation=series_t.c.generation + 1,
                                                  first_received_at=e.received_at, completed_at=None,
                                                  completed_by=None)
+        # row locks (PostgreSQL) here too: retention deletes a purged series' instance rows, and
+        # an instance moving to another series must not be updated after its row is gone
         found = {r.sop_uid: r for r in session.execute(
             select(instance_t.c.id, instance_t.c.series_id, instance_t.c.path, instance_t.c.sop_uid)
-            .where(instance_t.c.sop_uid.in_(sorted({e.sop_uid for e in entries}))))}
+            .where(instance_t.c.sop_uid.in_(sorted({e.sop_uid for e in entries}))).with_for_update())}
         previous: list[str | None] = []
         orphans: list[str] = []
         last: dict[str, Entry] = {}  # an SOP Instance UID twice in one batch: the later one wins
