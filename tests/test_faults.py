@@ -191,23 +191,11 @@ def test_disk_full_in_ingest_is_out_of_resources(tmp_path, monkeypatch):
     ds = pydicom.dcmread(src)
     ingest = Ingest(Database(f"sqlite:///{tmp_path / 'x.db'}"), FileStore(tmp_path / "storage"))
 
-    real_open = open
+    def full(fd, buffers):  # type: ignore[no-untyped-def]
+        raise OSError(errno.ENOSPC, "No space left on device")
 
-    class FullFile:
-        def __init__(self, fh):  # type: ignore[no-untyped-def]
-            self.fh = fh
-
-        def __enter__(self):  # type: ignore[no-untyped-def]
-            return self
-
-        def __exit__(self, *exc):  # type: ignore[no-untyped-def]
-            self.fh.close()
-
-        def write(self, data):  # type: ignore[no-untyped-def]
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(files_mod, "open", lambda p, mode="r", *a, **k: FullFile(real_open(p, mode, *a, **k)),
-                        raising=False)
+    # the temp file's one synced write (FileStore.write_temp), as DIMSE and STOW-RS both store
+    monkeypatch.setattr(files_mod.os, "writev", full)
     with pytest.raises(OutOfResources):
         ingest.store(ds, src.read_bytes(), SCU, ExplicitVRLittleEndian)
     assert not list((tmp_path / "storage").rglob("*.partial"))
