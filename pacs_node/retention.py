@@ -6,28 +6,31 @@ queued, running or sending. The database keeps the series row (state ``purged``,
 its jobs and deliveries as history, and an audit row (``series-purged``: UIDs and counts, no
 patient data). A series sent again later is received as a new generation and processed again.
 
-No acknowledged instance is deleted by mistake. A purge is three steps:
+No acknowledged instance is deleted by mistake. One process of a cluster purges at a time
+(PostgreSQL: an advisory lock; SQLite: one node per database). A purge is three steps:
 
-1. one transaction: the series row is locked (PostgreSQL skips a series another node is
-   purging) and checked again, its instance rows are deleted, its state becomes ``purging``
-   and ``purge_cutoff`` records the cutoff;
+1. one transaction: the series row is locked and checked again, its instance rows are deleted,
+   its state becomes ``purging`` and ``purge_cutoff`` records the cutoff; from then on the
+   index never takes a file of that series written before the cutoff again
+   (``Ingest._index``), whoever finds it (``index_missing_files`` at a receiver's restart);
 2. the series folder and its jobs' result folders are *renamed* into ``storage/purging/<cutoff>-
-   <study>-<series>-<random>/`` (one atomic step per folder: a rename into the series folder
-   lands either before it, and moves with it, or after it, in a new folder); instance files
-   written after the cutoff (sent again meanwhile, acknowledged) are linked back into the
-   series folder and synced; then the moved folder is deleted;
+   <study>-<series>-<random>/`` (one atomic step each, synced); instance files written after
+   the cutoff (sent again meanwhile, acknowledged) are linked back into the series folder and
+   synced, the others deleted, file by file, until the moved folder is empty (a rename that
+   resolved the folder before the move can still land in it); then it is removed;
 3. one transaction: ``purging`` becomes ``purged`` unless an instance sent again has reopened
    the series meanwhile (then it is ``receiving``, a new generation).
 
-A stop at any point is finished at the next start (``finish_interrupted``) before the node
-indexes files or receives: series still ``purging`` go through steps 2 and 3, folders left under
-``purging/`` have their newer files put back (the cutoff is in their name) and are deleted.
+A stop or an error anywhere is finished by the next pass, or at the next start before the node
+indexes files or receives (``finish_interrupted``): series still ``purging`` go through steps 2
+and 3, folders left under ``purging/`` are emptied the same way (the cutoff is in their name).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import logging
 import os
 import shutil
@@ -35,8 +38,9 @@ import threading
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
-from sqlalchemy import delete, exists, select, update
+from sqlalchemy import delete, exists, select, text, update
 from sqlalchemy.orm import Session
 
 from . import audit, metrics
@@ -73,26 +77,58 @@ class _Doomed:
 
 
 def sweep(db: Database, files: FileStore, days: float, now: dt.datetime | None = None, batch: int = 200) -> Purged:
-    """Remove what retention says may go; ``days`` <= 0 removes nothing."""
+    """Remove what retention says may go; ``days`` <= 0 removes nothing. One process of a
+    cluster at a time (``_exclusive``); it first finishes purges a stop cut short."""
     total = Purged()
     if days <= 0:
         return total
     cutoff = (now or utcnow()) - dt.timedelta(days=days)
-    while True:
-        candidates = db.run(lambda s: list(s.execute(
-            select(Series.id).where(Series.state == "complete", Series.last_received_at < cutoff,
-                                    ~exists().where(Job.series_id == Series.id, Job.state.in_(ACTIVE)))
-            .order_by(Series.last_received_at).limit(batch)).scalars()))
-        progress = 0
-        for series_id in candidates:
-            doomed = db.run(lambda s, sid=series_id: _begin(s, sid, cutoff, db.is_sqlite))
-            if doomed is None:  # changed meanwhile, or another node has it
-                continue
-            progress += 1
-            _remove_files(files, doomed, total)
-            db.run(lambda s, d=doomed: _end(s, d, f"retention {days:g} days"))
-        if len(candidates) < batch or not progress:
+    with _exclusive(db) as mine:
+        if not mine:
             return total
+        _finish(db, files, total)
+        while True:
+            candidates = db.run(lambda s: list(s.execute(
+                select(Series.id).where(Series.state == "complete", Series.last_received_at < cutoff,
+                                        ~exists().where(Job.series_id == Series.id, Job.state.in_(ACTIVE)))
+                .order_by(Series.last_received_at).limit(batch)).scalars()))
+            progress = 0
+            for series_id in candidates:
+                doomed = db.run(lambda s, sid=series_id: _begin(s, sid, cutoff, db.is_sqlite))
+                if doomed is None:  # changed meanwhile
+                    continue
+                progress += 1
+                try:
+                    _remove_files(files, doomed, total)
+                except OSError:  # the series stays 'purging': the next pass (or start) finishes it
+                    log.exception("retention: could not remove the files of series %s; trying again later",
+                                  doomed.series_uid)
+                    continue
+                db.run(lambda s, d=doomed: _end(s, d, f"retention {days:g} days"))
+            if len(candidates) < batch or not progress:
+                return total
+
+
+#: the PostgreSQL advisory lock that makes one process of a cluster the one that purges
+_LOCK_KEY = 0x7061637352  # "pacsR"
+
+
+@contextlib.contextmanager
+def _exclusive(db: Database) -> Iterator[bool]:
+    """True while this process may purge: always with SQLite (one node per database); with
+    PostgreSQL while it holds the advisory lock (another node purging: False)."""
+    if db.is_sqlite:
+        yield True
+        return
+    with db.engine.connect() as conn:
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": _LOCK_KEY}).scalar())
+        conn.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": _LOCK_KEY})
+                conn.commit()
 
 
 def _begin(session: Session, series_id: int, cutoff: dt.datetime, sqlite: bool) -> _Doomed | None:
@@ -142,10 +178,13 @@ def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
     series_dir = files.root / "instances" / doomed.study_uid / doomed.series_uid
     with contextlib.suppress(FileNotFoundError):
         os.rename(series_dir, trash / "instances")
+        fsync_dir(series_dir.parent)
     for job_id in doomed.job_ids:
         with contextlib.suppress(FileNotFoundError):
             os.rename(files.result_dir(job_id), trash / f"result-{job_id}")
             total.result_folders += 1
+    fsync_dir(trash)
+    fsync_dir(files.root / "results")
     _empty_trash(files, trash, total)
     _remove_empty(series_dir.parent, files.root / "instances")
     total.series += 1
@@ -153,36 +192,62 @@ def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
 
 def _empty_trash(files: FileStore, trash: Path, total: Purged) -> None:
     """Put back, from a folder under purging/, the instance files written after its cutoff;
-    delete the folder."""
+    delete the rest and the folder. A rename into the moved series folder can still land in it
+    while this runs (resolved before the move): the folder is listed again until it is empty."""
     cutoff_ts, study_uid, series_uid, _ = trash.name.split("-")
     limit = float(cutoff_ts)
     moved = trash / "instances"
+    series_dir = files.root / "instances" / study_uid / series_uid
     kept = 0
-    if moved.is_dir():
-        series_dir = files.root / "instances" / study_uid / series_uid
+    while moved.is_dir():
         for path in sorted(moved.iterdir()):
             info = path.stat()
-            if path.suffix != ".dcm" or info.st_mtime < limit:
+            if path.suffix == ".dcm" and info.st_mtime >= limit:
+                # an instance of the series sent again after the cutoff (acknowledged): back it goes
+                _put_back(path, series_dir)
+                kept += 1
+            else:
                 total.instances += 1
                 total.bytes += info.st_size
-                continue
-            # an instance of the series sent again after the cutoff (acknowledged): back it goes
-            series_dir.mkdir(parents=True, exist_ok=True)
-            try:
-                os.link(path, series_dir / path.name)
-            except FileExistsError:
-                pass  # a newer copy arrived since; that one is indexed
-            kept += 1
-        if kept:
-            fsync_dir(series_dir)
-            fsync_dir(series_dir.parent)
-            fsync_dir(series_dir.parent.parent)
-            log.warning("retention: series %s: %d instance file(s) were sent again while it was removed; kept",
-                        series_uid, kept)
+            path.unlink()
+        try:
+            moved.rmdir()
+        except OSError as exc:
+            if exc.errno != errno.ENOTEMPTY:
+                raise
+    if kept:
+        log.warning("retention: series %s: %d instance file(s) were sent again while it was removed; kept",
+                    series_uid, kept)
     total.kept += kept
     for folder in trash.glob("result-*"):
         total.bytes += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    shutil.rmtree(trash)
+        shutil.rmtree(folder)
+    trash.rmdir()
+
+
+def _put_back(path: Path, series_dir: Path) -> None:
+    """Link ``path`` into ``series_dir`` (unless a newer copy is there already), durably."""
+    created = []
+    folder = series_dir
+    while not folder.is_dir():
+        created.append(folder)
+        folder = folder.parent
+    for new in reversed(created):
+        new.mkdir(exist_ok=True)
+    for new in created:
+        fsync_dir(new.parent)
+    target = series_dir / path.name
+    try:
+        os.link(path, target)
+    except FileExistsError:
+        return  # a newer copy arrived since; that one is indexed
+    except OSError:  # no hard links on this file system
+        if target.exists():
+            return
+        shutil.copy2(path, target)
+        with open(target, "rb") as fh:
+            os.fsync(fh.fileno())
+    fsync_dir(series_dir)
 
 
 def _remove_empty(folder: Path, top: Path) -> None:
@@ -196,21 +261,39 @@ def _remove_empty(folder: Path, top: Path) -> None:
         folder = folder.parent
 
 
-def finish_interrupted(db: Database, files: FileStore) -> int:
-    """At start, before files are indexed or received: finish purges a stop cut short."""
-    total = Purged()
+def _finish(db: Database, files: FileStore, total: Purged) -> int:
+    """Finish purges a stop cut short: series still 'purging' go through steps 2 and 3, folders
+    left under purging/ are emptied (newer files put back). Errors are logged per item."""
     pending = db.run(lambda s: [_doomed(s, series) for series in
                                 s.execute(select(Series).where(Series.state == "purging")).scalars()])
+    finished = 0
     for doomed in pending:
-        _remove_files(files, doomed, total)
-    for trash in sorted((files.root / PURGING_DIR).glob("*-*-*-*")) if (files.root / PURGING_DIR).is_dir() else ():
-        _empty_trash(files, trash, total)
-    for doomed in pending:
-        db.run(lambda s, d=doomed: _end(s, d, "retention, finished after a restart"))
-    if pending or total.instances or total.kept:
+        try:
+            _remove_files(files, doomed, total)
+        except OSError:
+            log.exception("retention: could not finish removing series %s", doomed.series_uid)
+            continue
+        db.run(lambda s, d=doomed: _end(s, d, "retention, finished after a stop"))
+        finished += 1
+    folder = files.root / PURGING_DIR
+    for trash in sorted(folder.glob("*-*-*-*")) if folder.is_dir() else ():
+        try:
+            _empty_trash(files, trash, total)
+        except OSError:
+            log.exception("retention: could not empty %s", trash)
+    return finished
+
+
+def finish_interrupted(db: Database, files: FileStore) -> int:
+    """At start, before files are indexed or received: finish purges a stop cut short (unless
+    another node of the cluster is purging now: then that node does it)."""
+    total = Purged()
+    with _exclusive(db) as mine:
+        finished = _finish(db, files, total) if mine else 0
+    if finished or total.instances or total.kept:
         log.warning("retention: finished %d removal(s) cut short by a stop: %d instance file(s) deleted, %d kept",
-                    len(pending), total.instances, total.kept)
-    return len(pending)
+                    finished, total.instances, total.kept)
+    return finished
 
 
 class Retention:

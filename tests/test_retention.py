@@ -21,6 +21,7 @@ from pacs_node.store.files import FileStore
 from pacs_node.store.index import AuditEvent, Database, Instance, Job, Series, utcnow
 from pacs_node.store.indexer import index_missing_files
 from pacs_node.store.ingest import Ingest
+from test_postgres import pg_url  # noqa: F401 - fixture (a fresh PostgreSQL database)
 
 DAY = dt.timedelta(days=1)
 
@@ -41,9 +42,10 @@ def _series(ge_head: Path, series_uid: str, count: int) -> list[pydicom.Dataset]
     return out
 
 
-@pytest.fixture
-def store(tmp_path: Path, ge_head: Path):  # type: ignore[no-untyped-def]
-    db = Database(f"sqlite:///{tmp_path / 'node.db'}")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path: Path, ge_head: Path):  # type: ignore[no-untyped-def]
+    url = f"sqlite:///{tmp_path / 'node.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_url")
+    db = Database(url)
     files = FileStore(tmp_path / "storage")
     ingest = Ingest(db, files)
     series = {name: _series(ge_head, uid, 4) for name, uid in
@@ -233,3 +235,23 @@ def test_retention_settings(tmp_path):
         parse({"retention": {"days": -1}}, tmp_path)
     with pytest.raises(ConfigError, match="retention.keep"):
         parse({"retention": {"keep": 3}}, tmp_path)
+
+
+def test_one_node_of_a_cluster_purges_at_a_time(store):
+    """With PostgreSQL, several serve processes share the database and storage: a pass runs only
+    in the process holding retention's advisory lock; the others skip it."""
+    db, files, ingest, series = store
+    if db.is_sqlite:
+        pytest.skip("PostgreSQL only (SQLite: one node per database)")
+    old = series["old"][0].SeriesInstanceUID
+    _age(db, files, old, 10)
+    other = Database(db.url, run_migrations=False)
+    try:
+        with retention._exclusive(other) as mine:
+            assert mine
+            assert sweep(db, files, days=7).series == 0, "purged while another node held the lock"
+            assert retention.finish_interrupted(db, files) == 0
+        assert sweep(db, files, days=7).series == 1
+    finally:
+        other.dispose()
+    assert _state(db, old)[0] == "purged"

@@ -179,7 +179,9 @@ class FileStore:
             try:
                 fd = os.open(folder, os.O_RDONLY)  # the series folder exists but for a series' first instance
             except FileNotFoundError:
-                self._make_folders(Path(folder))
+                # a parent removed meanwhile (an empty study folder, by retention): try again
+                with contextlib.suppress(FileNotFoundError):
+                    self._make_folders(Path(folder))
                 continue
             try:
                 try:

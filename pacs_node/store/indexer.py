@@ -173,15 +173,27 @@ def index_missing_files(ingest: Ingest) -> int:
     if not on_disk:
         return 0
     known_series = {row.series_uid: row for row in ingest.db.run(lambda s: list(s.execute(
-        select(Series.series_uid, Series.instance_count, Series.state, Series.last_received_at))))}
+        select(Series.series_uid, Series.instance_count, Series.state, Series.purge_cutoff))))}
     entries: list[Entry] = []
-    removed = 0
+    removed = purged = 0
     for series_uid, paths in on_disk.items():
         series = known_series.get(series_uid)
         if series is not None and series.instance_count == len(paths):
             continue
-        if series is not None and series.state == "purging":
-            continue  # retention is moving its files away (pacs_node/retention.py); it puts back newer ones
+        if series is not None and series.purge_cutoff is not None:
+            # files from before the series' retention cutoff are retention's (pacs_node/retention.py):
+            # never indexed again; once the series is purged, leftovers (a stop, a file system
+            # that lost the removal) are deleted here
+            limit = series.purge_cutoff.replace(tzinfo=dt.timezone.utc).timestamp()
+            for path in list(paths):
+                with contextlib.suppress(FileNotFoundError):
+                    if path.stat().st_mtime < limit:
+                        paths.remove(path)
+                        if series.state == "purged":
+                            path.unlink()
+                            purged += 1
+            if not paths:
+                continue
         known = set(ingest.db.run(lambda s, uid=series_uid: list(s.execute(
             select(Instance.path).join(Series, Series.id == Instance.series_id)
             .where(Series.series_uid == uid)).scalars())))
@@ -217,4 +229,6 @@ def index_missing_files(ingest: Ingest) -> int:
     if entries or removed:
         log.warning("indexed %d instance file(s) that were stored but not yet indexed when the node stopped; "
                     "removed %d file(s) of instances that had moved", len(entries), removed)
+    if purged:
+        log.warning("removed %d file(s) of series that retention had removed (left by a stop)", purged)
     return len(entries)

@@ -153,8 +153,20 @@ class Ingest:
         # updates; SQLite transactions are serialized already (BEGIN IMMEDIATE)
         series_uids = sorted({e.series_uid for e in entries})
         rows = {r.series_uid: r for r in session.execute(
-            select(series_t.c.id, series_t.c.state, series_t.c.series_uid)
+            select(series_t.c.id, series_t.c.state, series_t.c.series_uid, series_t.c.purge_cutoff)
             .where(series_t.c.series_uid.in_(series_uids)).with_for_update())}
+        # a file written before its series' retention cutoff is one retention removes (found
+        # again by index_missing_files while the removal runs, or left by a stop): never indexed
+        # again; a received instance is always newer (received_at = now)
+        keep = [not (row := rows.get(e.series_uid)) or row.purge_cutoff is None or e.received_at >= row.purge_cutoff
+                for e in entries]
+        if not all(keep):
+            log.warning("not indexed: %d file(s) written before their series' retention cutoff (being removed)",
+                        keep.count(False))
+            kept_previous, kept_orphans = self._index(session, [e for e, k in zip(entries, keep) if k]) \
+                if any(keep) else ([], [])
+            it = iter(kept_previous)
+            return [next(it) if k else None for k in keep], kept_orphans
         series_ids: dict[str, int] = {}
         changes: dict[str, dict] = {}
         for e in entries:
