@@ -255,3 +255,21 @@ def test_one_node_of_a_cluster_purges_at_a_time(store):
     finally:
         other.dispose()
     assert _state(db, old)[0] == "purged"
+
+
+def test_files_from_before_the_cutoff_are_never_indexed_again(store):
+    """While a purge runs, a receiver's restart makes the node index files it does not know:
+    those of the series being purged are older than its cutoff and stay out of the index (they
+    would reopen the series with files about to be deleted); once purged, leftovers are deleted."""
+    db, files, ingest, series = store
+    old = series["old"][0].SeriesInstanceUID
+    _age(db, files, old, 10)
+    doomed = _begin_purge(db, old)
+    assert index_missing_files(ingest) == 0
+    assert _state(db, old) == ("purging", 0, 1)
+    # the purge's file step is lost (e.g. a file system without a journal after a power loss)
+    db.run(lambda s: _end(s, doomed, "test"))
+    left = list((files.root / "instances").rglob(f"{old}/*.dcm"))
+    assert len(left) == 4
+    assert index_missing_files(ingest) == 0
+    assert not any(p.exists() for p in left) and _state(db, old) == ("purged", 0, 1)
