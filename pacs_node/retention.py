@@ -171,7 +171,7 @@ def _timestamp(when: dt.datetime) -> float:
 def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
     """Step 2: move the series folder and its jobs' result folders away, put back what was
     written after the cutoff, delete the rest."""
-    trash = files.root / PURGING_DIR / (f"{int(_timestamp(doomed.cutoff))}-{doomed.study_uid}-{doomed.series_uid}-"
+    trash = files.root / PURGING_DIR / (f"{_timestamp(doomed.cutoff):.6f}-{doomed.study_uid}-{doomed.series_uid}-"
                                         f"{uuid.uuid4().hex[:8]}")
     trash.mkdir(parents=True)
     fsync_dir(trash.parent)
@@ -193,7 +193,8 @@ def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
 def _empty_trash(files: FileStore, trash: Path, total: Purged) -> None:
     """Put back, from a folder under purging/, the instance files written after its cutoff;
     delete the rest and the folder. A rename into the moved series folder can still land in it
-    while this runs (resolved before the move): the folder is listed again until it is empty."""
+    while this runs (resolved before the move): each file is first renamed to a private name
+    (so what is judged is what is acted on) and the folder is listed again until it is empty."""
     cutoff_ts, study_uid, series_uid, _ = trash.name.split("-")
     limit = float(cutoff_ts)
     moved = trash / "instances"
@@ -201,19 +202,21 @@ def _empty_trash(files: FileStore, trash: Path, total: Purged) -> None:
     kept = 0
     while moved.is_dir():
         for path in sorted(moved.iterdir()):
-            info = path.stat()
+            private = trash / f"judged-{uuid.uuid4().hex[:8]}-{path.name}"
+            os.rename(path, private)
+            info = private.stat()
             if path.suffix == ".dcm" and info.st_mtime >= limit:
                 # an instance of the series sent again after the cutoff (acknowledged): back it goes
-                _put_back(path, series_dir)
+                _put_back(private, series_dir / path.name)
                 kept += 1
             else:
                 total.instances += 1
                 total.bytes += info.st_size
-            path.unlink()
+            private.unlink()
         try:
             moved.rmdir()
         except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
                 raise
     if kept:
         log.warning("retention: series %s: %d instance file(s) were sent again while it was removed; kept",
@@ -222,11 +225,17 @@ def _empty_trash(files: FileStore, trash: Path, total: Purged) -> None:
     for folder in trash.glob("result-*"):
         total.bytes += sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         shutil.rmtree(folder)
+    for leftover in trash.glob("judged-*"):  # renamed for judging before a stop: put back if new
+        if leftover.stat().st_mtime >= limit:
+            _put_back(leftover, series_dir / leftover.name.split("-", 2)[2])
+        leftover.unlink()
     trash.rmdir()
 
 
-def _put_back(path: Path, series_dir: Path) -> None:
-    """Link ``path`` into ``series_dir`` (unless a newer copy is there already), durably."""
+def _put_back(path: Path, target: Path) -> None:
+    """Link ``path`` as ``target`` (unless a newer copy is there already), durably. Needs hard
+    links: without them the error leaves the file where it is, for the next pass."""
+    series_dir = target.parent
     created = []
     folder = series_dir
     while not folder.is_dir():
@@ -236,17 +245,10 @@ def _put_back(path: Path, series_dir: Path) -> None:
         new.mkdir(exist_ok=True)
     for new in created:
         fsync_dir(new.parent)
-    target = series_dir / path.name
     try:
         os.link(path, target)
     except FileExistsError:
         return  # a newer copy arrived since; that one is indexed
-    except OSError:  # no hard links on this file system
-        if target.exists():
-            return
-        shutil.copy2(path, target)
-        with open(target, "rb") as fh:
-            os.fsync(fh.fileno())
     fsync_dir(series_dir)
 
 
@@ -279,7 +281,7 @@ def _finish(db: Database, files: FileStore, total: Purged) -> int:
     for trash in sorted(folder.glob("*-*-*-*")) if folder.is_dir() else ():
         try:
             _empty_trash(files, trash, total)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a folder not named by retention
             log.exception("retention: could not empty %s", trash)
     return finished
 

@@ -273,3 +273,9 @@ def test_files_from_before_the_cutoff_are_never_indexed_again(store):
     assert len(left) == 4
     assert index_missing_files(ingest) == 0
     assert not any(p.exists() for p in left) and _state(db, old) == ("purged", 0, 1)
+
+
+def test_a_strange_folder_under_purging_does_not_stop_the_node(store):
+    db, files, _ingest, _series = store
+    (files.root / "purging" / "not-made-by-retention-x").mkdir(parents=True)
+    assert retention.finish_interrupted(db, files) == 0  # logged, not raised

@@ -175,7 +175,7 @@ class FileStore:
         decision); if the path names another folder by then, that one is synced too."""
         path = os.path.join(self.root, rel)
         folder = os.path.dirname(path)
-        for attempt in range(3):
+        for attempt in range(5):
             try:
                 fd = os.open(folder, os.O_RDONLY)  # the series folder exists but for a series' first instance
             except FileNotFoundError:
@@ -187,7 +187,7 @@ class FileStore:
                 try:
                     os.replace(tmp, path)
                 except FileNotFoundError:
-                    if not os.path.exists(tmp) or attempt == 2:
+                    if not os.path.exists(tmp) or attempt == 4:
                         raise
                     continue  # the folder was moved away after it was opened: make it again
                 os.fsync(fd)
