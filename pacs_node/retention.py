@@ -236,15 +236,7 @@ def _put_back(path: Path, target: Path) -> None:
     """Link ``path`` as ``target`` (unless a newer copy is there already), durably. Needs hard
     links: without them the error leaves the file where it is, for the next pass."""
     series_dir = target.parent
-    created = []
-    folder = series_dir
-    while not folder.is_dir():
-        created.append(folder)
-        folder = folder.parent
-    for new in reversed(created):
-        new.mkdir(exist_ok=True)
-    for new in created:
-        fsync_dir(new.parent)
+    FileStore.make_folders(series_dir)
     try:
         os.link(path, target)
     except FileExistsError:

@@ -181,7 +181,7 @@ class FileStore:
             except FileNotFoundError:
                 # a parent removed meanwhile (an empty study folder, by retention): try again
                 with contextlib.suppress(FileNotFoundError):
-                    self._make_folders(Path(folder))
+                    self.make_folders(Path(folder))
                 continue
             try:
                 try:
@@ -203,7 +203,8 @@ class FileStore:
         raise FileNotFoundError(f"cannot make folder {folder}")
 
     @staticmethod
-    def _make_folders(folder: Path) -> None:
+    def make_folders(folder: Path) -> None:
+        """Make ``folder`` and any missing parents, each synced into its parent."""
         created: list[Path] = []
         while not folder.is_dir():
             created.append(folder)
