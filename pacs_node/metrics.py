@@ -94,7 +94,8 @@ def observe_job(job: "JobEnded") -> None:
 
 
 class DatabaseCollector(Collector):
-    """Queue depth per pipeline and state, read from the job table at scrape time; GPU memory."""
+    """Read at scrape time: queue depth per pipeline and state (job table), free space of
+    storage_dir's file system, GPU memory."""
 
     def __init__(self, db: "Database", storage_dir: Path | None = None) -> None:
         self.db = db

@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session
 from . import audit, metrics
 from .config import RetentionSettings
 from .store.files import FileStore, fsync_dir
-from .store.index import Database, Instance, Job, Series, Study, utcnow
+from .store.index import Database, Instance, Job, Series, Study, utc_timestamp, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -164,14 +164,10 @@ def _end(session: Session, doomed: _Doomed, why: str) -> None:
                                                                         "meanwhile and is being received anew"))
 
 
-def _timestamp(when: dt.datetime) -> float:
-    return when.replace(tzinfo=dt.timezone.utc).timestamp()
-
-
 def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
     """Step 2: move the series folder and its jobs' result folders away, put back what was
     written after the cutoff, delete the rest."""
-    trash = files.root / PURGING_DIR / (f"{_timestamp(doomed.cutoff):.6f}-{doomed.study_uid}-{doomed.series_uid}-"
+    trash = files.root / PURGING_DIR / (f"{utc_timestamp(doomed.cutoff):.6f}-{doomed.study_uid}-{doomed.series_uid}-"
                                         f"{uuid.uuid4().hex[:8]}")
     trash.mkdir(parents=True)
     fsync_dir(trash.parent)
@@ -179,12 +175,15 @@ def _remove_files(files: FileStore, doomed: _Doomed, total: Purged) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.rename(series_dir, trash / "instances")
         fsync_dir(series_dir.parent)
+    moved_results = 0
     for job_id in doomed.job_ids:
         with contextlib.suppress(FileNotFoundError):
             os.rename(files.result_dir(job_id), trash / f"result-{job_id}")
-            total.result_folders += 1
+            moved_results += 1
     fsync_dir(trash)
-    fsync_dir(files.root / "results")
+    if moved_results:
+        fsync_dir(files.root / "results")
+    total.result_folders += moved_results
     _empty_trash(files, trash, total)
     _remove_empty(series_dir.parent, files.root / "instances")
     total.series += 1

@@ -38,6 +38,11 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None)
 
 
+def utc_timestamp(when: dt.datetime) -> float:
+    """A naive UTC datetime of the index (utcnow) as seconds since the epoch, as file mtimes are."""
+    return when.replace(tzinfo=dt.timezone.utc).timestamp()
+
+
 class Base(DeclarativeBase):
     pass
 

@@ -29,7 +29,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 
 from .files import TEMP_SUFFIX
-from .index import Instance, Series
+from .index import Instance, Series, utc_timestamp
 from .ingest import Entry, Ingest
 
 log = logging.getLogger(__name__)
@@ -184,7 +184,7 @@ def index_missing_files(ingest: Ingest) -> int:
             # files from before the series' retention cutoff are retention's (pacs_node/retention.py):
             # never indexed again; once the series is purged, leftovers (a stop, a file system
             # that lost the removal) are deleted here
-            limit = series.purge_cutoff.replace(tzinfo=dt.timezone.utc).timestamp()
+            limit = utc_timestamp(series.purge_cutoff)
             for path in list(paths):
                 with contextlib.suppress(FileNotFoundError):
                     if path.stat().st_mtime < limit:
