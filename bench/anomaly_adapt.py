@@ -21,7 +21,8 @@ Two families, each against the served model as it is ("plain"):
   (median filter of S x S canvas pixels).
 Each cell is the mean over the lesion seeds of the eval command's pixel AUROC / AUPRC; "plain"
 also splits its AUROC by lesion kind (hyper- and hypo-intense pixels, each against all normal
-pixels). Split "uih-train" (on request) is the UIH slices that *were* trained on next to the gap
+pixels) and by height in the scored region (upper 60 % and lower 40 %, where a sagittal
+slice's skull base and, unless defaced, face lie). Split "uih-train" (on request) is the UIH slices that *were* trained on next to the gap
 (45..54 and 115..124) with the same synthetic lesions: whether a weakness is generalisation or
 the scanner's contrast.
 """
@@ -113,6 +114,26 @@ def _by_kind(err: torch.Tensor, case: A.EvalCase, normal: np.ndarray) -> tuple[f
     return out[0], out[1]
 
 
+def _by_height(err: torch.Tensor, case: A.EvalCase, split_at: float = 0.6) -> tuple[float, float, float]:
+    """AUROC in the upper ``split_at`` and in the rest of each slice's scored region (0 at its
+    top row, 1 at its bottom row: on a sagittal slice the lower part holds the skull base and, on a
+    scan that was not defaced, the face), and the share of the 10 % highest-scored normal pixels
+    that lie in the lower part."""
+    e, m, t = err[:, 0].numpy(), case.masks, case.truth.astype(bool)
+    height = np.zeros(m.shape, np.float32)
+    rows = np.arange(m.shape[1], dtype=np.float32)[:, None]
+    for i, region in enumerate(m):
+        ys = np.nonzero(region.any(axis=1))[0]
+        if ys.size:
+            height[i] = (rows - ys[0]) / max(1, ys[-1] - ys[0])
+    s, y, h = e[m], t[m], height[m]
+    upper = A.pixel_metrics(s[h < split_at], y[h < split_at]).auroc
+    lower = A.pixel_metrics(s[h >= split_at], y[h >= split_at]).auroc
+    normal = ~y
+    top = s[normal] > np.quantile(s[normal], 0.9)
+    return upper, lower, float((h[normal][top] >= split_at).mean())
+
+
 def uih_train_slices(data: Path, cfg) -> np.ndarray:
     """UIH slices that the served model was trained on, next to the gap slices (45..54, 115..124)."""
     vol, arr = A.load_normal_volume(A.HOLDOUT_SERIES, data, cfg)
@@ -150,6 +171,7 @@ def main() -> int:
     for split in splits:
         normal = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
         kinds: list[tuple[float, float]] = []
+        heights: list[tuple[float, float, float]] = []
         cells: dict[str, list[tuple[float, float]]] = {}
         seconds: dict[str, float] = {}
         for seed in seeds:
@@ -158,6 +180,7 @@ def main() -> int:
             plain = _plain_scores(net, cfg, x)
             cells.setdefault("plain", []).append(_metrics(plain, case))
             kinds.append(_by_kind(plain, case, normal))
+            heights.append(_by_height(plain, case))
             if fuse:
                 prob = _plain_scores(net, replace(cfg, baseline_weight=0.0), x)
                 z_abs, z_pos = A.intensity_baseline(x, cfg), _bright_z(x, cfg)
@@ -188,6 +211,9 @@ def main() -> int:
             print(f"{name:14} {mean[0]:7.4f} {mean[1]:7.4f}   {' '.join(f'{v[0]:.3f}' for v in vals)}{extra}")
         hyper, hypo = np.mean(kinds, axis=0)
         print(f"plain, by lesion kind: AUROC hyper-intense {hyper:.4f}, hypo-intense {hypo:.4f}")
+        upper, lower, top_low = np.mean(heights, axis=0)
+        print(f"plain, by height in the scored region: AUROC upper 60 % {upper:.4f}, lower 40 % {lower:.4f}; "
+              f"{100 * top_low:.0f} % of the top-10 % normal scores lie in the lower 40 %")
     return 0
 
 

@@ -156,6 +156,39 @@ def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
     assert float(err[0, 0, 0, 0]) == 0.0  # outside the head: masked
 
 
+def test_uih_share_sets_the_sampling_weights_per_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--uih-share F: F of the training draws from the UIH slices, the rest from the others; refused
+    outside [0, 1] or when the source it draws from has no slices."""
+    import pacs_node.ml.anomaly_mr as anomaly_mr
+
+    heads, _ = _synthetic_heads(tmp_path, seed=5)
+    cache = tmp_path / "mixed.npz"
+    np.savez(cache, images=heads.astype(np.float16), sources=np.array(["uih"] * 2 + ["studyforrest"] * 4))
+    seen: list[np.ndarray] = []
+    real_train = anomaly_mr.train
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["sample_weights"])
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(anomaly_mr, "train", spy)
+    small = ["--data", str(tmp_path), "--cache", str(cache), "--steps", "1", "--batch", "2", "--crop", "64",
+             "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4"]
+    out = tmp_path / "share.safetensors"
+    assert train_main([*small, "--uih-share", "0.75", "--out", str(out)]) == 0
+    weights = seen[-1]
+    assert weights[:2].sum() == pytest.approx(0.75) and weights[2:].sum() == pytest.approx(0.25)
+    assert load_model(out)[1].extra["uih_share"] == 0.75
+    assert train_main([*small, "--uih-share", "1", "--out", str(out)]) == 0
+    assert list(seen[-1][2:]) == [0.0] * 4
+    for bad in ("1.5", "-0.1"):
+        with pytest.raises(SystemExit):
+            train_main([*small, "--uih-share", bad, "--out", str(out)])
+    np.savez(cache, images=heads.astype(np.float16), sources=np.array(["studyforrest"] * 6))
+    with pytest.raises(SystemExit):
+        train_main([*small, "--uih-share", "0.5", "--out", str(out)])
+
+
 def test_ensemble_averages_its_members_probabilities_and_round_trips(tmp_path: Path) -> None:
     """--members 2 trains two networks (seeds s, s + 1) into one file; --combine-members makes the
     same kind of file from single ones. The ensemble's probability is the mean of its members'."""

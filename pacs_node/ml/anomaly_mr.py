@@ -480,6 +480,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--calibrate-slices", type=int, default=256)
     p.add_argument("--balance-sources", action=argparse.BooleanOptionalAction, default=False,
                    help="draw each training series equally often (default: each slice equally often)")
+    p.add_argument("--uih-share", type=float, default=None,
+                   help="fraction of training draws from the UIH slices, the rest from the others (1: UIH only; "
+                        "overrides --balance-sources; a probe of whether the UIH scanner's weakness is exposure)")
     p.add_argument("--acquisition", action=argparse.BooleanOptionalAction, default=False,
                    help="recon-disc: blur / resolution / noise applied after the training anomalies")
     p.add_argument("--elastic", type=float, default=0.0,
@@ -525,7 +528,7 @@ def train_main(argv: list[str]) -> int:
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
                                      "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                                      "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                                     "members", "baseline_weight"}
+                                     "members", "baseline_weight", "uih_share"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -583,7 +586,14 @@ def train_main(argv: list[str]) -> int:
     print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
     weights = None
-    if args.balance_sources:  # each slice weighted by 1 / (slices of its series)
+    if args.uih_share is not None:
+        src = np.array(sset.sources[: len(images)])
+        n_uih, n_other = int((src == "uih").sum()), int((src != "uih").sum())
+        if not 0.0 <= args.uih_share <= 1.0 or (args.uih_share > 0 and n_uih == 0) or (args.uih_share < 1 and n_other == 0):
+            p.error(f"--uih-share {args.uih_share}: must be in [0, 1], with slices of each source it draws from "
+                    f"(UIH: {n_uih}, others: {n_other})")
+        weights = np.where(src == "uih", args.uih_share / max(n_uih, 1), (1.0 - args.uih_share) / max(n_other, 1))
+    elif args.balance_sources:  # each slice weighted by 1 / (slices of its series)
         _, series_of, counts = np.unique(sset.sources[: len(images)], return_inverse=True, return_counts=True)
         weights = 1.0 / counts[series_of]
     nets = []
@@ -603,7 +613,7 @@ def train_main(argv: list[str]) -> int:
     cfg.error_scale = 1.0 if cfg.arch == "recon-disc" else calibrate(net, images, cfg, count=args.calibrate_slices)
     cfg.extra = {"init": str(args.init.name) if args.init else None, "steps": args.steps, "batch": args.batch, "lr": args.lr,
                  "crop": args.crop, "beta": args.beta, "seed": args.seed, "threads": args.threads,
-                 "balance_sources": args.balance_sources, "acquisition": args.acquisition,
+                 "balance_sources": args.balance_sources, "uih_share": args.uih_share, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
