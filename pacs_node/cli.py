@@ -217,6 +217,21 @@ def cmd_models(args: argparse.Namespace) -> int:
     return int(entry(list(args.rest)) or 0)
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    from .check import run_checks
+
+    settings = _settings(args)
+    logs.setup("WARNING")  # the findings are the output; library chatter is not
+    logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a peer that is down is a finding, not a traceback
+    failed = warned = 0
+    for finding in run_checks(settings, echo=not args.no_echo, pipelines=not args.no_pipelines):
+        print(f"{finding.level:<5} {finding.what:<15} {finding.detail}", flush=True)
+        failed += finding.level == "FAIL"
+        warned += finding.level == "warn"
+    print(f"{failed} problem(s), {warned} warning(s)" if failed or warned else "all checks passed")
+    return 1 if failed else 0
+
+
 def cmd_pipelines(args: argparse.Namespace) -> int:
     from .pipelines import available
 
@@ -281,6 +296,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("name")
         p.add_argument("rest", nargs=argparse.REMAINDER)
         p.set_defaults(fn=cmd_models)
+
+    p = with_config(sub.add_parser("check", help="check storage, database, ports, TLS, the rules' models and "
+                                                 "the peers (C-ECHO) without starting the node; exit 1 on a failure"))
+    p.add_argument("--no-echo", action="store_true", help="do not C-ECHO the peers")
+    p.add_argument("--no-pipelines", action="store_true", help="do not load the rules' pipelines (models)")
+    p.set_defaults(fn=cmd_check)
 
     p = sub.add_parser("pipelines", help="list pipeline names usable in rules")
     p.set_defaults(fn=cmd_pipelines)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 import urllib.parse
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -37,36 +36,9 @@ HERE = Path(__file__).parent
 
 def echo(node: "Node", peer) -> tuple[bool, str]:  # type: ignore[no-untyped-def]
     """C-ECHO the peer (over TLS when it is a TLS peer); (success, what happened)."""
-    from pynetdicom import AE
-    from pynetdicom.sop_class import Verification
+    from ..net.echo import echo_peer
 
-    if not peer.host or not peer.port:
-        return False, f"peer {peer.name} has no host and port to call"
-    ae = AE(ae_title=node.settings.node.ae_title)
-    timeout = min(node.settings.send.timeout_seconds, 10.0)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(Verification)
-    tls_args = None
-    if getattr(peer, "tls", False):
-        from ..net.tls import context_for_peer
-
-        context = context_for_peer(node.settings.tls, peer)
-        tls_args = (context, peer.host) if context is not None else None
-    t0 = time.perf_counter()
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
-    if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-        return False, f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: association failed ({why})"
-    try:
-        status = assoc.send_c_echo()
-    finally:
-        if assoc.is_established:
-            assoc.release()
-    ms = (time.perf_counter() - t0) * 1000
-    code = int(status.Status) if status and "Status" in status else None
-    if code == 0:
-        return True, f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: success in {ms:.0f} ms"
-    return False, f"C-ECHO {peer.ae_title}@{peer.host}:{peer.port}: status {code if code is None else hex(code)}"
+    return echo_peer(node.settings, peer)
 
 
 def _fmt_ms(value: float | None) -> str:

@@ -1,0 +1,247 @@
+"""`pacs-node check`: what the node needs, checked without starting it.
+
+Run it after editing the configuration, before restarting the service, or at 3 a.m. when
+results stop arriving: each line names one thing (storage, database, a port, a pipeline's
+model, a peer) and says ``ok``, ``warn`` (the node runs, but look at it) or ``FAIL`` (the node
+will not start, or that part will not work). Exit status 0 when nothing failed, 1 otherwise.
+It changes nothing: no database is created or upgraded, no file is left behind.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import socket
+import ssl
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Iterator
+
+from .config import Settings
+
+#: free space under which storage gets a warning (the node refuses instances, status 0xA700,
+#: when a write fails for lack of space)
+LOW_FREE_BYTES = 5 * 1024 ** 3
+#: a certificate that expires within this many days gets a warning
+CERT_WARN_DAYS = 30
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: str  # "ok", "warn" or "FAIL"
+    what: str
+    detail: str
+
+
+def _storage(settings: Settings) -> Iterator[Finding]:
+    root = Path(settings.node.storage_dir)
+    existing = root
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if root.exists() and not root.is_dir():
+        yield Finding("FAIL", "storage", f"{root} exists and is not a folder")
+        return
+    if not root.exists():
+        if not os.access(existing, os.W_OK | os.X_OK):
+            yield Finding("FAIL", "storage", f"{root} does not exist and {existing} is not writable to create it")
+            return
+        where = existing
+        note = f"{root} does not exist yet (created at start)"
+    else:
+        where = root
+        try:
+            fd, name = tempfile.mkstemp(prefix=".pacs-node-check-", dir=root)
+            try:
+                os.write(fd, b"pacs-node check\n")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+                os.unlink(name)
+        except OSError as exc:
+            yield Finding("FAIL", "storage", f"{root}: cannot write a file: {exc.strerror or exc}")
+            return
+        note = f"{root} writable"
+    usage = shutil.disk_usage(where)
+    free = f"{usage.free / 1024 ** 3:.1f} GiB free ({100 * usage.free / max(usage.total, 1):.0f} %)"
+    keep = (f"series kept {settings.retention.days:g} days" if settings.retention.days > 0
+            else "retention off: nothing is ever deleted")
+    if usage.free < LOW_FREE_BYTES:
+        yield Finding("warn", "storage", f"{note}, only {free}: instances are refused (0xA700) when the disk "
+                                         f"is full; {keep}")
+    else:
+        yield Finding("ok", "storage", f"{note}, {free}; {keep}")
+
+
+def _database(settings: Settings) -> Iterator[Finding]:
+    from alembic.config import Config
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+    from sqlalchemy import create_engine
+    from sqlalchemy.engine import make_url
+
+    url = settings.node.database_url
+    shown = make_url(url).render_as_string(hide_password=True)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "store" / "migrations"))
+    script = ScriptDirectory.from_config(cfg)
+    head = script.get_current_head()
+    if url.startswith("sqlite"):
+        path = url.split("sqlite:///", 1)[-1]
+        if path and path != ":memory:" and not Path(path).exists():
+            folder = Path(path).parent
+            while not folder.exists() and folder != folder.parent:
+                folder = folder.parent
+            if not os.access(folder, os.W_OK | os.X_OK):
+                yield Finding("FAIL", "database", f"{shown}: does not exist and {folder} is not writable to create it")
+            else:
+                yield Finding("ok", "database", f"{shown}: does not exist yet (created at start, schema {head})")
+            return
+    engine = create_engine(url, pool_pre_ping=True)
+    try:
+        with engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+    except Exception as exc:  # noqa: BLE001 - any driver error is the finding
+        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+        yield Finding("FAIL", "database", f"{shown}: cannot connect: {reason}")
+        return
+    finally:
+        engine.dispose()
+    known = {rev.revision for rev in script.walk_revisions()}
+    if current == head:
+        yield Finding("ok", "database", f"{shown}: schema {current} (current)")
+    elif current is None:
+        yield Finding("ok", "database", f"{shown}: empty (the schema {head} is created at start)")
+    elif current not in known:
+        yield Finding("FAIL", "database", f"{shown}: schema {current} is not one this pacs-node knows (newer "
+                                          f"version?); this version's latest is {head}")
+    else:
+        yield Finding("warn", "database", f"{shown}: schema {current}, upgraded to {head} at start (back it up first)")
+
+
+def _ports(settings: Settings) -> Iterator[Finding]:
+    """Each listening port: free, or held by a node that already runs (it answers C-ECHO with our
+    AE title on the DICOM port), or held by something else (the node cannot start)."""
+    ports = [("DICOM port", settings.node.host, settings.node.port)]
+    if settings.tls.port is not None:
+        ports.append(("DICOM TLS port", settings.node.host, int(settings.tls.port)))
+    if settings.http.enabled:
+        ports.append(("HTTP port", settings.http.host, settings.http.port))
+    running: str | None = None
+    for what, host, port in ports:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((host, port))
+            except OSError as exc:
+                failure = exc
+            else:
+                yield Finding("ok", what, f"{host}:{port} free to listen on")
+                continue
+        if failure.errno == errno.EADDRINUSE:
+            if running is None:
+                running = _dicom_answer(settings, settings.node.port)
+            if running:
+                yield Finding("warn", what, f"{host}:{port} in use, and a DICOM application on port "
+                                            f"{settings.node.port} {running} (this node already running?)")
+            else:
+                yield Finding("FAIL", what, f"{host}:{port} in use by another process: the node cannot listen there")
+        elif failure.errno in (errno.EACCES, errno.EPERM):
+            yield Finding("FAIL", what, f"{host}:{port}: no permission to listen (ports below 1024 need root or "
+                                        f"CAP_NET_BIND_SERVICE)")
+        else:
+            yield Finding("FAIL", what, f"{host}:{port}: cannot listen: {failure.strerror or failure}")
+
+
+def _dicom_answer(settings: Settings, port: int) -> str:
+    """How a DICOM application on ``port`` of this host answers our C-ECHO ('' if none does)."""
+    from .config import Peer
+    from .net.echo import echo_peer
+
+    me = Peer(name="self", ae_title=settings.node.ae_title, host="127.0.0.1", port=port)
+    ok, message = echo_peer(settings, me, timeout=3.0)
+    if ok:
+        return f"answers C-ECHO to {settings.node.ae_title}"
+    # a running node rejects its own AE title as a caller unless it is a configured peer
+    return "rejects an association from us" if "(rejected)" in message else ""
+
+
+def _not_after(path: Path) -> datetime | None:
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]  # the stdlib's PEM reader
+    except (AttributeError, ssl.SSLError, OSError):
+        return None
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), tz=timezone.utc)
+
+
+def _tls(settings: Settings) -> Iterator[Finding]:
+    tls = settings.tls
+    if tls.certificate is None:
+        return
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls.certificate), str(tls.private_key))
+    except (ssl.SSLError, OSError) as exc:
+        yield Finding("FAIL", "TLS", f"{tls.certificate} with {tls.private_key}: {exc.strerror or exc} (does the "
+                                     f"key belong to the certificate?)")
+        return
+    end = _not_after(tls.certificate)
+    if end is None:
+        yield Finding("ok", "TLS", f"{tls.certificate}: certificate and key load (expiry not read)")
+        return
+    days = (end - datetime.now(timezone.utc)).total_seconds() / 86400
+    when = end.strftime("%Y-%m-%d %H:%M UTC")
+    if days < 0:
+        yield Finding("FAIL", "TLS", f"{tls.certificate} expired on {when}: peers refuse the handshake")
+    elif days < CERT_WARN_DAYS:
+        yield Finding("warn", "TLS", f"{tls.certificate} expires on {when}, in {days:.0f} days")
+    else:
+        yield Finding("ok", "TLS", f"{tls.certificate}: certificate and key load, valid until {when}")
+
+
+def _pipelines(settings: Settings) -> Iterator[Finding]:
+    from .pipelines import get_pipeline
+
+    used: dict[str, list[str]] = {}
+    for rule in settings.rules:
+        used.setdefault(rule.pipeline, []).append(rule.name)
+    for name, rules in used.items():
+        started = time.monotonic()
+        which = f"{name} (rule{'s' if len(rules) > 1 else ''} {', '.join(rules)})"
+        try:
+            get_pipeline(name)
+        except Exception as exc:  # noqa: BLE001 - the reason is the finding
+            yield Finding("FAIL", "pipeline", f"{which}: cannot be loaded: {exc}")
+            continue
+        yield Finding("ok", "pipeline", f"{which}: loaded in {time.monotonic() - started:.1f} s")
+
+
+def _peers(settings: Settings) -> Iterator[Finding]:
+    from .net.echo import echo_peer
+
+    for peer in settings.peers:
+        if not peer.host or not peer.port:
+            continue  # a sender only: nothing to call
+        ok, message = echo_peer(settings, peer)
+        yield Finding("ok" if ok else "FAIL", "peer", f"{peer.name}: {message}")
+
+
+def run_checks(settings: Settings, echo: bool = True, pipelines: bool = True) -> Iterator[Finding]:
+    """Every finding, in order: configuration, storage, database, ports, TLS, pipelines, peers."""
+    yield Finding("ok", "config", f"{settings.source or 'defaults'}: {len(settings.peers)} peer(s), "
+                                  f"{len(settings.rules)} rule(s)")
+    steps: list[Callable[[], Iterator[Finding]]] = [
+        lambda: _storage(settings),
+        lambda: _database(settings),
+        lambda: _ports(settings),
+        lambda: _tls(settings),
+    ]
+    if pipelines:
+        steps.append(lambda: _pipelines(settings))
+    if echo:
+        steps.append(lambda: _peers(settings))
+    for step in steps:
+        yield from step()

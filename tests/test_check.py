@@ -1,0 +1,100 @@
+"""`pacs-node check`: each finding against the real thing (DCMTK storescp as a peer, a closed
+port, a port held by another process, a running node, an older database schema, openssl-made
+certificates), run as the command line an administrator types."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from pathlib import Path
+
+from conftest import BIN, StoreSCP, free_port, node_config
+
+
+def check(config: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "pacs-node"), "check", "--config", str(config), *extra], capture_output=True,
+                          text=True, cwd=config.parent, timeout=180)
+
+
+def line(out: str, level: str, what: str) -> str:
+    """The one output line with this level and subject (fails the test if there is none)."""
+    found = [ln for ln in out.splitlines() if ln.split()[:2] == [level, what]]
+    assert found, f"no '{level} {what}' line in:\n{out}"
+    return found[0]
+
+
+def migrate_to(url: str, revision: str) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    import pacs_node.store.index as index
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(Path(index.__file__).parent / "migrations"))
+    cfg.set_main_option("sqlalchemy.url", url)
+    command.upgrade(cfg, revision)
+
+
+def test_check_names_each_problem_and_exits_1(tmp_path: Path, storescp: StoreSCP) -> None:
+    down = free_port()  # nothing listens here
+    port = free_port()
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", port))
+    holder.listen()  # another process's listener on the node's port
+    peers = [{"name": "dest", "ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp.port},
+             {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": down}]
+    rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical", "destinations": ["dest"]},
+             {"name": "mr", "when": "Modality == 'MR'", "pipeline": "anomaly-ct", "destinations": ["archive"]}]
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(port, peers, rules))
+    (tmp_path / "storage").write_text("a file where the storage folder should be")
+    migrate_to(f"sqlite:///{tmp_path / 'node.db'}", "0002")
+    try:
+        out = check(config)
+    finally:
+        holder.close()
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "is not a folder" in line(out.stdout, "FAIL", "storage")
+    assert "schema 0002, upgraded to 0003 at start" in line(out.stdout, "warn", "database")
+    assert f"127.0.0.1:{port} in use by another process" in line(out.stdout, "FAIL", "DICOM")
+    assert "ct-denoise-classical (rule ct): loaded" in out.stdout
+    assert "anomaly-ct (rule mr): cannot be loaded" in line(out.stdout, "FAIL", "pipeline")
+    assert f"dest: C-ECHO STORESCP@127.0.0.1:{storescp.port}: success" in line(out.stdout, "ok", "peer")
+    assert f"archive: C-ECHO ARCHIVE@127.0.0.1:{down}: cannot connect" in line(out.stdout, "FAIL", "peer")
+    assert out.stdout.rstrip().endswith("4 problem(s), 1 warning(s)")
+    assert "Traceback" not in out.stderr and "ERROR" not in out.stderr  # findings, not library noise
+    # it changed nothing: the old schema is still there, no probe file was left
+    out = check(config, "--no-echo", "--no-pipelines")
+    subjects = {ln.split()[1] for ln in out.stdout.splitlines()[:-1]}
+    assert "schema 0002" in out.stdout and not subjects & {"peer", "pipeline"}, out.stdout
+
+
+def test_check_passes_on_a_working_node_and_sees_it_running(node_factory, storescp: StoreSCP) -> None:
+    node = node_factory([{"name": "dest", "ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp.port}],
+                        [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
+                          "destinations": ["dest"]}])
+    out = node.cli("check")  # exit status 0 or it raises
+    assert "writable" in line(out.stdout, "ok", "storage")
+    assert "schema 0003 (current)" in line(out.stdout, "ok", "database")
+    assert f"a DICOM application on port {node.port} rejects an association" in line(out.stdout, "warn", "DICOM")
+    assert "success" in line(out.stdout, "ok", "peer")
+    assert not list((node.root / "storage").glob(".pacs-node-check-*"))
+
+
+def test_check_reads_the_tls_certificate(tmp_path: Path) -> None:
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.pem",
+            "-days", "10", "-subj", "/CN=pacs-node")
+    openssl("genrsa", "-out", "other.key", "2048")
+    config = tmp_path / "node.toml"
+    base = node_config(free_port(), [], [])
+    config.write_text(base + f'\n[tls]\ncertificate = "{tmp_path / "node.pem"}"\nprivate_key = "{tmp_path / "node.key"}"\n')
+    out = check(config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "node.pem expires on" in line(out.stdout, "warn", "TLS") and "in 10 days" in out.stdout
+    config.write_text(base + f'\n[tls]\ncertificate = "{tmp_path / "node.pem"}"\nprivate_key = "{tmp_path / "other.key"}"\n')
+    out = check(config)
+    assert out.returncode == 1
+    assert "does the key belong to the certificate?" in line(out.stdout, "FAIL", "TLS")
