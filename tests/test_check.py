@@ -98,3 +98,15 @@ def test_check_reads_the_tls_certificate(tmp_path: Path) -> None:
     out = check(config)
     assert out.returncode == 1
     assert "does the key belong to the certificate?" in line(out.stdout, "FAIL", "TLS")
+
+
+def test_check_says_why_the_database_cannot_be_reached_without_showing_its_password(tmp_path: Path) -> None:
+    closed = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(free_port(), [], []).replace(
+        'database_url = "sqlite:///node.db"', f'database_url = "postgresql+psycopg://pacs:s3cret@127.0.0.1:{closed}/pacs"'))
+    out = check(config)
+    assert out.returncode == 1
+    found = line(out.stdout, "FAIL", "database")
+    assert f"127.0.0.1:{closed}/pacs: cannot connect" in found and "***" in found
+    assert "s3cret" not in out.stdout + out.stderr
