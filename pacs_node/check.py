@@ -245,3 +245,41 @@ def run_checks(settings: Settings, echo: bool = True, pipelines: bool = True) ->
         steps.append(lambda: _peers(settings))
     for step in steps:
         yield from step()
+
+
+#: free space under which /healthz fails: an instance cannot be written any more
+FULL_BYTES = 64 * 1024 ** 2
+
+
+def node_health(node) -> dict:  # type: ignore[no-untyped-def]
+    """A running node's health for ``GET /healthz``: database answers, storage writable with room,
+    DICOM listener accepting, no loop thread ended. ``{"status": "ok" | "unhealthy", "checks":
+    {name: "ok ..." | "warn ..." | "fail ..."}}``; unhealthy when any check fails."""
+    from sqlalchemy import text
+
+    checks: dict[str, str] = {}
+    try:
+        node.db.run(lambda session: session.execute(text("SELECT 1")).scalar_one(), attempts=1)
+        checks["database"] = "ok"
+    except Exception as exc:  # noqa: BLE001 - the reason is the finding
+        checks["database"] = "fail: " + str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
+    root = Path(node.files.root)
+    try:
+        usage = shutil.disk_usage(root)
+    except OSError as exc:
+        checks["storage"] = f"fail: {root}: {exc.strerror or exc}"
+    else:
+        free = f"{usage.free / 1024 ** 3:.1f} GiB free"
+        if not os.access(root / "instances", os.W_OK | os.X_OK):
+            checks["storage"] = f"fail: {root / 'instances'} is not writable"
+        elif usage.free < FULL_BYTES:
+            checks["storage"] = f"fail: full ({usage.free / 1024 ** 2:.0f} MiB free)"
+        elif usage.free < LOW_FREE_BYTES:
+            checks["storage"] = f"warn: only {free}"
+        else:
+            checks["storage"] = f"ok: {free}"
+    checks["dicom listener"] = "ok" if node.scp.listening else "fail: not accepting connections"
+    stopped = node.stopped_threads()
+    checks["threads"] = "ok" if not stopped else f"fail: ended: {', '.join(stopped)}"
+    status = "unhealthy" if any(v.startswith("fail") for v in checks.values()) else "ok"
+    return {"status": status, "checks": checks}

@@ -144,6 +144,13 @@ class Node:
                  self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
                  len(self.settings.rules))
 
+    def stopped_threads(self) -> list[str]:
+        """Names of this node's loops (completion, sender, retention, worker, web) that have ended
+        while it runs: each one ending is a fault (they end only when the node stops)."""
+        if self._stop.is_set():
+            return []
+        return [t.name for t in self._threads if not t.is_alive()]
+
     def stop(self) -> None:
         self._stop.set()
         self.tracker.wake.set()

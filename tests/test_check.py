@@ -110,3 +110,37 @@ def test_check_says_why_the_database_cannot_be_reached_without_showing_its_passw
     found = line(out.stdout, "FAIL", "database")
     assert f"127.0.0.1:{closed}/pacs: cannot connect" in found and "***" in found
     assert "s3cret" not in out.stdout + out.stderr
+
+
+def test_healthz_is_200_on_a_running_node_and_503_naming_what_broke(tmp_path: Path) -> None:
+    """GET /healthz (no login, no patient data): database, storage, DICOM listener, node loops."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from pacs_node.config import parse
+    from pacs_node.node import Node
+    from pacs_node.web.app import build_app
+
+    settings = parse({"node": {"host": "127.0.0.1", "port": free_port(), "storage_dir": str(tmp_path / "storage"),
+                               "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
+                      "http": {"enabled": False}})
+    node = Node(settings)
+    client = TestClient(build_app(node), base_url="http://node.test")
+    before = client.get("/healthz")  # not started: nothing listens
+    assert before.status_code == 503 and before.json()["checks"]["dicom listener"].startswith("fail")
+    assert before.json()["checks"]["database"] == "ok"
+    node.start()
+    try:
+        ok = client.get("/healthz")
+        assert ok.status_code == 200, ok.text
+        assert ok.json()["status"] == "ok" and ok.json()["checks"]["storage"].startswith("ok: ")
+        ended = threading.Thread(target=lambda: None, name="sender")
+        ended.start()
+        ended.join()
+        node._threads.append(ended)  # a node loop that died
+        broken = client.get("/healthz")
+        assert broken.status_code == 503 and broken.json()["checks"]["threads"] == "fail: ended: sender"
+    finally:
+        node.stop()
+    assert client.get("/healthz").status_code == 503  # stopped: the listener is gone

@@ -277,6 +277,11 @@ class Acceptor:
                                             name=f"dicom-accept-{self.server_address[1]}", daemon=True)
             self._thread.start()
 
+    @property
+    def accepting(self) -> bool:
+        """Its accept loop runs (always True for one that is handed connections instead)."""
+        return not self._stopping and (self._thread is None or self._thread.is_alive())
+
     # -- listening ---------------------------------------------------------------------------
     def _accept_loop(self) -> None:
         while not self._stopping:

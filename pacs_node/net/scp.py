@@ -443,6 +443,12 @@ class StorageSCP:
         return int(self.server.server_address[1]) if self.server else 0
 
     @property
+    def listening(self) -> bool:
+        """Every listener it started accepts connections (False before start and after stop)."""
+        servers = [s for s in (self.server, self.tls_server) if s is not None]
+        return bool(servers) and all(s.accepting for s in servers)
+
+    @property
     def tls_port(self) -> int:
         """The TLS listener's port (node.port when it is TLS only); 0 without TLS."""
         if self.tls_server is not None:

@@ -233,6 +233,12 @@ def build_app(node: "Node") -> Starlette:
         body = await run_in_threadpool(generate_latest, metrics.REGISTRY)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
+    async def healthz(request: Request) -> Response:
+        from ..check import node_health
+
+        result = await run_in_threadpool(node_health, node)
+        return JSONResponse(result, status_code=200 if result["status"] == "ok" else 503)
+
     async def stow_rs(request: Request) -> Response:
         address = request.client.host if request.client else ""
         peer = stow.peer_for_token(settings, request.headers.get("authorization"))
@@ -286,6 +292,7 @@ def build_app(node: "Node") -> Starlette:
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
+        Route("/healthz", healthz),
         Route("/dicomweb/studies", stow_rs, methods=["POST"]),
         Route("/dicomweb/studies/{study}", stow_rs, methods=["POST"]),
         Mount("/static", app=StaticFiles(directory=str(HERE / "static")), name="static"),
