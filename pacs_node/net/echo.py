@@ -32,17 +32,18 @@ def echo_peer(settings: Settings, peer: Peer, timeout: float | None = None) -> t
         tls_args = (context, peer.host) if context is not None else None
     t0 = time.perf_counter()
     try:
-        # pynetdicom reports a refused or unreachable host as an aborted association; say which
-        socket.create_connection((peer.host, peer.port), timeout=ae.acse_timeout).close()
-    except OSError as exc:
-        return False, f"{where}: cannot connect: {exc.strerror or exc}"
-    try:
         assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, tls_args=tls_args)
     except OSError as exc:
         return False, f"{where}: {exc.strerror or exc}"
     if not assoc.is_established:
-        why = "rejected" if assoc.is_rejected else "aborted" if assoc.is_aborted else "no connection"
-        return False, f"{where}: association failed ({why})"
+        if assoc.is_rejected:
+            return False, f"{where}: association failed (rejected)"
+        # pynetdicom reports a refused or unreachable host as an aborted association too: say which
+        try:
+            socket.create_connection((peer.host, peer.port), timeout=ae.acse_timeout).close()
+        except OSError as exc:
+            return False, f"{where}: cannot connect: {exc.strerror or exc}"
+        return False, f"{where}: association failed ({'aborted' if assoc.is_aborted else 'no answer'})"
     try:
         status = assoc.send_c_echo()
     finally:
