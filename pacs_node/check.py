@@ -53,8 +53,14 @@ def _storage(settings: Settings) -> Iterator[Finding]:
         note = f"{root} does not exist yet (created at start)"
     else:
         where = root
+        # instances are written into incoming/, then renamed into instances/: both must take files
+        for folder in (root / "incoming", root / "instances", root / "results"):
+            if folder.exists() and not os.access(folder, os.W_OK | os.X_OK):
+                yield Finding("FAIL", "storage", f"{folder} is not writable by this user")
+                return
+        probe_in = root / "incoming" if (root / "incoming").is_dir() else root
         try:
-            fd, name = tempfile.mkstemp(prefix=".pacs-node-check-", dir=root)
+            fd, name = tempfile.mkstemp(prefix=".pacs-node-check-", dir=probe_in)
             try:
                 os.write(fd, b"pacs-node check\n")
                 os.fsync(fd)
@@ -62,7 +68,7 @@ def _storage(settings: Settings) -> Iterator[Finding]:
                 os.close(fd)
                 os.unlink(name)
         except OSError as exc:
-            yield Finding("FAIL", "storage", f"{root}: cannot write a file: {exc.strerror or exc}")
+            yield Finding("FAIL", "storage", f"{probe_in}: cannot write a file: {exc.strerror or exc}")
             return
         note = f"{root} writable"
     usage = shutil.disk_usage(where)
@@ -84,13 +90,19 @@ def _database(settings: Settings) -> Iterator[Finding]:
     from sqlalchemy.engine import make_url
 
     url = settings.node.database_url
-    shown = make_url(url).render_as_string(hide_password=True)
+    try:
+        parsed = make_url(url)
+    except Exception as exc:  # noqa: BLE001 - a malformed URL is the finding; it may hold a password
+        yield Finding("FAIL", "database", f"database_url is not a database URL ({type(exc).__name__}); expected "
+                                          f"sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME")
+        return
+    shown = parsed.render_as_string(hide_password=True)
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "store" / "migrations"))
     script = ScriptDirectory.from_config(cfg)
     head = script.get_current_head()
-    if url.startswith("sqlite"):
-        path = url.split("sqlite:///", 1)[-1]
+    if parsed.get_backend_name() == "sqlite":
+        path = parsed.database
         if path and path != ":memory:" and not Path(path).exists():
             folder = Path(path).parent
             while not folder.exists() and folder != folder.parent:
@@ -100,16 +112,19 @@ def _database(settings: Settings) -> Iterator[Finding]:
             else:
                 yield Finding("ok", "database", f"{shown}: does not exist yet (created at start, schema {head})")
             return
-    engine = create_engine(url, pool_pre_ping=True)
     try:
-        with engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
+        from .store.index import connect_args
+
+        engine = create_engine(url, connect_args=connect_args(url))
+        try:
+            with engine.connect() as conn:
+                current = MigrationContext.configure(conn).get_current_revision()
+        finally:
+            engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any driver error is the finding
         reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
         yield Finding("FAIL", "database", f"{shown}: cannot connect: {reason}")
         return
-    finally:
-        engine.dispose()
     known = {rev.revision for rev in script.walk_revisions()}
     if current == head:
         yield Finding("ok", "database", f"{shown}: schema {current} (current)")
@@ -123,51 +138,82 @@ def _database(settings: Settings) -> Iterator[Finding]:
 
 
 def _ports(settings: Settings) -> Iterator[Finding]:
-    """Each listening port: free, or held by a node that already runs (it answers C-ECHO with our
-    AE title on the DICOM port), or held by something else (the node cannot start)."""
+    """Each listening port, bound the way the node binds it and all held until the last is tried
+    (two settings naming one port collide here as they would at start): free; or held by a
+    pacs-node (it names itself in its A-ASSOCIATE-AC); or held by something else."""
     ports = [("DICOM port", settings.node.host, settings.node.port)]
     if settings.tls.port is not None:
         ports.append(("DICOM TLS port", settings.node.host, int(settings.tls.port)))
     if settings.http.enabled:
         ports.append(("HTTP port", settings.http.host, settings.http.port))
-    running: str | None = None
-    for what, host, port in ports:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        with socket.socket(family, socket.SOCK_STREAM) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    held: list[socket.socket] = []
+    bound: list[tuple[str, int]] = []
+    failures: list[tuple[str, str, int, OSError, str | None]] = []
+    try:
+        for what, host, port in ports:
             try:
-                sock.bind((host, port))
+                held.append(socket.create_server((host, port)))
             except OSError as exc:
-                failure = exc
+                twin = next((w for w, p in bound if p == port), None)
+                failures.append((what, host, port, exc, twin))
             else:
+                bound.append((what, port))
                 yield Finding("ok", what, f"{host}:{port} free to listen on")
-                continue
-        if failure.errno == errno.EADDRINUSE:
-            if running is None:
-                running = _dicom_answer(settings, settings.node.port)
-            if running:
-                yield Finding("warn", what, f"{host}:{port} in use, and a DICOM application on port "
-                                            f"{settings.node.port} {running} (this node already running?)")
+    finally:
+        for sock in held:
+            sock.close()
+    node_answer: str | None = None
+    for what, host, port, exc, twin in failures:
+        if exc.errno == errno.EADDRINUSE and twin is not None:
+            yield Finding("FAIL", what, f"{host}:{port} is the {twin} too: the two cannot share it")
+        elif exc.errno == errno.EADDRINUSE:
+            if node_answer is None:
+                node_answer = _who_answers(settings)
+            if node_answer.startswith("a pacs-node"):
+                yield Finding("warn", what, f"{host}:{port} in use; {node_answer} on the DICOM port "
+                                            f"{settings.node.port} (this node already running?)")
             else:
-                yield Finding("FAIL", what, f"{host}:{port} in use by another process: the node cannot listen there")
-        elif failure.errno in (errno.EACCES, errno.EPERM):
+                yield Finding("FAIL", what, f"{host}:{port} in use by another process ({node_answer}): the node "
+                                            f"cannot listen there")
+        elif exc.errno in (errno.EACCES, errno.EPERM):
             yield Finding("FAIL", what, f"{host}:{port}: no permission to listen (ports below 1024 need root or "
                                         f"CAP_NET_BIND_SERVICE)")
         else:
-            yield Finding("FAIL", what, f"{host}:{port}: cannot listen: {failure.strerror or failure}")
+            yield Finding("FAIL", what, f"{host}:{port}: cannot listen: {exc.strerror or exc}")
 
 
-def _dicom_answer(settings: Settings, port: int) -> str:
-    """How a DICOM application on ``port`` of this host answers our C-ECHO ('' if none does)."""
-    from .config import Peer
-    from .net.echo import echo_peer
+def _who_answers(settings: Settings) -> str:
+    """Who answers an association on the node's DICOM port: 'a pacs-node (...)' when the acceptor
+    names itself as one, else a description of what answered (or did not)."""
+    from . import IMPLEMENTATION_VERSION_NAME
+    from .net.echo import echo
 
-    me = Peer(name="self", ae_title=settings.node.ae_title, host="127.0.0.1", port=port)
-    ok, message = echo_peer(settings, me, timeout=3.0)
-    if ok:
-        return f"answers C-ECHO to {settings.node.ae_title}"
-    # a running node rejects its own AE title as a caller unless it is a configured peer
-    return "rejects an association from us" if "(rejected)" in message else ""
+    node = settings.node
+    wildcard = node.host in ("", "0.0.0.0", "::")
+    host = ("::1" if node.host == "::" else "127.0.0.1") if wildcard else node.host
+    # call as a configured peer this host may call as, so that a running node accepts us
+    callers = [p.ae_title for p in settings.peers if not p.allowed_hosts or host in p.allowed_hosts]
+    calling = callers[0] if callers else node.ae_title
+    context = None
+    tls = settings.tls
+    if tls.listening and tls.port is None:  # node.port speaks TLS only
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # identifying, not trusting
+        try:
+            context.load_cert_chain(str(tls.certificate), str(tls.private_key))
+        except (ssl.SSLError, OSError):
+            pass
+    outcome = echo(host, node.port, node.ae_title, calling, 5.0, context)
+    name = IMPLEMENTATION_VERSION_NAME.rsplit("_", 1)[0]
+    if outcome.implementation.startswith(name):
+        return f"a pacs-node ({outcome.implementation}) answers C-ECHO"
+    if outcome.implementation:
+        return f"a DICOM application '{outcome.implementation}' answers"
+    if outcome.rejected:
+        return (f"a DICOM application rejected an association from {calling}, so it could not be identified as "
+                f"a pacs-node")
+    return "no DICOM answer"
 
 
 def _not_after(path: Path) -> datetime | None:
@@ -183,11 +229,18 @@ def _tls(settings: Settings) -> Iterator[Finding]:
     if tls.certificate is None:
         return
     try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(str(tls.certificate), str(tls.private_key))
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(tls.certificate), str(tls.private_key))
     except (ssl.SSLError, OSError) as exc:
         yield Finding("FAIL", "TLS", f"{tls.certificate} with {tls.private_key}: {exc.strerror or exc} (does the "
                                      f"key belong to the certificate?)")
         return
+    if tls.ca_certificates is not None:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_verify_locations(cafile=str(tls.ca_certificates))
+        except (ssl.SSLError, OSError) as exc:
+            yield Finding("FAIL", "TLS", f"ca_certificates {tls.ca_certificates}: {exc.strerror or exc} (a PEM "
+                                         f"bundle of CA certificates is expected)")
+            return
     end = _not_after(tls.certificate)
     if end is None:
         yield Finding("ok", "TLS", f"{tls.certificate}: certificate and key load (expiry not read)")
@@ -205,6 +258,10 @@ def _tls(settings: Settings) -> Iterator[Finding]:
 def _pipelines(settings: Settings) -> Iterator[Finding]:
     from .pipelines import get_pipeline
 
+    if not settings.worker.enabled:
+        yield Finding("ok", "pipeline", "not loaded: [worker] enabled = false (jobs run in `pacs-node worker` "
+                                        "elsewhere; check there)")
+        return
     used: dict[str, list[str]] = {}
     for rule in settings.rules:
         used.setdefault(rule.pipeline, []).append(rule.name)
@@ -230,21 +287,21 @@ def _peers(settings: Settings) -> Iterator[Finding]:
 
 
 def run_checks(settings: Settings, echo: bool = True, pipelines: bool = True) -> Iterator[Finding]:
-    """Every finding, in order: configuration, storage, database, ports, TLS, pipelines, peers."""
+    """Every finding, in order: configuration, storage, database, ports, TLS, pipelines, peers.
+    A check that itself breaks is a FAIL line naming it; the others still run."""
     yield Finding("ok", "config", f"{settings.source or 'defaults'}: {len(settings.peers)} peer(s), "
                                   f"{len(settings.rules)} rule(s)")
-    steps: list[Callable[[], Iterator[Finding]]] = [
-        lambda: _storage(settings),
-        lambda: _database(settings),
-        lambda: _ports(settings),
-        lambda: _tls(settings),
-    ]
+    steps: list[tuple[str, Callable[[Settings], Iterator[Finding]]]] = [
+        ("storage", _storage), ("database", _database), ("ports", _ports), ("TLS", _tls)]
     if pipelines:
-        steps.append(lambda: _pipelines(settings))
+        steps.append(("pipeline", _pipelines))
     if echo:
-        steps.append(lambda: _peers(settings))
-    for step in steps:
-        yield from step()
+        steps.append(("peer", _peers))
+    for name, step in steps:
+        try:
+            yield from step(settings)
+        except Exception as exc:  # noqa: BLE001 - one broken check must not hide the others
+            yield Finding("FAIL", name, f"the check itself failed: {type(exc).__name__}: {exc}")
 
 
 #: free space under which /healthz fails: an instance cannot be written any more
@@ -255,11 +312,17 @@ def node_health(node) -> dict:  # type: ignore[no-untyped-def]
     """A running node's health for ``GET /healthz``: database answers, storage writable with room,
     DICOM listener accepting, no loop thread ended. ``{"status": "ok" | "unhealthy", "checks":
     {name: "ok ..." | "warn ..." | "fail ..."}}``; unhealthy when any check fails."""
-    from sqlalchemy import text
-
     checks: dict[str, str] = {}
     try:
-        node.db.run(lambda session: session.execute(text("SELECT 1")).scalar_one(), attempts=1)
+        # a plain DBAPI connection: no BEGIN IMMEDIATE (SQLite's write lock) for a probe
+        raw = node.db.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        finally:
+            raw.close()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - the reason is the finding
         checks["database"] = "fail: " + str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:200]
@@ -270,8 +333,9 @@ def node_health(node) -> dict:  # type: ignore[no-untyped-def]
         checks["storage"] = f"fail: {root}: {exc.strerror or exc}"
     else:
         free = f"{usage.free / 1024 ** 3:.1f} GiB free"
-        if not os.access(root / "instances", os.W_OK | os.X_OK):
-            checks["storage"] = f"fail: {root / 'instances'} is not writable"
+        unwritable = [f for f in (root / "incoming", root / "instances") if not os.access(f, os.W_OK | os.X_OK)]
+        if unwritable:
+            checks["storage"] = f"fail: {unwritable[0]} is not writable"
         elif usage.free < FULL_BYTES:
             checks["storage"] = f"fail: full ({usage.free / 1024 ** 2:.0f} MiB free)"
         elif usage.free < LOW_FREE_BYTES:

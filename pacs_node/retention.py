@@ -299,6 +299,7 @@ class Retention:
     def run(self, stop: threading.Event) -> None:
         if self.settings.days <= 0:
             log.info("retention off ([retention] days = 0): received series are kept until deleted by hand")
+            stop.wait()  # idle until the node stops: a loop that ended early reads as a fault (/healthz)
             return
         log.info("retention: series and their results are deleted %g day(s) after their last instance, once "
                  "no job needs them (checked every %g min)", self.settings.days, self.settings.interval_minutes)

@@ -56,7 +56,7 @@ def test_check_names_each_problem_and_exits_1(tmp_path: Path, storescp: StoreSCP
     assert out.returncode == 1, out.stdout + out.stderr
     assert "is not a folder" in line(out.stdout, "FAIL", "storage")
     assert "schema 0002, upgraded to 0003 at start" in line(out.stdout, "warn", "database")
-    assert f"127.0.0.1:{port} in use by another process" in line(out.stdout, "FAIL", "DICOM")
+    assert f"127.0.0.1:{port} in use by another process (no DICOM answer)" in line(out.stdout, "FAIL", "DICOM")
     assert "ct-denoise-classical (rule ct): loaded" in out.stdout
     assert "anomaly-ct (rule mr): cannot be loaded" in line(out.stdout, "FAIL", "pipeline")
     assert f"dest: C-ECHO STORESCP@127.0.0.1:{storescp.port}: success" in line(out.stdout, "ok", "peer")
@@ -76,7 +76,8 @@ def test_check_passes_on_a_working_node_and_sees_it_running(node_factory, stores
     out = node.cli("check")  # exit status 0 or it raises
     assert "writable" in line(out.stdout, "ok", "storage")
     assert "schema 0003 (current)" in line(out.stdout, "ok", "database")
-    assert f"a DICOM application on port {node.port} rejects an association" in line(out.stdout, "warn", "DICOM")
+    # it called as the configured peer STORESCP, was accepted and read the node's name in the A-ASSOCIATE-AC
+    assert "a pacs-node (PACS_NODE_" in line(out.stdout, "warn", "DICOM")
     assert "success" in line(out.stdout, "ok", "peer")
     assert not list((node.root / "storage").glob(".pacs-node-check-*"))
 
@@ -124,7 +125,7 @@ def test_healthz_is_200_on_a_running_node_and_503_naming_what_broke(tmp_path: Pa
 
     settings = parse({"node": {"host": "127.0.0.1", "port": free_port(), "storage_dir": str(tmp_path / "storage"),
                                "database_url": f"sqlite:///{tmp_path / 'node.db'}"},
-                      "http": {"enabled": False}})
+                      "http": {"enabled": False}, "retention": {"days": 0}})  # off: its loop idles, not ends
     node = Node(settings)
     client = TestClient(build_app(node), base_url="http://node.test")
     before = client.get("/healthz")  # not started: nothing listens
@@ -144,3 +145,40 @@ def test_healthz_is_200_on_a_running_node_and_503_naming_what_broke(tmp_path: Pa
     finally:
         node.stop()
     assert client.get("/healthz").status_code == 503  # stopped: the listener is gone
+
+
+def test_check_tells_another_dicom_application_and_a_port_used_twice_from_a_running_node(
+        tmp_path: Path, storescp: StoreSCP) -> None:
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(storescp.port, [], []))  # DCMTK storescp holds the node's port
+    out = check(config, "--no-echo", "--no-pipelines")
+    assert out.returncode == 1
+    assert "a DICOM application 'OFFIS_DCMTK" in line(out.stdout, "FAIL", "DICOM")
+    port = free_port()
+    config.write_text(node_config(port, [], [], http={"enabled": True, "host": "127.0.0.1", "port": port}))
+    out = check(config, "--no-echo", "--no-pipelines")
+    assert out.returncode == 1
+    assert f"127.0.0.1:{port} free to listen on" in line(out.stdout, "ok", "DICOM")
+    assert f"127.0.0.1:{port} is the DICOM port too" in line(out.stdout, "FAIL", "HTTP")
+
+
+def test_check_reports_bad_settings_as_findings_not_tracebacks(tmp_path: Path) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out",
+                    "node.pem", "-days", "365", "-subj", "/CN=pacs-node"], cwd=tmp_path, check=True, capture_output=True)
+    config = tmp_path / "node.toml"
+    text = node_config(free_port(), [], []).replace('database_url = "sqlite:///node.db"',
+                                                    'database_url = "pacs:s3cret@dbhost/pacs"')
+    config.write_text(text + f'\n[tls]\ncertificate = "{tmp_path / "node.pem"}"\nprivate_key = "{tmp_path / "node.key"}"'
+                             f'\nca_certificates = "{tmp_path / "ca.pem"}"\n')
+    out = check(config, "--no-echo", "--no-pipelines")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "is not a database URL" in line(out.stdout, "FAIL", "database")
+    assert "ca_certificates" in line(out.stdout, "FAIL", "TLS")
+    assert "free to listen on" in line(out.stdout, "ok", "DICOM")  # the checks after the database still ran
+    assert "s3cret" not in out.stdout + out.stderr
+    # a SQLite URL with options names the same file the node opens
+    migrate_to(f"sqlite:///{tmp_path / 'opts.db'}", "0002")
+    config.write_text(node_config(free_port(), [], []).replace(
+        'database_url = "sqlite:///node.db"', f'database_url = "sqlite:///{tmp_path / "opts.db"}?timeout=30"'))
+    assert "schema 0002" in line(check(config, "--no-echo", "--no-pipelines").stdout, "warn", "database")

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from pydicom.dataset import Dataset
-from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 from pynetdicom.dsutils import encode
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -44,6 +43,8 @@ from pynetdicom.pdu_primitives import (
     SCP_SCU_RoleSelectionNegotiation,
 )
 from pynetdicom.presentation import PresentationContext, negotiate_as_acceptor
+
+from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
 log = logging.getLogger(__name__)
 
@@ -531,9 +532,9 @@ class Acceptor:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = self.max_pdu
         impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         user_info: list = [max_length, impl_uid, impl_version, *ac_roles]
         if any(isinstance(item, AsynchronousOperationsWindowNegotiation) for item in info):
             window = AsynchronousOperationsWindowNegotiation()

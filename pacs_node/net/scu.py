@@ -22,8 +22,7 @@ from pathlib import Path
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import (AE, PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, build_context,
-                        evt)
+from pynetdicom import AE, build_context, evt
 from pynetdicom.dsutils import decode, split_dataset
 from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
 from pynetdicom.pdu_primitives import (
@@ -33,6 +32,7 @@ from pynetdicom.pdu_primitives import (
     MaximumLengthNotification,
 )
 
+from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 from .acceptor import command_pdu
 
 log = logging.getLogger(__name__)
@@ -102,9 +102,9 @@ class _LeanAssociation:
         max_length = MaximumLengthNotification()
         max_length.maximum_length_received = MAX_PDU
         impl_uid = ImplementationClassUIDNotification()
-        impl_uid.implementation_class_uid = PYNETDICOM_IMPLEMENTATION_UID
+        impl_uid.implementation_class_uid = IMPLEMENTATION_CLASS_UID
         impl_version = ImplementationVersionNameNotification()
-        impl_version.implementation_version_name = PYNETDICOM_IMPLEMENTATION_VERSION
+        impl_version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
         rq.user_information = [max_length, impl_uid, impl_version]
         pdu = A_ASSOCIATE_RQ()
         pdu.from_primitive(rq)

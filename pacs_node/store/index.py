@@ -179,6 +179,12 @@ def _ensure_sqlite_folder(url: str) -> None:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
 
 
+def connect_args(url: str) -> dict:
+    """Driver options: PostgreSQL gives up connecting after 10 s (libpq waits as long as the
+    operating system does, minutes, for a host that drops packets)."""
+    return {"connect_timeout": 10} if url.startswith("postgresql") else {}
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         _ensure_sqlite_folder(url)
@@ -204,7 +210,7 @@ def make_engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, connect_args=connect_args(url))
 
 
 def migrate(url: str) -> None:
