@@ -42,6 +42,8 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float,
         if assoc.is_rejected:
             return EchoOutcome(False, f"{where}: association failed (rejected)", rejected=True)
         # pynetdicom reports a refused or unreachable host as an aborted association too: say which
+        if time.perf_counter() - t0 >= 0.9 * timeout:
+            return EchoOutcome(False, f"{where}: cannot connect: no answer within {timeout:g} s")
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as exc:
