@@ -216,14 +216,6 @@ def _who_answers(settings: Settings) -> str:
     return "no DICOM answer"
 
 
-def _not_after(path: Path) -> datetime | None:
-    try:
-        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]  # the stdlib's PEM reader
-    except (AttributeError, ssl.SSLError, OSError):
-        return None
-    return datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), tz=timezone.utc)
-
-
 def _tls(settings: Settings) -> Iterator[Finding]:
     tls = settings.tls
     if tls.certificate is None:
@@ -241,7 +233,9 @@ def _tls(settings: Settings) -> Iterator[Finding]:
             yield Finding("FAIL", "TLS", f"ca_certificates {tls.ca_certificates}: {exc.strerror or exc} (a PEM "
                                          f"bundle of CA certificates is expected)")
             return
-    end = _not_after(tls.certificate)
+    from .net.tls import certificate_not_after
+
+    end = certificate_not_after(tls.certificate)
     if end is None:
         yield Finding("ok", "TLS", f"{tls.certificate}: certificate and key load (expiry not read)")
         return

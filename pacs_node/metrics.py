@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
 
@@ -97,9 +98,10 @@ class DatabaseCollector(Collector):
     """Read at scrape time: queue depth per pipeline and state (job table), free space of
     storage_dir's file system, GPU memory."""
 
-    def __init__(self, db: "Database", storage_dir: Path | None = None) -> None:
+    def __init__(self, db: "Database", storage_dir: Path | None = None, certificate: Path | None = None) -> None:
         self.db = db
         self.storage_dir = storage_dir
+        self.certificate = certificate
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
         from sqlalchemy import func, select
@@ -127,6 +129,14 @@ class DatabaseCollector(Collector):
             except OSError:
                 pass
             yield storage
+        if self.certificate is not None:
+            from .net.tls import certificate_not_after
+
+            end = certificate_not_after(self.certificate)
+            if end is not None:
+                yield GaugeMetricFamily("pacs_node_tls_certificate_expiry_seconds", "Seconds until the node's TLS "
+                                        "certificate ([tls] certificate) expires; negative once it has",
+                                        value=end.timestamp() - time.time())
         # only when a pipeline already loaded torch: no import on scrape. The node loads its
         # pipelines in a thread at start, so torch may be half-imported here: then skip it.
         cuda = getattr(sys.modules.get("torch"), "cuda", None)
@@ -146,11 +156,12 @@ class DatabaseCollector(Collector):
 _collector: DatabaseCollector | None = None
 
 
-def watch_database(db: "Database", storage_dir: Path | None = None) -> None:
-    """Export queue depth from ``db`` and, given ``storage_dir``, its file system's free space
-    (once per process; a later call replaces them)."""
+def watch_database(db: "Database", storage_dir: Path | None = None, certificate: Path | None = None) -> None:
+    """Export queue depth from ``db`` and, given ``storage_dir``, its file system's free space and,
+    given ``certificate``, the time left until it expires (once per process; a later call
+    replaces them)."""
     global _collector
     if _collector is not None:
         REGISTRY.unregister(_collector)
-    _collector = DatabaseCollector(db, storage_dir)
+    _collector = DatabaseCollector(db, storage_dir, certificate)
     REGISTRY.register(_collector)

@@ -115,6 +115,9 @@ class Node:
         # with SQLite and the worker in this process, every 'running' job is ours from before
         recover(self.db, single_process=self.single_process and self.run_worker)
         extra = self.settings.node.receivers - 1
+        from .net.tls import warn_if_expiring
+
+        warn_if_expiring(self.settings.tls)
         self.scp.start()
         if extra > 0:
             from .receivers import ReceiverPool

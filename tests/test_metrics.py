@@ -99,3 +99,32 @@ def test_gpu_memory_is_exported_when_a_pipeline_loaded_torch_with_cuda(tmp_path:
     assert metrics.REGISTRY.get_sample_value("pacs_node_gpu_memory_bytes", {"device": "0", "kind": "allocated"}) == 123 * 2**20
     assert metrics.REGISTRY.get_sample_value("pacs_node_gpu_memory_bytes", {"device": "0", "kind": "reserved"}) == 256 * 2**20
     db.dispose()
+
+
+def test_the_served_metrics_page_has_storage_and_certificate_expiry(tmp_path: Path) -> None:
+    """/metrics as the web console serves it (build_app registers the collector): free space of
+    storage_dir and the seconds left on [tls] certificate (an openssl certificate valid 20 days)."""
+    import subprocess
+    import time
+
+    from starlette.testclient import TestClient
+
+    from pacs_node.config import parse
+    from pacs_node.node import Node
+    from pacs_node.web.app import build_app
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "node.key", "-out", "node.pem",
+                    "-days", "20", "-subj", "/CN=pacs-node"], cwd=tmp_path, check=True, capture_output=True, timeout=60)
+    settings = parse({"node": {"storage_dir": str(tmp_path / "storage"), "database_url": f"sqlite:///{tmp_path / 'n.db'}"},
+                      "http": {"enabled": True},
+                      "tls": {"certificate": str(tmp_path / "node.pem"), "private_key": str(tmp_path / "node.key"),
+                              "port": 1}})
+    node = Node(settings)
+    try:
+        text = TestClient(build_app(node)).get("/metrics").text
+    finally:
+        node.db.dispose()
+    lines = {ln.split()[0]: float(ln.split()[-1]) for ln in text.splitlines() if ln and not ln.startswith("#")}
+    assert lines['pacs_node_storage_bytes{kind="free"}'] > 0
+    left = lines["pacs_node_tls_certificate_expiry_seconds"]
+    assert 19 * 86400 < left <= 20 * 86400 + 60, left

@@ -8,9 +8,14 @@ see authenticated callers.
 
 from __future__ import annotations
 
+import logging
 import ssl
+from datetime import datetime, timezone
+from pathlib import Path
 
 from ..config import Peer, TlsSettings
+
+log = logging.getLogger(__name__)
 
 
 def server_context(tls: TlsSettings) -> ssl.SSLContext:
@@ -45,3 +50,28 @@ def context_for_peer(tls: TlsSettings, peer: Peer | None) -> ssl.SSLContext | No
     if peer is None or not peer.tls:
         return None
     return client_context(tls)
+
+
+def certificate_not_after(path: Path | str) -> datetime | None:
+    """When the (first) certificate of a PEM file expires, UTC; None if it cannot be read."""
+    try:
+        decoded = ssl._ssl._test_decode_cert(str(path))  # type: ignore[attr-defined]  # the stdlib's PEM reader
+    except (AttributeError, ssl.SSLError, OSError):
+        return None
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(decoded["notAfter"]), tz=timezone.utc)
+
+
+def warn_if_expiring(tls: TlsSettings, days: float = 30.0) -> None:
+    """Log a warning at start when our certificate expires within ``days`` (or has expired)."""
+    if tls.certificate is None:
+        return
+    end = certificate_not_after(tls.certificate)
+    if end is None:
+        return
+    left = (end - datetime.now(timezone.utc)).total_seconds() / 86400
+    if left < 0:
+        log.error("TLS certificate %s expired on %s: peers will refuse the handshake", tls.certificate,
+                  end.strftime("%Y-%m-%d %H:%M UTC"))
+    elif left < days:
+        log.warning("TLS certificate %s expires on %s, in %.0f day(s): renew it", tls.certificate,
+                    end.strftime("%Y-%m-%d %H:%M UTC"), left)

@@ -52,7 +52,7 @@ def start_operations(node: "Node", stop: threading.Event) -> list[threading.Thre
     """Start the job watcher (metrics), the webhook caller when one is configured and, with
     [http] enabled, the HTTP server."""
     started = utcnow()
-    metrics.watch_database(node.db, node.settings.node.storage_dir)
+    metrics.watch_database(node.db, node.settings.node.storage_dir, node.settings.tls.certificate)
     notifier = WebhookNotifier(node.db, node.settings)
 
     def count(job: JobEnded) -> None:

@@ -58,7 +58,7 @@ def build_app(node: "Node") -> Starlette:
     templates.env.filters["ms"] = _fmt_ms
     templates.env.filters["utc"] = _fmt_time
     templates.env.globals["node_ae"] = settings.node.ae_title
-    metrics.watch_database(node.db)
+    metrics.watch_database(node.db, settings.node.storage_dir, settings.tls.certificate)
 
     def user_of(request: Request) -> str | None:
         return auth.user_from_bearer(request.headers.get("authorization")) or auth.user_from_cookie(
