@@ -189,6 +189,34 @@ def test_uih_share_sets_the_sampling_weights_per_source(tmp_path: Path, monkeypa
         train_main([*small, "--uih-share", "0.5", "--out", str(out)])
 
 
+def test_coord_channels_give_the_discriminator_the_position_in_the_head(tmp_path: Path) -> None:
+    """--coord-channels: -1..1 from the head's top to its bottom and front to back, mirrored with
+    the slice; the network reads them (its map changes with them) and round-trips."""
+    from pacs_node.ml.anomaly import head_coordinates, network_input
+
+    heads, cache = _synthetic_heads(tmp_path, seed=6)
+    x = torch.from_numpy(heads[:1, None].astype(np.float32))
+    rows = np.nonzero(heads[0].any(axis=1))[0]
+    coords = head_coordinates(x)
+    assert coords.shape == (1, 2, 128, 128)
+    assert float(coords[0, 0, rows[0], 64]) == pytest.approx(-1.0, abs=0.05)
+    assert float(coords[0, 0, rows[-1], 64]) == pytest.approx(1.0, abs=0.05)
+    shifted = torch.roll(x, 10, dims=2)  # the same head lower in the image: the same coordinates move with it
+    assert torch.allclose(head_coordinates(shifted)[0, 0, rows[0] + 10], coords[0, 0, rows[0]])
+    out = tmp_path / "coords.safetensors"
+    assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "64",
+                       "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
+                       "--coord-channels", "--out", str(out)]) == 0
+    net, cfg = load_model(out)
+    assert cfg.coord_channels and network_input(x, cfg).shape[1] == 3
+    with torch.no_grad():
+        a = net(network_input(x, cfg))[0]
+        b = net(torch.cat([x, -head_coordinates(x)], dim=1))[0]
+    assert not torch.allclose(a, b)  # the position is read
+    err, _ = residual_maps(net, x, cfg)
+    assert err.shape == (1, 1, 128, 128) and bool(torch.isfinite(err).all())
+
+
 def test_ensemble_averages_its_members_probabilities_and_round_trips(tmp_path: Path) -> None:
     """--members 2 trains two networks (seeds s, s + 1) into one file; --combine-members makes the
     same kind of file from single ones. The ensemble's probability is the mean of its members'."""

@@ -90,6 +90,10 @@ class AnomalyConfig:
     #: back bright lesions the network misses on a scanner whose normal anatomy has bright tissue
     #: (the model card); 0: the probability alone
     baseline_weight: float = 0.0
+    #: recon-disc: the discriminator also reads two channels of position within the head
+    #: (``head_coordinates``: -1..1 from the head's top to bottom and front to back of the
+    #: slice), so that what is normal can depend on where in the head a pixel lies
+    coord_channels: bool = False
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -250,19 +254,24 @@ class ReconDisc(nn.Module):
 
     Same call signature as the other networks: returns (logits, reconstruction, empty)."""
 
-    def __init__(self, recon_channels: tuple[int, ...], disc_channels: tuple[int, ...]) -> None:
+    def __init__(self, recon_channels: tuple[int, ...], disc_channels: tuple[int, ...], coords: bool = False) -> None:
         from monai.networks.nets import BasicUNet
 
         super().__init__()
+        self.coords = coords
         self.recon = DenoisingUNet(recon_channels)
         # instance normalisation: without it the discriminator did not start learning within
         # 1,000 CPU steps (probe AUROC ~0.57); with it, 0.8 after 300
-        self.disc = BasicUNet(spatial_dims=2, in_channels=2, out_channels=1, features=disc_channels,
+        self.disc = BasicUNet(spatial_dims=2, in_channels=4 if coords else 2, out_channels=1, features=disc_channels,
                               norm=("instance", {"affine": True}))
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        recon = self.recon(x)[0]
-        logits = self.disc(torch.cat([x, recon], dim=1))
+        """``x``: (B, 1, H, W) slices, or (B, 3, H, W) slices and their ``head_coordinates``
+        for a network with ``coords``."""
+        image = x[:, :1]
+        recon = self.recon(image)[0]
+        parts = [image, recon, x[:, 1:3]] if self.coords else [image, recon]
+        logits = self.disc(torch.cat(parts, dim=1))
         return logits, recon, x.new_zeros((x.shape[0], 0, 1, 1))
 
 
@@ -291,8 +300,9 @@ class ReconDiscEnsemble(nn.Module):
 def build_network(cfg: AnomalyConfig) -> nn.Module:
     if cfg.arch == "recon-disc":
         if cfg.members > 1:
-            return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels) for _ in range(cfg.members)])
-        return ReconDisc(cfg.channels, cfg.disc_channels)
+            return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels)
+                                      for _ in range(cfg.members)])
+        return ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels)
     if cfg.arch == "dae-unet":
         return DenoisingUNet(cfg.channels)
     if cfg.arch == "inpaint-unet":
@@ -467,11 +477,36 @@ def _prob_inpaint_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig)
     return z, loc_total / count, scale_total / count
 
 
+def head_coordinates(images: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each pixel's row and column position relative to the head in its slice,
+    -1 at the head's first row (column) and +1 at its last, linear beyond (the head: the
+    foreground mask, not eroded). A slice without head gets the image's own extent."""
+    b, _, h, w = images.shape
+    mask = foreground_mask(images, 0)[:, 0] > 0
+    rows = torch.arange(h, dtype=images.dtype).view(1, h, 1).expand(b, h, w)
+    cols = torch.arange(w, dtype=images.dtype).view(1, 1, w).expand(b, h, w)
+    out = images.new_zeros((b, 2, h, w))
+    for i in range(b):
+        ys = torch.nonzero(mask[i].any(dim=1)).flatten()
+        xs = torch.nonzero(mask[i].any(dim=0)).flatten()
+        y0, y1 = (float(ys[0]), float(ys[-1])) if ys.numel() > 1 else (0.0, float(h - 1))
+        x0, x1 = (float(xs[0]), float(xs[-1])) if xs.numel() > 1 else (0.0, float(w - 1))
+        out[i, 0] = (rows[i] - y0) / max(y1 - y0, 1.0) * 2 - 1
+        out[i, 1] = (cols[i] - x0) / max(x1 - x0, 1.0) * 2 - 1
+    return out
+
+
+def network_input(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """What a recon-disc network is called with: the slices, and their head coordinates when
+    ``cfg.coord_channels``."""
+    return torch.cat([images, head_coordinates(images)], dim=1) if cfg.coord_channels else images
+
+
 def recon_disc_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """recon-disc: per-pixel anomaly probability and the reconstruction (averaged with those of
     the mirrored slice if ``cfg.tta_flip``)."""
     def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, recon, _ = net(x, sample=False)
+        logits, recon, _ = net(network_input(x, cfg), sample=False)
         return torch.sigmoid(logits), recon
 
     return _mirror_averaged(maps_of, images, cfg.tta_flip)

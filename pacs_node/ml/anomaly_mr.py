@@ -29,6 +29,7 @@ from .anomaly import (
     AnomalyConfig,
     ReconDiscEnsemble,
     build_network,
+    head_coordinates,
     inpainting_input,
     training_noise,
     foreground_mask,
@@ -385,14 +386,17 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
             idx = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), batch, replacement=True,
                                     generator=gen)
         clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves, elastic=elastic)
+        # head coordinates from the whole canvas, cropped with it
+        position = head_coordinates(clean) if cfg.arch == "recon-disc" and cfg.coord_channels else None
         if crop:
-            clean = random_crops(clean, crop, gen)
+            both = random_crops(clean if position is None else torch.cat([clean, position], dim=1), crop, gen)
+            clean, position = (both, None) if position is None else (both[:, :1], both[:, 1:])
         if cfg.arch == "recon-disc":
             corrupted, labels = corrupt_batch(clean[:, 0].numpy(), np_rng, bright=bright)
             x, y = torch.from_numpy(corrupted)[:, None], torch.from_numpy(labels)[:, None]
             if acquisition_aug:
                 x, clean = acquisition([x, clean], gen)
-            logits, recon, _ = net(x)
+            logits, recon, _ = net(x if position is None else torch.cat([x, position], dim=1))
             # anomalous pixels are ~2 % of a crop: weight them 10x (BCE + soft Dice did not learn)
             seg = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(10.0))
             rec = (recon - clean).abs().mean() + seg
@@ -480,6 +484,8 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--calibrate-slices", type=int, default=256)
     p.add_argument("--balance-sources", action=argparse.BooleanOptionalAction, default=False,
                    help="draw each training series equally often (default: each slice equally often)")
+    p.add_argument("--coord-channels", action=argparse.BooleanOptionalAction, default=False,
+                   help="recon-disc: the discriminator also reads each pixel's position within the head")
     p.add_argument("--uih-share", type=float, default=None,
                    help="fraction of training draws from the UIH slices, the rest from the others (1: UIH only; "
                         "overrides --balance-sources; a probe of whether the UIH scanner's weakness is exposure)")
@@ -528,7 +534,7 @@ def train_main(argv: list[str]) -> int:
                                      "target_sigma", "channels", "disc_channels", "balance_sources",
                                      "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                                      "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                                     "members", "baseline_weight", "uih_share"}
+                                     "members", "baseline_weight", "uih_share", "coord_channels"}
         if unknown:
             p.error(f"{known.config}: unknown keys {sorted(unknown)}")
         settings.pop("version", None)
@@ -573,6 +579,9 @@ def train_main(argv: list[str]) -> int:
     if args.baseline_weight < 0 or (args.baseline_weight > 0 and args.arch != "recon-disc"):
         p.error("--baseline-weight must be >= 0, and > 0 only with --arch recon-disc")
     cfg.baseline_weight = float(args.baseline_weight)  # scoring only: training never sees it
+    if args.coord_channels and args.arch != "recon-disc":
+        p.error("--coord-channels applies to --arch recon-disc only")
+    cfg.coord_channels = bool(args.coord_channels)
     if args.data is None:
         from ..datasets import data_dir
 
