@@ -139,8 +139,8 @@ def _database(settings: Settings) -> Iterator[Finding]:
 
 def _ports(settings: Settings) -> Iterator[Finding]:
     """Each listening port, bound the way the node binds it and all held until the last is tried
-    (two settings naming one port collide here as they would at start): free; or held by a
-    pacs-node (it names itself in its A-ASSOCIATE-AC); or held by something else."""
+    (two settings naming one port collide here as they would at start): free; or held by this
+    node, already running (its run file names a live pid); or held by something else."""
     ports = [("DICOM port", settings.node.host, settings.node.port)]
     if settings.tls.port is not None:
         ports.append(("DICOM TLS port", settings.node.host, int(settings.tls.port)))
@@ -162,19 +162,18 @@ def _ports(settings: Settings) -> Iterator[Finding]:
     finally:
         for sock in held:
             sock.close()
-    node_answer: str | None = None
+    running = _running_node(settings)
+    answer: str | None = None
     for what, host, port, exc, twin in failures:
         if exc.errno == errno.EADDRINUSE and twin is not None:
             yield Finding("FAIL", what, f"{host}:{port} is the {twin} too: the two cannot share it")
+        elif exc.errno == errno.EADDRINUSE and running is not None and port in running[1]:
+            yield Finding("warn", what, f"{host}:{port} in use by this node, already running ({running[0]})")
         elif exc.errno == errno.EADDRINUSE:
-            if node_answer is None:
-                node_answer = _who_answers(settings)
-            if node_answer.startswith("a pacs-node"):
-                yield Finding("warn", what, f"{host}:{port} in use; {node_answer} on the DICOM port "
-                                            f"{settings.node.port} (this node already running?)")
-            else:
-                yield Finding("FAIL", what, f"{host}:{port} in use by another process ({node_answer}): the node "
-                                            f"cannot listen there")
+            if answer is None:
+                answer = _who_answers(settings) if what.startswith("DICOM") else "not a DICOM port: not probed"
+            yield Finding("FAIL", what, f"{host}:{port} in use by another process ({answer}): the node cannot "
+                                        f"listen there")
         elif exc.errno in (errno.EACCES, errno.EPERM):
             yield Finding("FAIL", what, f"{host}:{port}: no permission to listen (ports below 1024 need root or "
                                         f"CAP_NET_BIND_SERVICE)")
@@ -182,18 +181,36 @@ def _ports(settings: Settings) -> Iterator[Finding]:
             yield Finding("FAIL", what, f"{host}:{port}: cannot listen: {exc.strerror or exc}")
 
 
+def _running_node(settings: Settings) -> tuple[str, set[int]] | None:
+    """This configuration's node, when it runs on this host: (who, its ports), from the run file
+    it keeps in storage_dir (``node.run_file``) and a live pid."""
+    import json
+
+    from .node import run_file
+
+    try:
+        info = json.loads(run_file(settings).read_text())
+        pid = int(info["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # left by a node that was killed
+    except PermissionError:
+        pass  # alive, another user's
+    ports = {int(p) for p in (info.get("port"), info.get("tls_port"), info.get("http_port")) if p}
+    return f"pid {pid}, since {info.get('started', '?')}", ports
+
+
 def _who_answers(settings: Settings) -> str:
-    """Who answers an association on the node's DICOM port: 'a pacs-node (...)' when the acceptor
-    names itself as one, else a description of what answered (or did not)."""
-    from . import IMPLEMENTATION_VERSION_NAME
+    """What answers an association on the node's DICOM port: the Implementation Version Name it
+    gives in its A-ASSOCIATE-AC (a pacs-node says PACS_NODE_<version>), or what happened."""
     from .net.echo import echo
 
     node = settings.node
     wildcard = node.host in ("", "0.0.0.0", "::")
     host = ("::1" if node.host == "::" else "127.0.0.1") if wildcard else node.host
-    # call as a configured peer this host may call as, so that a running node accepts us
-    callers = [p.ae_title for p in settings.peers if not p.allowed_hosts or host in p.allowed_hosts]
-    calling = callers[0] if callers else node.ae_title
     context = None
     tls = settings.tls
     if tls.listening and tls.port is None:  # node.port speaks TLS only
@@ -204,15 +221,13 @@ def _who_answers(settings: Settings) -> str:
             context.load_cert_chain(str(tls.certificate), str(tls.private_key))
         except (ssl.SSLError, OSError):
             pass
-    outcome = echo(host, node.port, node.ae_title, calling, 5.0, context)
-    name = IMPLEMENTATION_VERSION_NAME.rsplit("_", 1)[0]
-    if outcome.implementation.startswith(name):
-        return f"a pacs-node ({outcome.implementation}) answers C-ECHO"
+    outcome = echo(host, node.port, node.ae_title, node.ae_title, 5.0, context)
+    if outcome.implementation.startswith("PACS_NODE"):
+        return f"a pacs-node ({outcome.implementation}) of another configuration answers C-ECHO"
     if outcome.implementation:
         return f"a DICOM application '{outcome.implementation}' answers"
     if outcome.rejected:
-        return (f"a DICOM application rejected an association from {calling}, so it could not be identified as "
-                f"a pacs-node")
+        return f"a DICOM application that rejected an association from {node.ae_title}"
     return "no DICOM answer"
 
 

@@ -222,7 +222,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     # models are loaded on the CPU: no GPU memory taken beside a running node's
-    os.environ.setdefault("PACS_NODE_DEVICE", "cpu")
+    os.environ["PACS_NODE_DEVICE"] = "cpu"
     logs.setup("WARNING")  # the findings are the output; library chatter is not
     logging.getLogger("pynetdicom").setLevel(logging.CRITICAL)  # a peer that is down is a finding, not a traceback
     failed = warned = 0

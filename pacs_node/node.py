@@ -22,6 +22,14 @@ from .store.index import Database, Instance, Series, Study
 from .store.indexer import index_missing_files
 from .store.ingest import Ingest
 
+def run_file(settings: Settings) -> "Path":
+    """Where a running node of ``settings`` on this host notes its pid and ports."""
+    import socket
+    from pathlib import Path
+
+    return Path(settings.node.storage_dir) / "run" / f"{socket.gethostname()}.json"
+
+
 log = logging.getLogger(__name__)
 
 
@@ -143,9 +151,43 @@ class Node:
             threading.Thread(target=preload, args=(names, False), name="preload", daemon=True).start()
         from .web import start_operations  # web console, /metrics, STOW-RS, webhooks; threads end with _stop
         self._threads.extend(start_operations(self, self._stop))
+        self._write_run_file()
         log.info("node started: storage %s, database %s, worker %s, %d rule(s)", self.settings.node.storage_dir,
                  self.db.engine.url.render_as_string(hide_password=True), "on" if self.run_worker else "off",
                  len(self.settings.rules))
+
+    def _write_run_file(self) -> None:
+        """storage_dir/run/<host name>.json: this process's pid and ports, so that `pacs-node
+        check` tells this node, already running, from another program on its ports. Removed at
+        stop; one left by a killed node names a pid that is gone."""
+        import datetime as dt
+        import json
+        import os
+        import socket
+
+        http = self.settings.http
+        info = {"pid": os.getpid(), "ae_title": self.settings.node.ae_title, "port": self.scp.port,
+                "tls_port": self.scp.tls_port or None, "http_port": http.port if http.enabled else None,
+                "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        path = run_file(self.settings)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}")
+            tmp.write_text(json.dumps(info))
+            os.replace(tmp, path)
+        except OSError as exc:  # a hint for `check` only: never a reason not to run
+            log.warning("could not write %s: %s", path, exc.strerror or exc)
+
+    def _remove_run_file(self) -> None:
+        import json
+        import os
+
+        path = run_file(self.settings)
+        try:
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+        except (OSError, ValueError):
+            pass
 
     def stopped_threads(self) -> list[str]:
         """Names of this node's loops (completion, sender, retention, worker, web) that have ended
@@ -164,6 +206,7 @@ class Node:
         self.scp.stop()
         for thread in self._threads:
             thread.join(timeout=30)
+        self._remove_run_file()
         self.db.dispose()
         log.info("node stopped")
 

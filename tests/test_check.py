@@ -4,6 +4,8 @@ certificates), run as the command line an administrator types."""
 
 from __future__ import annotations
 
+import json
+import os
 import socket
 import subprocess
 from pathlib import Path
@@ -76,8 +78,8 @@ def test_check_passes_on_a_working_node_and_sees_it_running(node_factory, stores
     out = node.cli("check")  # exit status 0 or it raises
     assert "writable" in line(out.stdout, "ok", "storage")
     assert "schema 0003 (current)" in line(out.stdout, "ok", "database")
-    # it called as the configured peer STORESCP, was accepted and read the node's name in the A-ASSOCIATE-AC
-    assert "a pacs-node (PACS_NODE_" in line(out.stdout, "warn", "DICOM")
+    # the node's run file (storage/run/<host>.json) names a live pid holding the port
+    assert "in use by this node, already running (pid " in line(out.stdout, "warn", "DICOM")
     assert "success" in line(out.stdout, "ok", "peer")
     assert not list((node.root / "storage").glob(".pacs-node-check-*"))
 
@@ -132,6 +134,9 @@ def test_healthz_is_200_on_a_running_node_and_503_naming_what_broke(tmp_path: Pa
     assert before.status_code == 503 and before.json()["checks"]["dicom listener"].startswith("fail")
     assert before.json()["checks"]["database"] == "ok"
     node.start()
+    from pacs_node.node import run_file
+
+    assert json.loads(run_file(settings).read_text())["pid"] == os.getpid()
     try:
         ok = client.get("/healthz")
         assert ok.status_code == 200, ok.text
@@ -145,6 +150,7 @@ def test_healthz_is_200_on_a_running_node_and_503_naming_what_broke(tmp_path: Pa
     finally:
         node.stop()
     assert client.get("/healthz").status_code == 503  # stopped: the listener is gone
+    assert not run_file(settings).exists()
 
 
 def test_check_tells_another_dicom_application_and_a_port_used_twice_from_a_running_node(
@@ -182,3 +188,23 @@ def test_check_reports_bad_settings_as_findings_not_tracebacks(tmp_path: Path) -
     config.write_text(node_config(free_port(), [], []).replace(
         'database_url = "sqlite:///node.db"', f'database_url = "sqlite:///{tmp_path / "opts.db"}?timeout=30"'))
     assert "schema 0002" in line(check(config, "--no-echo", "--no-pipelines").stdout, "warn", "database")
+
+
+def test_a_run_file_left_by_a_killed_node_does_not_excuse_a_held_port(tmp_path: Path) -> None:
+    from pacs_node.config import load
+    from pacs_node.node import run_file
+
+    port = free_port()
+    config = tmp_path / "node.toml"
+    config.write_text(node_config(port, [], []))
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # a pid that no longer runs
+    path = run_file(load(config))
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"pid": gone.pid, "port": port, "started": "2026-11-29T00:00:00+00:00"}))
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", port))
+        holder.listen()
+        out = check(config, "--no-echo", "--no-pipelines")
+    assert out.returncode == 1
+    assert "in use by another process (no DICOM answer)" in line(out.stdout, "FAIL", "DICOM")

@@ -91,8 +91,9 @@ class AnomalyConfig:
     #: (the model card); 0: the probability alone
     baseline_weight: float = 0.0
     #: recon-disc: the discriminator also reads two channels of position within the head
-    #: (``head_coordinates``: -1..1 from the head's top to bottom and front to back of the
-    #: slice), so that what is normal can depend on where in the head a pixel lies
+    #: (``head_coordinates``: -1..1 from the head's first to last row and column in the image as
+    #: given, i.e. after the training flips), so that what is normal can depend on where in the
+    #: head a pixel lies
     coord_channels: bool = False
     canvas: int = 128
     pixel_mm: float = 2.0
@@ -612,7 +613,8 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
         if cfg.arch != "recon-disc" or cfg.members != 1:
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
-                               "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight")
+                               "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight",
+                               "coord_channels")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

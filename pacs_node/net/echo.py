@@ -25,25 +25,34 @@ def echo(host: str, port: int, called_ae: str, calling_ae: str, timeout: float,
          tls_context: ssl.SSLContext | None = None, server_hostname: str | None = None) -> EchoOutcome:
     """One association with a C-ECHO; never raises for a host that is down, refuses, is slow
     (``timeout`` bounds the connect and each exchange) or answers with a failure status."""
-    from pynetdicom import AE
+    from pynetdicom import AE, evt
     from pynetdicom.sop_class import Verification
+
+    from .. import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
 
     where = f"C-ECHO {called_ae}@{host}:{port}"
     ae = AE(ae_title=calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.connection_timeout = ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
     tls_args = (tls_context, server_hostname or host) if tls_context is not None else None
+    connected: list[bool] = []
     t0 = time.perf_counter()
     try:
-        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args)
+        assoc = ae.associate(host, port, ae_title=called_ae, tls_args=tls_args,
+                             evt_handlers=[(evt.EVT_CONN_OPEN, lambda event: connected.append(True))])
     except OSError as exc:
         return EchoOutcome(False, f"{where}: {exc.strerror or exc}")
     if not assoc.is_established:
         if assoc.is_rejected:
             return EchoOutcome(False, f"{where}: association failed (rejected)", rejected=True)
-        # pynetdicom reports a refused or unreachable host as an aborted association too: say which
+        if connected:
+            why = "aborted" if time.perf_counter() - t0 < 0.9 * timeout else f"no answer within {timeout:g} s"
+            return EchoOutcome(False, f"{where}: connected, association failed ({why})")
         if time.perf_counter() - t0 >= 0.9 * timeout:
             return EchoOutcome(False, f"{where}: cannot connect: no answer within {timeout:g} s")
+        # pynetdicom reports a refused or unreachable host as an aborted association too: say which
         try:
             socket.create_connection((host, port), timeout=timeout).close()
         except OSError as exc:

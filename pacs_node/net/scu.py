@@ -263,6 +263,8 @@ def send_files(files: list[Path], calling_ae: str, called_ae: str, host: str, po
 def _send_with_pynetdicom(files: list[Path], pairs: list[tuple[str, str]], calling_ae: str, called_ae: str,
                           host: str, port: int, timeout: float, tls: ssl.SSLContext | None) -> SendReport:
     ae = AE(ae_title=calling_ae)
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.implementation_version_name = IMPLEMENTATION_VERSION_NAME
     ae.acse_timeout = timeout
     ae.dimse_timeout = timeout
     ae.network_timeout = timeout

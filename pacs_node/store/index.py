@@ -180,9 +180,14 @@ def _ensure_sqlite_folder(url: str) -> None:
 
 
 def connect_args(url: str) -> dict:
-    """Driver options: PostgreSQL gives up connecting after 10 s (libpq waits as long as the
-    operating system does, minutes, for a host that drops packets)."""
-    return {"connect_timeout": 10} if url.startswith("postgresql") else {}
+    """Driver options: PostgreSQL over libpq (psycopg) gives up connecting after 10 s (libpq waits
+    as long as the operating system does, minutes, for a host that drops packets), unless the URL
+    sets its own ``connect_timeout``."""
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    libpq = parsed.get_backend_name() == "postgresql" and parsed.get_driver_name() in ("psycopg", "psycopg2")
+    return {"connect_timeout": 10} if libpq and "connect_timeout" not in parsed.query else {}
 
 
 def make_engine(url: str) -> Engine:
