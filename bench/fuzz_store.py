@@ -267,6 +267,8 @@ def allowed_file(rel: Path) -> bool:
         return True
     if parts[:1] != ("storage",):
         return False
+    if len(parts) == 3 and parts[1] == "run" and parts[2].endswith(".json"):
+        return True  # the running node's pid and ports (Node._write_run_file), for `pacs-node check`
     if len(parts) == 5 and parts[1] == "instances":
         return all(c in "0123456789." for c in "".join(parts[2:4]) + parts[4].removesuffix(".dcm")) and \
             parts[4].endswith(".dcm")
@@ -346,7 +348,8 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
     outside = [p.relative_to(node.root) for p in node.root.rglob("*") if p.is_file()]
     bad = [str(p) for p in outside if not allowed_file(p) and not empty_spare(node.root / p)]
     if bad:
-        stats.problems.append(f"files outside storage/instances/<uid>/<uid>/<uid>.dcm: {bad[:5]}")
+        stats.problems.append(f"files outside storage/instances/<uid>/<uid>/<uid>.dcm (and the node's run file): "
+                              f"{bad[:5]}")
     return stats
 
 
