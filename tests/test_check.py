@@ -208,3 +208,26 @@ def test_a_run_file_left_by_a_killed_node_does_not_excuse_a_held_port(tmp_path: 
         out = check(config, "--no-echo", "--no-pipelines")
     assert out.returncode == 1
     assert "in use by another process (no DICOM answer)" in line(out.stdout, "FAIL", "DICOM")
+
+
+def test_healthz_names_a_database_failure_without_its_host_or_user(tmp_path: Path, caplog) -> None:
+    import logging
+
+    from starlette.testclient import TestClient
+
+    from pacs_node.config import parse
+    from pacs_node.node import Node
+    from pacs_node.web.app import build_app
+
+    settings = parse({"node": {"storage_dir": str(tmp_path / "storage"),
+                               "database_url": f"sqlite:///{tmp_path / 'node.db'}"}})
+    node = Node(settings)
+    node.db.engine.dispose()
+    (tmp_path / "node.db").unlink()
+    (tmp_path / "node.db").mkdir()  # the database file is now a folder: every connect fails
+    with caplog.at_level(logging.WARNING, logger="pacs_node.check"):
+        answer = TestClient(build_app(node)).get("/healthz")
+    assert answer.status_code == 503
+    database = answer.json()["checks"]["database"]
+    assert database.startswith("fail: ") and "node.db" not in database and str(tmp_path) not in database
+    assert "the database does not answer SELECT 1" in caplog.text
