@@ -298,6 +298,31 @@ def _peers(settings: Settings) -> Iterator[Finding]:
         yield Finding("ok" if ok else "FAIL", "peer", f"{peer.name}: {message}")
 
 
+def _webhooks(settings: Settings) -> Iterator[Finding]:
+    """Each webhook URL ([notify] and the rules' own): its host resolves and takes a TCP
+    connection (no request is sent: a call would be an event to the receiver)."""
+    import urllib.parse
+
+    urls: dict[str, list[str]] = {}
+    if settings.notify.webhook_url:
+        urls.setdefault(settings.notify.webhook_url, []).append("[notify]")
+    for rule in settings.rules:
+        if rule.webhook_url:
+            urls.setdefault(rule.webhook_url, []).append(f"rule {rule.name}")
+    for url, users in urls.items():
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or ""
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        shown = f"{parts.scheme}://{host}:{port}{parts.path}"  # no user:password@, no query
+        timeout = min(settings.notify.timeout_seconds, 10.0)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError as exc:
+            yield Finding("FAIL", "webhook", f"{shown} ({', '.join(users)}): cannot connect: {exc.strerror or exc}")
+            continue
+        yield Finding("ok", "webhook", f"{shown} ({', '.join(users)}): takes connections")
+
+
 def run_checks(settings: Settings, echo: bool = True, pipelines: bool = True) -> Iterator[Finding]:
     """Every finding, in order: configuration, storage, database, ports, TLS, pipelines, peers.
     A check that itself breaks is a FAIL line naming it; the others still run."""
@@ -309,6 +334,7 @@ def run_checks(settings: Settings, echo: bool = True, pipelines: bool = True) ->
         steps.append(("pipeline", _pipelines))
     if echo:
         steps.append(("peer", _peers))
+        steps.append(("webhook", _webhooks))
     for name, step in steps:
         try:
             yield from step(settings)

@@ -231,3 +231,28 @@ def test_healthz_names_a_database_failure_without_its_host_or_user(tmp_path: Pat
     database = answer.json()["checks"]["database"]
     assert database.startswith("fail: ") and "node.db" not in database and str(tmp_path) not in database
     assert "the database does not answer SELECT 1" in caplog.text
+
+
+def test_check_connects_to_each_webhook_without_calling_it(tmp_path: Path) -> None:
+    closed = free_port()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        open_port = listener.getsockname()[1]
+        config = tmp_path / "node.toml"
+        config.write_text(node_config(
+            free_port(), [{"name": "dest", "ae_title": "DEST", "host": "127.0.0.1", "port": closed}],
+            [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical", "destinations": ["dest"],
+              "webhook_url": f"http://127.0.0.1:{closed}/hook", "webhook_secret": "0123456789abcdef0123"}],
+            notify={"webhook_url": f"http://user:pw@127.0.0.1:{open_port}/ris?token=t0k3n",
+                    "webhook_secret": "0123456789abcdef0123"}))
+        out = check(config, "--no-pipelines")
+        listener.settimeout(1)
+        conn, _ = listener.accept()  # check's connection: nothing was sent on it
+        conn.settimeout(2)
+        assert conn.recv(1) == b""
+        conn.close()
+    assert out.returncode == 1
+    assert f"http://127.0.0.1:{open_port}/ris ([notify]): takes connections" in line(out.stdout, "ok", "webhook")
+    assert f"http://127.0.0.1:{closed}/hook (rule ct): cannot connect" in line(out.stdout, "FAIL", "webhook")
+    assert "pw" not in out.stdout and "t0k3n" not in out.stdout
