@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_config(sub.add_parser("check", help="check storage, database, ports, TLS, the rules' models and "
                                                  "the peers (C-ECHO) without starting the node; exit 1 on a failure"))
-    p.add_argument("--no-echo", action="store_true", help="do not C-ECHO the peers")
+    p.add_argument("--no-echo", action="store_true", help="do not call the peers (C-ECHO) nor the webhook hosts")
     p.add_argument("--no-pipelines", action="store_true", help="do not load the rules' pipelines (models)")
     p.set_defaults(fn=cmd_check)
 
