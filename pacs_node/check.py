@@ -40,11 +40,21 @@ class Finding:
     detail: str
 
 
+def _nearest_existing(path: Path) -> Path:
+    """``path`` or the closest folder above it that exists (where it would be created)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _driver_reason(exc: BaseException) -> str:
+    """The first line of what the database driver said (SQLAlchemy wraps it in ``orig``)."""
+    return str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+
+
 def _storage(settings: Settings) -> Iterator[Finding]:
     root = Path(settings.node.storage_dir)
-    existing = root
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
+    existing = _nearest_existing(root)
     if root.exists() and not root.is_dir():
         yield Finding("FAIL", "storage", f"{root} exists and is not a folder")
         return
@@ -86,11 +96,12 @@ def _storage(settings: Settings) -> Iterator[Finding]:
 
 
 def _database(settings: Settings) -> Iterator[Finding]:
-    from alembic.config import Config
     from alembic.runtime.migration import MigrationContext
     from alembic.script import ScriptDirectory
     from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
+
+    from .store.index import alembic_config, connect_args
 
     url = settings.node.database_url
     try:
@@ -100,24 +111,18 @@ def _database(settings: Settings) -> Iterator[Finding]:
                                           f"sqlite:///PATH or postgresql+psycopg://USER@HOST/NAME")
         return
     shown = parsed.render_as_string(hide_password=True)
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "store" / "migrations"))
-    script = ScriptDirectory.from_config(cfg)
+    script = ScriptDirectory.from_config(alembic_config())
     head = script.get_current_head()
     if parsed.get_backend_name() == "sqlite":
         path = parsed.database
         if path and path != ":memory:" and not Path(path).exists():
-            folder = Path(path).parent
-            while not folder.exists() and folder != folder.parent:
-                folder = folder.parent
+            folder = _nearest_existing(Path(path).parent)
             if not os.access(folder, os.W_OK | os.X_OK):
                 yield Finding("FAIL", "database", f"{shown}: does not exist and {folder} is not writable to create it")
             else:
                 yield Finding("ok", "database", f"{shown}: does not exist yet (created at start, schema {head})")
             return
     try:
-        from .store.index import connect_args
-
         engine = create_engine(url, connect_args=connect_args(url))
         try:
             with engine.connect() as conn:
@@ -125,8 +130,7 @@ def _database(settings: Settings) -> Iterator[Finding]:
         finally:
             engine.dispose()
     except Exception as exc:  # noqa: BLE001 - any driver error is the finding
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
-        yield Finding("FAIL", "database", f"{shown}: cannot connect: {reason}")
+        yield Finding("FAIL", "database", f"{shown}: cannot connect: {_driver_reason(exc)}")
         return
     known = {rev.revision for rev in script.walk_revisions()}
     if current == head:
@@ -352,20 +356,11 @@ def node_health(node) -> dict:  # type: ignore[no-untyped-def]
     {name: "ok ..." | "warn ..." | "fail ..."}}``; unhealthy when any check fails."""
     checks: dict[str, str] = {}
     try:
-        # a plain DBAPI connection: no BEGIN IMMEDIATE (SQLite's write lock) for a probe
-        raw = node.db.engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            cursor.execute("SELECT 1")
-            cursor.fetchall()
-            cursor.close()
-        finally:
-            raw.close()
+        node.db.ping()
         checks["database"] = "ok"
     except Exception as exc:  # noqa: BLE001 - the reason is the finding
         # /healthz needs no login: the driver's words (host, user name) go to the log, not the answer
-        reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0][:300]
-        log.warning("health check: the database does not answer SELECT 1: %s", reason)
+        log.warning("health check: the database does not answer SELECT 1: %s", _driver_reason(exc)[:300])
         checks["database"] = f"fail: {type(getattr(exc, 'orig', None) or exc).__name__} (the node's log has the reason)"
     root = Path(node.files.root)
     try:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import logging
+import os
 import signal
+import socket
 import threading
+from pathlib import Path
 
 import pydicom
 from sqlalchemy import select
@@ -22,11 +27,8 @@ from .store.index import Database, Instance, Series, Study
 from .store.indexer import index_missing_files
 from .store.ingest import Ingest
 
-def run_file(settings: Settings) -> "Path":
+def run_file(settings: Settings) -> Path:
     """Where a running node of ``settings`` on this host notes its pid and ports."""
-    import socket
-    from pathlib import Path
-
     return Path(settings.node.storage_dir) / "run" / f"{socket.gethostname()}.json"
 
 
@@ -160,11 +162,6 @@ class Node:
         """storage_dir/run/<host name>.json: this process's pid and ports, so that `pacs-node
         check` tells this node, already running, from another program on its ports. Removed at
         stop; one left by a killed node names a pid that is gone."""
-        import datetime as dt
-        import json
-        import os
-        import socket
-
         http = self.settings.http
         info = {"pid": os.getpid(), "ae_title": self.settings.node.ae_title, "port": self.scp.port,
                 "tls_port": self.scp.tls_port or None, "http_port": http.port if http.enabled else None,
@@ -179,9 +176,6 @@ class Node:
             log.warning("could not write %s: %s", path, exc.strerror or exc)
 
     def _remove_run_file(self) -> None:
-        import json
-        import os
-
         path = run_file(self.settings)
         try:
             if json.loads(path.read_text()).get("pid") == os.getpid():

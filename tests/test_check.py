@@ -27,14 +27,10 @@ def line(out: str, level: str, what: str) -> str:
 
 def migrate_to(url: str, revision: str) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    import pacs_node.store.index as index
+    from pacs_node.store.index import alembic_config
 
-    cfg = Config()
-    cfg.set_main_option("script_location", str(Path(index.__file__).parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url)
-    command.upgrade(cfg, revision)
+    command.upgrade(alembic_config(url), revision)
 
 
 def test_check_names_each_problem_and_exits_1(tmp_path: Path, storescp: StoreSCP) -> None:

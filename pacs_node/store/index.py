@@ -218,15 +218,22 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=20, max_overflow=20, connect_args=connect_args(url))
 
 
-def migrate(url: str) -> None:
-    """Bring the schema to the latest Alembic revision (creates it on a new database)."""
-    from alembic import command
+def alembic_config(url: str | None = None):  # type: ignore[no-untyped-def]
+    """The Alembic configuration of this schema's migrations (for ``url`` when given)."""
     from alembic.config import Config
 
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
-    command.upgrade(cfg, "head")
+    if url is not None:
+        cfg.set_main_option("sqlalchemy.url", url.replace("%", "%%"))
+    return cfg
+
+
+def migrate(url: str) -> None:
+    """Bring the schema to the latest Alembic revision (creates it on a new database)."""
+    from alembic import command
+
+    command.upgrade(alembic_config(url), "head")
 
 
 class Database:
@@ -239,6 +246,18 @@ class Database:
             migrate(url)
         self.engine = make_engine(url)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    def ping(self) -> None:
+        """``SELECT 1`` on a plain DBAPI connection (raises when the database does not answer):
+        no transaction, so on SQLite no BEGIN IMMEDIATE and no wait for the write lock."""
+        raw = self.engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        finally:
+            raw.close()
 
     @property
     def is_sqlite(self) -> bool:

@@ -24,6 +24,7 @@ from starlette.templating import Jinja2Templates
 
 from .. import audit, metrics
 from ..jobs import retry
+from ..net.echo import echo_peer
 from . import queries, stow, thumbnails
 from .auth import SESSION_COOKIE, SESSION_SECONDS, Auth
 
@@ -32,13 +33,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 HERE = Path(__file__).parent
-
-
-def echo(node: "Node", peer) -> tuple[bool, str]:  # type: ignore[no-untyped-def]
-    """C-ECHO the peer (over TLS when it is a TLS peer); (success, what happened)."""
-    from ..net.echo import echo_peer
-
-    return echo_peer(node.settings, peer)
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -199,7 +193,7 @@ def build_app(node: "Node") -> Starlette:
         peer = settings.peer_by_name(request.path_params["name"])
         if peer is None:
             return back(request, "/peers", error="no such peer")
-        ok, message = await run_in_threadpool(echo, node, peer)
+        ok, message = await run_in_threadpool(echo_peer, settings, peer)
         audit.record(node.db, "echo", called_ae=peer.ae_title, detail=f"{message} (by {user})"[:2000])
         return back(request, "/peers", **({"message": message} if ok else {"error": message}))
 
