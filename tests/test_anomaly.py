@@ -548,6 +548,8 @@ def test_eval_command_scores_any_folder_of_mr_series(tmp_path: Path) -> None:
     ct = sorted((data / "ct" / "ge-head-tilt").iterdir())[0]
     (folder / "ct.dcm").symlink_to(ct)  # not MR: skipped
     (folder / "notes.txt").write_text("not DICOM")  # skipped
+    # a multi-frame MR image the loader does not take: skipped with its reason, not the whole run
+    (folder / "mf.dcm").symlink_to(data / "compressed" / "transfer-syntaxes" / "wg04" / "emri_small_RLE.dcm")
     out_json = tmp_path / "ext.json"
     assert eval_main(["--data", str(folder), "--seed", "5", "--json", str(out_json)]) == 0
     result = json.loads(out_json.read_text())

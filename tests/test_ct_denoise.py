@@ -101,3 +101,45 @@ def test_smoke_train_few_steps_cpu(tmp_path: Path, data: Path):
     assert meta["name"] == "ct-denoise" and json.loads(meta["arch"])["channels"] == [8, 16, 32]
     y = denoise_slices(model, head_phantom(60))  # any size: padded to the network's multiple
     assert y.shape == (60, 60) and np.isfinite(y).all()
+
+
+def test_eval_command_finds_ct_series_in_any_folder(tmp_path: Path, data: Path, capsys):
+    """Another site's export: two CT series in one flat folder (one cropped to a non-square
+    matrix, as some scanners store), an MR series beside them, a non-DICOM file. Each CT series is
+    evaluated under its own name, non-square slices are padded for the simulation and scored on
+    their own pixels, the MR series is skipped; a missing folder is a clear error."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from pacs_node.errors import PacsNodeError
+    from pacs_node.ml.ct_denoise_eval import eval_main
+
+    flat = tmp_path / "export"
+    flat.mkdir()
+    ge = sorted((data / "ct" / "ge-head-tilt").iterdir())
+    for f in ge[:3]:
+        (flat / f"ge-{f.name}").symlink_to(f)
+    uid = generate_uid()
+    for i, f in enumerate(ge[10:13]):  # the same patient as a second, non-square series
+        ds = pydicom.dcmread(f)
+        arr = ds.pixel_array[40:440, :]
+        ds.Rows, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = arr.shape[0], uid, generate_uid(), 77
+        ds.PixelData = arr.tobytes()
+        ds.save_as(flat / f"crop-{i}.dcm")
+    for f in sorted((data / "mr" / "studyforrest-t1").iterdir())[:2]:
+        (flat / f"mr-{f.name}").symlink_to(f)
+    (flat / "README.txt").write_text("not DICOM")
+    out = tmp_path / "eval.json"
+    assert eval_main(["--data", str(flat), "--max-slices", "1", "--skip", "bm3d,classical", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    names = [s["series"] for s in report["series"]]
+    assert len(names) == 2 and "export-77" in names
+    crop = next(s for s in report["series"] if s["series"] == "export-77")
+    assert crop["slices_total"] == 3 and set(crop["metrics"]) == {"low-dose", "gaussian", "model"}
+    # the simulated noise was scored on the 400 x 512 pixels, and the model removes some of it
+    assert crop["metrics"]["model"]["rmse_hu"] < crop["metrics"]["low-dose"]["rmse_hu"]
+    assert "export-77" in capsys.readouterr().out
+    with pytest.raises(PacsNodeError, match="no such file"):
+        eval_main(["--data", str(tmp_path / "nowhere")])
+    with pytest.raises(PacsNodeError, match="no CT series"):
+        eval_main(["--data", str(data / "mr" / "studyforrest-t1")])

@@ -781,6 +781,7 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
     where the head fills a fifth of the canvas. Returns the slices, a description and each
     slice's ``brain_region`` fraction (axial: the whole head; sagittal, coronal: the upper 55 %)."""
+    from ..errors import SeriesLoadError
     from ..volume import group_by_series, volume_from_datasets
 
     files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
@@ -788,7 +789,11 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     fractions: list[float] = []
     used: list[str] = []
     for uid, items in group_by_series(files).items():
-        vol = volume_from_datasets(items)
+        try:
+            vol = volume_from_datasets(items)
+        except SeriesLoadError as exc:
+            log.warning("external evaluation: skipping series %s: %s", uid, exc)
+            continue
         if vol.modality != "MR":
             log.info("external evaluation: skipping a %s series (%d instances): not MR",
                      vol.modality or "no-modality", len(items))

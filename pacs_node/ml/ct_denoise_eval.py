@@ -1,6 +1,7 @@
 """`pacs-node models eval ct-denoise`: simulated low dose on real series, methods compared.
 
-For every series found under ``--data`` (a series folder, or a folder of series folders), the
+For every CT series found under ``--data`` (any folder of DICOM files; series told apart by
+Series Instance UID, or by folder where it is blank), the
 normal-dose slices are the reference (padding below -1024 HU set to air). The low-dose input
 is simulated in the projection domain (:mod:`pacs_node.ml.lowdose`, seeded per slice); then
 
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
+from ..errors import PacsNodeError
 from . import metrics
 from .lowdose import LowDoseParams, prepare_slice, simulate_slice
 
@@ -43,16 +45,46 @@ METHODS = ["low-dose", "gaussian", "bm3d", "classical", "model"]
 GAUSS_SIGMAS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
-def find_series(roots: list[Path]) -> list[Path]:
-    """Folders that directly contain files, below (or equal to) each root, sorted."""
-    found: list[Path] = []
+def find_series(roots: list[Path]) -> list[tuple[str, list]]:
+    """Every CT series under (or equal to) each root, as (name, [(path, dataset)]): files grouped
+    by Series Instance UID, so a flat export of several series works too. A series is named by
+    its folder, with its Series Number (or UID suffix) added where a folder holds several.
+    Other modalities and files that are not DICOM images are skipped and logged."""
+    from ..volume import read_datasets
+
+    found: list[tuple[str, list]] = []
     for root in roots:
         root = Path(root)
-        cands = [root] + sorted(p for p in root.rglob("*") if p.is_dir())
-        for d in cands:
-            if any(f.is_file() for f in d.iterdir()):
-                found.append(d)
+        if not root.exists():
+            raise PacsNodeError(f"--data {root}: no such file or folder")
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        groups: dict[str, list] = {}
+        for path, ds in read_datasets(files):
+            # files whose Series Instance UID was blanked (ct/abdomen-j2k) count as their folder's series
+            uid = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
+            groups.setdefault(uid, []).append((path, ds))
+        here: list[tuple[str, list]] = []
+        by_folder: dict[Path, int] = {}
+        for items in groups.values():
+            by_folder[items[0][0].parent] = by_folder.get(items[0][0].parent, 0) + 1
+        for uid, items in groups.items():
+            modality = str(items[0][1].get("Modality", "") or "")
+            if modality != "CT":
+                log.info("skipping a %s series (%d instances) under %s: not CT", modality or "no-modality",
+                         len(items), root)
+                continue
+            folder = items[0][0].parent
+            name = folder.name or str(folder)
+            if by_folder[folder] > 1:
+                number = items[0][1].get("SeriesNumber")
+                name += f"-{number}" if number not in (None, "") else f"-{uid[-8:]}"
+            here.append((name, sorted(items, key=lambda it: str(it[0]))))
+        found += sorted(here, key=lambda f: f[0])  # in the order the roots were given
     return found
+
+
+def _file_safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
 
 def pick_slices(n: int, max_slices: int) -> list[int]:
@@ -136,28 +168,35 @@ def score(ref: np.ndarray, x: np.ndarray) -> dict[str, float]:
     return res
 
 
-def evaluate_series(folder: Path, dose: float, model, seed: int, max_slices: int, workers: int,
+def evaluate_series(name: str, items: list, dose: float, model, seed: int, max_slices: int, workers: int,
                     params: LowDoseParams, skip: set[str], cache: Path | None = None) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-    from ..volume import load_series
+    from ..volume import volume_from_datasets
     from .ct_denoise import denoise_slices
 
-    vol = load_series(sorted(p for p in folder.iterdir() if p.is_file()))
+    vol = volume_from_datasets(items)
     zs = pick_slices(vol.shape[0], max_slices)
     ref = np.stack([prepare_slice(vol.array[z]) for z in zs])
-    if ref.shape[1] != ref.shape[2]:
-        raise SystemExit(f"{folder}: non-square slices {ref.shape[1:]} are not supported by the simulation")
+    shape = ref.shape[1:]
+    if shape[0] != shape[1]:
+        # the fan-beam simulation needs a square slice: pad with air, score the original pixels
+        side = max(shape)
+        py, px = side - shape[0], side - shape[1]
+        ref = np.pad(ref, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)), constant_values=-1000.0)
+        log.info("%s: %dx%d slices padded with air to %dx%d for the simulation", name, *shape, side, side)
+    crop = (slice(None), slice((ref.shape[1] - shape[0]) // 2, (ref.shape[1] - shape[0]) // 2 + shape[0]),
+            slice((ref.shape[2] - shape[1]) // 2, (ref.shape[2] - shape[1]) // 2 + shape[1]))
     key = hashlib.sha256(json.dumps([params.as_dict(), dose, seed]).encode()).hexdigest()[:10]
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     jobs = [(ref[i], dose, vol.pixel_spacing, [seed, z], params, skip,
-             None if cache is None else cache / f"{folder.name}_{z:04d}_{key}.npz") for i, z in enumerate(zs)]
+             None if cache is None else cache / f"{_file_safe(name)}_{z:04d}_{key}.npz") for i, z in enumerate(zs)]
     t0 = time.time()
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
             parts = list(ex.map(_slice_job, jobs))
     else:
         parts = [_slice_job(j) for j in jobs]
-    log.info("%s: %d slices simulated + baselines in %.0f s", folder.name, len(zs), time.time() - t0)
+    log.info("%s: %d slices simulated + baselines in %.0f s", name, len(zs), time.time() - t0)
     outs: dict[str, np.ndarray] = {"reference": ref, "low-dose": np.stack([p["low-dose"] for p in parts])}
     for m in ("bm3d", "classical"):
         if m not in skip:
@@ -176,11 +215,13 @@ def evaluate_series(folder: Path, dose: float, model, seed: int, max_slices: int
         model_s = (time.time() - t) / len(zs)
     else:
         model_s = None
+    outs = {k: v[crop] for k, v in outs.items()}
+    ref = outs["reference"]
     results = {m: score(ref, outs[m]) for m in METHODS if m in outs}
     times = {k: float(np.mean([p["times"].get(k, 0.0) for p in parts])) for k in ("simulate", "bm3d", "classical")}
     times["model"] = model_s
     info = {
-        "series": folder.name, "slices_total": vol.shape[0], "slices_evaluated": zs,
+        "series": name, "slices_total": vol.shape[0], "slices_evaluated": zs,
         "pixel_spacing_mm": list(vol.pixel_spacing), "gaussian_sigma_px": best[1],
         "bm3d_sigma_hu": float(np.mean([p["sigma_true"] for p in parts])),
         "seconds_per_slice": times, "metrics": results,
@@ -267,7 +308,7 @@ def eval_main(argv: list[str]) -> int:
     params = LowDoseParams()
     series = find_series(args.data)
     if not series:
-        raise SystemExit(f"no series folders under {' '.join(map(str, args.data))}")
+        raise PacsNodeError(f"no CT series under {' '.join(map(str, args.data))}")
     report: dict[str, Any] = {
         "dose": args.dose, "seed": args.seed, "simulation": params.as_dict(),
         "windows_hu": WINDOWS, "model": {k: meta[k] for k in ("name", "version", "trained_steps", "prior_steps") if k in meta},
@@ -277,8 +318,8 @@ def eval_main(argv: list[str]) -> int:
         "series": [],
     }
     panels = []
-    for folder in series:
-        info, outs = evaluate_series(folder, args.dose, model, args.seed, args.max_slices, args.workers, params, skip,
+    for name, items in series:
+        info, outs = evaluate_series(name, items, args.dose, model, args.seed, args.max_slices, args.workers, params, skip,
                                      args.cache)
         report["series"].append(info)
         panels.append((info["series"], outs))

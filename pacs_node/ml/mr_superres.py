@@ -522,11 +522,21 @@ def _model_path(name: str) -> Path:
 
 def evaluate(data: Path | None, scale: int, axis: str = "inplane", weights: Path | None = None,
              baseline: Path | None = None, block: tuple[int, int] = HELDOUT_UIH, ensemble: bool = False):
-    """Metrics of every method on the held-out UIH block. Returns (rows, images for the panel)."""
+    """Metrics of every method on the held-out UIH block. Returns (rows, info, images for the panel)."""
+    truth, spacing, _ = load_uih_truth(data)
+    rows, info, images = evaluate_block(np.clip(truth[block[0]:block[1]], 0, None), spacing, scale, axis,
+                                        weights, baseline, ensemble)
+    info["heldout_uih_sagittal"] = [block[0], block[1] - 1]
+    info["what"] = f"held-out UIH sagittal slices {block[0]}-{block[1] - 1}"
+    return rows, info, images
+
+
+def evaluate_block(gt: np.ndarray, spacing, scale: int, axis: str = "inplane", weights: Path | None = None,
+                   baseline: Path | None = None, ensemble: bool = False):
+    """Metrics of every method on one ground-truth block (z, y, x) at its acquired resolution,
+    degraded here. Returns (rows, info, images for the panel)."""
     from .mr_superres_net import load_generators, superres_inplane, superres_through, task_name
 
-    truth, spacing, _ = load_uih_truth(data)
-    gt = np.clip(truth[block[0]:block[1]], 0, None)
     ref = float(np.percentile(gt, 99.5))
     name = task_name(axis, scale)
     methods: dict[str, np.ndarray] = {}
@@ -566,13 +576,68 @@ def evaluate(data: Path | None, scale: int, axis: str = "inplane", weights: Path
     for r in rows:
         r["delta_psnr_vs_first_db"] = r["psnr_db"] - zf["psnr_db"]
         r["delta_ssim_vs_first"] = r["ssim"] - zf["ssim"]
-    info = {"task": name, "scale": scale, "axis": axis, "heldout_uih_sagittal": [block[0], block[1] - 1],
-            "gt_shape": list(gt.shape), "gt_pixel_spacing_mm": list(spacing), "reference_intensity": ref,
+    info = {"task": name, "scale": scale, "axis": axis,
+            "gt_shape": list(gt.shape), "gt_pixel_spacing_mm": [float(v) for v in spacing], "reference_intensity": ref,
             "normalisation": "every image divided by the 99.5th percentile of the ground-truth block "
                              "(negative ground truth clipped to 0, predictions unclipped); PSNR with data "
                              "range 1 and SSIM (Gaussian window sigma 1.5, data range 1) per full 2-D slice, "
                              "averaged over slices"}
     return rows, info, {"gt": gt / ref, "lr": lr / ref, **{k: v / ref for k, v in methods.items()}}
+
+
+def holds_uih(data: Path) -> bool:
+    """Whether ``data`` is the shared data folder (or its UIH series folder): the held-out evaluation."""
+    try:
+        _series_dir(data, UIH_SERIES)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def external_blocks(root: Path, max_slices: int = 40):
+    """Ground truth from any folder of DICOM MR series (other scanners, subjects, contrasts): for
+    each MR series, its central ``max_slices`` contiguous slices in the acquisition plane, at the
+    acquired resolution where the scanner interpolated (the UIH convention, ``kspace``).
+
+    Yields (description, block (z, y, x) float32 >= 0, in-plane spacing (mm), slice spacing (mm)).
+    """
+    from ..errors import PacsNodeError, SeriesLoadError
+    from ..volume import group_by_series, volume_from_datasets
+
+    if not root.exists():
+        raise PacsNodeError(f"--data {root}: no such file or folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    found = 0
+    for uid, items in group_by_series(files).items():
+        try:
+            vol = volume_from_datasets(items)
+        except SeriesLoadError as exc:
+            log.warning("external evaluation: skipping series %s: %s", uid, exc)
+            continue
+        if vol.modality != "MR":
+            log.info("external evaluation: skipping a %s series (%d instances): not MR",
+                     vol.modality or "no-modality", len(items))
+            continue
+        arr, spacing = kspace.to_acquired_resolution(vol.array.astype(np.float32), vol.datasets[0],
+                                                     vol.pixel_spacing)
+        if min(arr.shape[1:]) < 32:
+            log.info("external evaluation: skipping series %s: %s pixels per slice is too small",
+                     uid, "x".join(map(str, arr.shape[1:])))
+            continue
+        z = arr.shape[0]
+        lo = max(0, z // 2 - max_slices // 2)
+        block = np.clip(arr[lo: lo + max_slices], 0, None)
+        plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
+        step = float(vol.spacing[0])
+        acquired = "" if tuple(arr.shape[1:]) == tuple(vol.array.shape[1:]) else \
+            f", acquired matrix of a {vol.array.shape[1]}x{vol.array.shape[2]} reconstruction"
+        what = (f"{plane} series {uid}: slices {lo}-{lo + len(block) - 1} of {z}, {block.shape[1]}x{block.shape[2]} "
+                f"at {spacing[0]:.2f}x{spacing[1]:.2f} mm{acquired}, slice step {step:.2f} mm")
+        found += 1
+        yield what, block, spacing, step
+    if not found:
+        raise PacsNodeError(f"{root}: no MR series to evaluate (expected the shared data folder holding "
+                            f"{UIH_SERIES}/, or a folder of DICOM MR series)")
 
 
 def _plot(path: Path, images: dict, info: dict, rows: list[dict]) -> None:
@@ -610,24 +675,92 @@ def _plot(path: Path, images: dict, info: dict, rows: list[dict]) -> None:
         ax.set_title(title, fontsize=7)
     for ax in axes.ravel():
         ax.axis("off")
-    fig.suptitle(f"UIH T1 held-out sagittal slices {info['heldout_uih_sagittal'][0]}-"
-                 f"{info['heldout_uih_sagittal'][1]}, {info['axis']} x{scale} (slice {z} of block)", fontsize=9)
+    fig.suptitle(f"{info['what']}, {info['axis']} x{scale} (slice {z} of block)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
+def _print_rows(rows: list[dict]) -> None:
+    first = rows[0]["method"]
+    print(f"{'method':<24}{'PSNR dB':>9}{'SSIM':>9}{'dPSNR':>9}{'dSSIM':>9}   (d = vs {first})")
+    for r in rows:
+        print(f"{r['method']:<24}{r['psnr_db']:9.2f}{r['ssim']:9.4f}{r['delta_psnr_vs_first_db']:+9.2f}"
+              f"{r['delta_ssim_vs_first']:+9.4f}")
+
+
+def pooled(per_series: list[list[dict]]) -> list[dict]:
+    """Slice-weighted means over series of each method's PSNR / SSIM (methods every series has)."""
+    methods = [r["method"] for r in per_series[0] if all(any(x["method"] == r["method"] for x in rows)
+                                                          for rows in per_series)]
+    out = []
+    for m in methods:
+        got = [next(x for x in rows if x["method"] == m) for rows in per_series]
+        n = sum(g["n_slices"] for g in got)
+        out.append({"method": m, "n_slices": n,
+                    "psnr_db": sum(g["psnr_db"] * g["n_slices"] for g in got) / n,
+                    "ssim": sum(g["ssim"] * g["n_slices"] for g in got) / n,
+                    "psnr_min_db": min(g["psnr_min_db"] for g in got)})
+    for r in out:
+        r["delta_psnr_vs_first_db"] = r["psnr_db"] - out[0]["psnr_db"]
+        r["delta_ssim_vs_first"] = r["ssim"] - out[0]["ssim"]
+    return out
+
+
+def _eval_external(args) -> int:
+    """Every MR series under --data: the same degradation, methods and metrics as the held-out block."""
+    min_slices = 2 * args.scale + 1 if args.axis == "through" else 1
+    results, plotted = [], False
+    t0 = time.time()
+    for what, block, spacing, step in external_blocks(args.data, args.max_slices):
+        if block.shape[0] < min_slices:
+            print(f"\n{what}\n  skipped: through-plane x{args.scale} needs {min_slices} slices, the series has "
+                  f"{block.shape[0]}")
+            continue
+        rows, info, images = evaluate_block(block, spacing, args.scale, args.axis, args.weights, args.baseline,
+                                            ensemble=args.ensemble)
+        info["what"] = what
+        print(f"\n{what}")
+        if args.axis == "through" and not 0.4 <= step <= 1.5:
+            print(f"  note: the through-plane models were trained on 0.67-1 mm slice steps; this series' "
+                  f"{step:.2f} mm is simulated as {args.scale * step:.2f} mm slices")
+        _print_rows(rows)
+        results.append({"info": info, "results": rows})
+        if args.plot and not plotted:
+            _plot(args.plot, images, info, rows)
+            plotted = True
+    if not results:
+        print("no series could be evaluated")
+        return 1
+    summary = pooled([r["results"] for r in results])
+    print(f"\nall {len(results)} series, slice-weighted mean ({summary[0]['n_slices']} slices)")
+    _print_rows(summary)
+    print(f"normalisation: {results[0]['info']['normalisation']}, per series")
+    print(f"({time.time() - t0:.0f}s)")
+    if args.json:
+        args.json.write_text(json.dumps({"split": "external", "series": results, "pooled": summary}, indent=2))
+    return 0
+
+
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="pacs-node models eval mr-superres",
                                 description="PSNR/SSIM of zero-fill, bicubic, Lanczos, a plain L1 CNN and the "
-                                            "model on the held-out UIH block.")
-    p.add_argument("--data", type=Path, default=None, help="data folder holding mr/uih-t1-3d-sag (or that folder)")
+                                            "model: on the held-out UIH block, or on any folder of DICOM MR "
+                                            "series (split 'external').")
+    p.add_argument("--data", type=Path, default=None,
+                   help="the shared data folder holding mr/uih-t1-3d-sag (or that folder): the held-out "
+                        "evaluation; or any folder of DICOM MR series (other scanners, subjects): split 'external'")
+    p.add_argument("--split", choices=("held-out", "external"), default=None,
+                   help="held-out (default where --data holds the UIH series, or without --data); external "
+                        "(default otherwise): each MR series' central --max-slices slices, degraded the same way")
+    p.add_argument("--max-slices", type=int, default=40,
+                   help="external: contiguous slices per series (default 40, the size of the held-out block)")
     p.add_argument("--scale", type=int, default=2, choices=(2, 4))
     p.add_argument("--axis", default="inplane", choices=("inplane", "through"))
     p.add_argument("--weights", type=Path, default=None, help="model weights (default models/mr-superres)")
     p.add_argument("--baseline", type=Path, default=None, help="plain L1 CNN weights")
     p.add_argument("--json", type=Path, default=None, help="write the results as JSON here")
-    p.add_argument("--plot", type=Path, default=None, help="write a crop panel PNG here")
+    p.add_argument("--plot", type=Path, default=None, help="write a crop panel PNG here (external: the first series)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch default)")
     p.add_argument("--ensemble", action="store_true", help="in-plane: average over 4 periodic flips (both CNNs)")
     args = p.parse_args(argv)
@@ -635,19 +768,19 @@ def eval_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    split = args.split or ("held-out" if args.data is None or holds_uih(args.data) else "external")
+    if split == "external":
+        if args.data is None:
+            p.error("--split external needs --data (a folder of DICOM MR series)")
+        return _eval_external(args)
     t0 = time.time()
     rows, info, images = evaluate(args.data, args.scale, args.axis, args.weights, args.baseline,
                                   ensemble=args.ensemble)
     info["ensemble"] = bool(args.ensemble)
-    print(f"mr-superres eval: {info['axis']} x{info['scale']}, held-out UIH sagittal slices "
-          f"{info['heldout_uih_sagittal'][0]}-{info['heldout_uih_sagittal'][1]} "
+    print(f"mr-superres eval: {info['axis']} x{info['scale']}, {info['what']} "
           f"(ground truth {info['gt_shape']} at {info['gt_pixel_spacing_mm'][0]:g} mm)")
     print(f"normalisation: {info['normalisation']}")
-    first = rows[0]["method"]
-    print(f"{'method':<24}{'PSNR dB':>9}{'SSIM':>9}{'dPSNR':>9}{'dSSIM':>9}   (d = vs {first})")
-    for r in rows:
-        print(f"{r['method']:<24}{r['psnr_db']:9.2f}{r['ssim']:9.4f}{r['delta_psnr_vs_first_db']:+9.2f}"
-              f"{r['delta_ssim_vs_first']:+9.4f}")
+    _print_rows(rows)
     print(f"({time.time() - t0:.0f}s)")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": rows}, indent=2))
