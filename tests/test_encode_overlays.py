@@ -24,7 +24,7 @@ from pacs_node.errors import EncodeError
 from pacs_node.pipelines.base import ScoreMap
 from pacs_node.volume import load_series
 
-SERIES = {"mr/studyforrest-t1": (190, 193), "mr/uih-t1-3d-sag": (80, 83)}
+SERIES = {"mr/studyforrest-t1": (190, 193), "mr/uih-t1-3d-sag": (80, 83), "ct/ge-head-tilt": (16, 19)}
 KINDS = ("secondary_capture", "parametric_map", "segmentation")
 
 

@@ -88,7 +88,16 @@ def sanitised_source(src: Dataset) -> Dataset:
         if value is not None and str(value) and not pattern.match(str(value).strip()):
             delattr(clone, keyword)
             setattr(clone, keyword, "")
+    # Type 2 patient / study attributes a source may lack (ct/ge-head-tilt has no Patient's
+    # Birth Date): highdicom copies them unconditionally, so they are added empty (unknown)
+    for keyword in _TYPE2_COPIED:
+        if keyword not in clone:
+            setattr(clone, keyword, "")
     return clone
+
+
+_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bool = True) -> None:
