@@ -13,9 +13,9 @@ from pathlib import Path
 from conftest import BIN, StoreSCP, free_port, node_config
 
 
-def check(config: Path, *extra: str) -> subprocess.CompletedProcess:
+def check(config: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([str(BIN / "pacs-node"), "check", "--config", str(config), *extra], capture_output=True,
-                          text=True, cwd=config.parent, timeout=180)
+                          text=True, cwd=config.parent, timeout=180, env={**os.environ, **(env or {})})
 
 
 def line(out: str, level: str, what: str) -> str:
@@ -47,8 +47,8 @@ def test_check_names_each_problem_and_exits_1(tmp_path: Path, storescp: StoreSCP
     config.write_text(node_config(port, peers, rules))
     (tmp_path / "storage").write_text("a file where the storage folder should be")
     migrate_to(f"sqlite:///{tmp_path / 'node.db'}", "0002")
-    try:
-        out = check(config)
+    try:  # a models folder without the anomaly-ct weights: that rule's pipeline cannot be loaded
+        out = check(config, env={"PACS_NODE_MODELS": str(tmp_path / "no-models")})
     finally:
         holder.close()
     assert out.returncode == 1, out.stdout + out.stderr

@@ -95,6 +95,13 @@ class AnomalyConfig:
     #: given, i.e. after the training flips), so that what is normal can depend on where in the
     #: head a pixel lies
     coord_channels: bool = False
+    #: recon-disc fusion: the region whose mean and standard deviation the intensity z-score is
+    #: taken against, and outside which q is 0: "head" (the eroded head mask, MR) or
+    #: "intracranial" (inside a closed ring of skull, ``intracranial_region``: CT on its HU scale)
+    outlier_region: str = "head"
+    #: the pipeline's default ``threshold`` for the ``segmentation`` output (a rule's own wins):
+    #: where the score's best Dice lay on the model's validation slices
+    seg_threshold: float = 0.5
     canvas: int = 128
     pixel_mm: float = 2.0
     channels: tuple[int, ...] = (16, 32, 64, 96)
@@ -562,20 +569,53 @@ def to_score(err: torch.Tensor | np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
     return np.clip(arr / cfg.error_scale, 0.0, 1.0).astype(np.float32)
 
 
+def intracranial_region(image: np.ndarray, erode_px: int = 2) -> np.ndarray:
+    """Pixels inside the skull of a CT slice on the CT model's scale (``anomaly_ct.CT_WINDOW``:
+    -20..100 HU to 0..1): what a closed ring of bone (>= 1.4, i.e. 148 HU) encloses, minus the
+    bone itself and air, eroded by ``erode_px``, its largest part (not an orbit or a sinus cell).
+    Empty where the skull is not closed in the slice (skull base, vertex cuts)."""
+    from scipy import ndimage
+
+    bone = ndimage.binary_dilation(image >= 1.4, iterations=1)
+    inside = ndimage.binary_fill_holes(bone) & ~bone & (image > 0.05)
+    if erode_px:
+        inside = ndimage.binary_erosion(inside, iterations=erode_px)
+    labels, n = ndimage.label(inside)
+    if n > 1:
+        sizes = ndimage.sum(inside, labels, range(1, n + 1))
+        inside = labels == (1 + int(np.argmax(sizes)))
+    return inside
+
+
+def outlier_mask(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """(B, 1, H, W) float mask of the region the intensity outliers are measured in (``cfg.outlier_region``)."""
+    if cfg.outlier_region == "head":
+        return foreground_mask(images, cfg.mask_erode_px)
+    if cfg.outlier_region == "intracranial":
+        arr = images[:, 0].detach().float().cpu().numpy()
+        masks = np.stack([intracranial_region(a) for a in arr]).astype(np.float32)
+        return torch.from_numpy(masks[:, None]).to(images.device, images.dtype)
+    raise ValueError(f"unknown outlier_region {cfg.outlier_region!r} (known: head, intracranial)")
+
+
 def intensity_baseline(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
     """Meissen et al.'s baseline: bright or dark outliers after per-slice normalisation.
 
     |z-score| of the intensity within the foreground, smoothed like the model's residual so
-    that the comparison is about the model, not the post-processing.
+    that the comparison is about the model, not the post-processing. Inside the skull (CT,
+    ``outlier_region = "intracranial"``) only the region's own z enters the smoothing: the
+    bone around it (z of 10 or more) would otherwise light up the brain's edge.
     """
     z, mask = intensity_z(images, cfg)
+    if cfg.outlier_region == "intracranial":
+        return smooth(z.abs() * mask, cfg.smooth_sigma) * mask
     return smooth(z.abs(), cfg.smooth_sigma) * mask
 
 
 def intensity_z(images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """The signed z-score of each pixel's intensity against its slice's foreground (mean and
     standard deviation inside the eroded head mask), and that mask."""
-    mask = foreground_mask(images, cfg.mask_erode_px)
+    mask = outlier_mask(images, cfg)
     n = mask.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
     mean = (images * mask).sum(dim=(2, 3), keepdim=True) / n
     var = (((images - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n

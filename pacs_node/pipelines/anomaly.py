@@ -68,7 +68,7 @@ class AnomalyPipeline(Pipeline):
 
     def run(self, volume: Volume, params: Mapping[str, Any]) -> list[Output]:
         self.check(volume)
-        threshold = float(params.get("threshold", 0.5))
+        threshold = float(params.get("threshold", self.cfg.seg_threshold))
         if not 0.0 < threshold <= 1.0:
             raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
         outliers = params.get("intensity_outliers", True)
@@ -104,12 +104,13 @@ class AnomalyMr(AnomalyPipeline):
 
 
 def _normalise_ct(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
-    # Brain window (0..80 HU) stretched to the 0..1 range the network was trained on.
-    return np.clip(array / 80.0, 0.0, 1.5).astype(np.float32)
+    from ..ml.anomaly_ct import normalise_ct
+
+    return normalise_ct(array, cfg)
 
 
 class AnomalyCt(AnomalyPipeline):
-    """CT head variant: the pipeline is wired, but no CT model is trained yet (see model card)."""
+    """Head CT: maps from models/anomaly-ct (see its model card)."""
 
     name = "anomaly-ct"
     version = "0.1.0"
