@@ -77,3 +77,11 @@ def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...]
                 f"{list(kinds)} can encode it"
             )
     return result
+
+
+def state_unknown_deidentification(ds: Dataset) -> None:
+    """De-identified sources often say PatientIdentityRemoved=YES but leave the Type 1C method
+    empty; saying that the method is unknown is true and makes the output valid."""
+    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
+            and "DeidentificationMethodCodeSequence" not in ds:
+        ds.DeidentificationMethod = "Not stated by the source"

@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import DerivedVolume
 from ..volume import PIXEL_DATA, Volume, element_vr, rescale_of
-from . import EncodeContext
+from . import EncodeContext, state_unknown_deidentification
 
 # Attributes that describe the source pixels or the source file rather than the new image.
 _DROP = (
@@ -73,11 +73,7 @@ def _fix_known_errors(ds: Dataset) -> None:
                     "ReferringPhysicianName", "StudyID", "AccessionNumber"):
         if keyword not in ds:
             setattr(ds, keyword, "")
-    # De-identified sources often say PatientIdentityRemoved=YES but leave the Type 1C
-    # method empty; saying that the method is unknown is true and makes the object valid.
-    if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
-            and "DeidentificationMethodCodeSequence" not in ds:
-        ds.DeidentificationMethod = "Not stated by the source"
+    state_unknown_deidentification(ds)
     # An empty SeriesNumber / InstanceNumber (Type 2) is legal, a missing one is not.
     for keyword in ("SeriesNumber", "InstanceNumber"):
         if keyword not in ds:

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import ScoreMap
 from ..volume import Volume
-from . import EncodeContext
+from . import EncodeContext, state_unknown_deidentification
 
 MANUFACTURER = "pacs-node"
 #: stored integers per unit of score: scores in [0, 1] are stored as 0..SCORE_STEPS
@@ -105,7 +105,8 @@ def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bo
 
     Type 2 study attributes highdicom leaves out when the source lacks them are added (empty
     where unknown); a malformed Patient's Age (Type 3, e.g. "42" for "042Y") is dropped rather
-    than copied; a missing Laterality (Type 2C, paired body parts) is added empty, i.e. unknown.
+    than copied; a missing Laterality (Type 2C, paired body parts) is added empty, i.e. unknown;
+    an empty De-identification Method of a de-identified patient says that it is not stated.
     """
     for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime",
                     "PatientBirthDate", "PatientSex"):
@@ -116,6 +117,7 @@ def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bo
         del target.PatientAge
     if laterality and "Laterality" not in target and "ImageLaterality" not in target:
         target.Laterality = ""
+    state_unknown_deidentification(target)
 
 
 def algorithm(ctx: EncodeContext) -> hd.AlgorithmIdentificationSequence:
