@@ -34,7 +34,9 @@ def test_intracranial_region_is_the_brain_inside_a_closed_skull(data: Path) -> N
     # inside it: soft tissue (brain, CSF), never bone nor air
     assert brain[region].max() < 1.4 and brain[region].min() > 0.05
     # a 4 mm skull-base slice (orbits, sinuses, no closed ring around the brain): little or nothing
-    assert intracranial_region(slices[1]).sum() < 400
+    assert not intracranial_region(slices[1]).any()
+    # thin temporal bone leaves gaps in the ring at 2 mm pixels: still found (slices 13, 14)
+    assert all(intracranial_region(slices[k]).sum() > 3000 for k in (12, 13, 14))
 
 
 def test_smoke_train_and_eval_commands(tmp_path: Path, data: Path, capsys) -> None:
@@ -50,22 +52,26 @@ def test_smoke_train_and_eval_commands(tmp_path: Path, data: Path, capsys) -> No
     report = tmp_path / "eval.json"
     assert eval_main(["--data", str(data), "--model", str(out), "--json", str(report)]) == 0
     result = json.loads(report.read_text())
-    assert result["slices"] >= 8 and result["lesion_pixels"] > 0
-    assert 0.0 <= result["model"]["auroc"] <= 1.0 and 0.0 <= result["baseline"]["auroc"] <= 1.0
+    assert result["slices"] == 14 and result["lesion_pixels"] > 0  # GE 12..25: a closed skull around brain
+    # lesions lie inside the skull where the density threshold sees them (this 3-step model cannot)
+    assert result["baseline"]["auroc"] > 0.9 and 0.0 <= result["model"]["auroc"] <= 1.0
     site = tmp_path / "site"
     site.mkdir()
     for f in sorted((data / "ct" / "ge-head-tilt").iterdir())[14:20]:
         (site / f.name).symlink_to(f)
     (site / "mr.dcm").symlink_to(sorted((data / "mr" / "studyforrest-t1").iterdir())[0])  # not CT: skipped
-    assert eval_main(["--data", str(site), "--model", str(out)]) == 0
+    ext = tmp_path / "ext.json"
+    assert eval_main(["--data", str(site), "--model", str(out), "--json", str(ext)]) == 0
     assert "external slices:" in capsys.readouterr().out
+    result = json.loads(ext.read_text())
+    assert result["slices"] == 6 and result["data"].startswith("1 CT series under site (6 of 6 slices)")
     with pytest.raises(PacsNodeError, match="no CT slices"):
         eval_main(["--data", str(data / "mr" / "studyforrest-t1"), "--model", str(out)])
 
 
 @needs_weights
 def test_pipeline_marks_a_hyperdense_lesion_in_a_real_head_ct(data: Path) -> None:
-    """A 12 mm disc at 70 HU (a fresh bleed's density) put into brain on three held-out GE
+    """A 12 mm disc at 70 HU (a fresh bleed's density) put into brain on four held-out GE
     slices scores higher than the rest of the brain; the map has the source's geometry."""
     from scipy import ndimage
 
@@ -74,7 +80,7 @@ def test_pipeline_marks_a_hyperdense_lesion_in_a_real_head_ct(data: Path) -> Non
 
     files = sorted((data / "ct" / "ge-head-tilt").iterdir())
     volume = load_series(files)
-    picks = [16, 18, 20]
+    picks = [13, 16, 18, 20]
     sub = load_series([volume.files[i] for i in picks])
     rows, cols = sub.shape[1:]
     yy, xx = np.mgrid[:rows, :cols]

@@ -117,6 +117,7 @@ def test_eval_command_finds_ct_series_in_any_folder(tmp_path: Path, data: Path, 
     flat = tmp_path / "export"
     flat.mkdir()
     ge = sorted((data / "ct" / "ge-head-tilt").iterdir())
+    ge_uid = str(pydicom.dcmread(ge[0]).SeriesInstanceUID)
     for f in ge[:3]:
         (flat / f"ge-{f.name}").symlink_to(f)
     uid = generate_uid()
@@ -126,14 +127,33 @@ def test_eval_command_finds_ct_series_in_any_folder(tmp_path: Path, data: Path, 
         ds.Rows, ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = arr.shape[0], uid, generate_uid(), 77
         ds.PixelData = arr.tobytes()
         ds.save_as(flat / f"crop-{i}.dcm")
+    twin = generate_uid()  # a second series with the first one's Series Number: names must differ
+    for i, f in enumerate(ge[20:22]):
+        ds = pydicom.dcmread(f)
+        ds.SeriesInstanceUID, ds.SOPInstanceUID = twin, generate_uid()
+        ds.save_as(flat / f"twin-{i}.dcm")
+    broken = generate_uid()  # a series the loader refuses (a 256 x 256 localizer among 512 x 512 slices)
+    for i, f in enumerate(ge[5:7]):
+        ds = pydicom.dcmread(f)
+        if i:
+            arr = ds.pixel_array[::2, ::2].copy()
+            ds.Rows, ds.Columns, ds.PixelData = 256, 256, arr.tobytes()
+        ds.SeriesInstanceUID, ds.SOPInstanceUID, ds.SeriesNumber = broken, generate_uid(), 99
+        ds.save_as(flat / f"broken-{i}.dcm")
     for f in sorted((data / "mr" / "studyforrest-t1").iterdir())[:2]:
         (flat / f"mr-{f.name}").symlink_to(f)
     (flat / "README.txt").write_text("not DICOM")
     out = tmp_path / "eval.json"
-    assert eval_main(["--data", str(flat), "--max-slices", "1", "--skip", "bm3d,classical", "--json", str(out)]) == 0
+    assert eval_main(["--data", str(flat), "--max-slices", "1", "--skip", "bm3d,classical", "--json", str(out),
+                      "--cache", str(tmp_path / "cache")]) == 0
     report = json.loads(out.read_text())
     names = [s["series"] for s in report["series"]]
-    assert len(names) == 2 and "export-77" in names
+    number = pydicom.dcmread(ge[0]).SeriesNumber
+    # the refused series is skipped, the others evaluated; the two sharing a Series Number named apart
+    assert len(names) == 3 and "export-77" in names and "export-99" not in names
+    assert sorted(n for n in names if n != "export-77") == sorted([f"export-{number}-{twin[-8:]}",
+                                                                   f"export-{number}-{ge_uid[-8:]}"])
+    assert len(list((tmp_path / "cache").iterdir())) == 3  # one cached slice per series, none shared
     crop = next(s for s in report["series"] if s["series"] == "export-77")
     assert crop["slices_total"] == 3 and set(crop["metrics"]) == {"low-dose", "gaussian", "model"}
     # the simulated noise was scored on the 400 x 512 pixels, and the model removes some of it

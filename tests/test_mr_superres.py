@@ -275,3 +275,19 @@ def test_eval_command_scores_any_folder_of_mr_series(tmp_path, capsys):
         eval_main(["--data", str(tmp_path / "nowhere")])
     with pytest.raises(PacsNodeError, match="no MR series"):
         eval_main(["--data", str(data / "ct" / "ge-head-tilt")])
+
+
+def test_pooled_metrics_weigh_series_by_slices_and_keep_common_methods():
+    from pacs_node.ml.mr_superres import pooled
+
+    a = [{"method": "zero-fill (sinc)", "psnr_db": 30.0, "ssim": 0.90, "psnr_min_db": 28.0, "n_slices": 30},
+         {"method": "mr-superres (GAN)", "psnr_db": 32.0, "ssim": 0.92, "psnr_min_db": 29.0, "n_slices": 30}]
+    b = [{"method": "zero-fill (sinc)", "psnr_db": 20.0, "ssim": 0.80, "psnr_min_db": 18.0, "n_slices": 10},
+         {"method": "mr-superres (GAN)", "psnr_db": 21.0, "ssim": 0.82, "psnr_min_db": 17.0, "n_slices": 10},
+         {"method": "plain L1 CNN", "psnr_db": 25.0, "ssim": 0.85, "psnr_min_db": 19.0, "n_slices": 10}]
+    rows = {r["method"]: r for r in pooled([a, b])}
+    assert set(rows) == {"zero-fill (sinc)", "mr-superres (GAN)"}  # the L1 CNN ran on one series only
+    assert rows["zero-fill (sinc)"]["psnr_db"] == pytest.approx(27.5)  # (30 * 30 + 20 * 10) / 40
+    assert rows["mr-superres (GAN)"]["ssim"] == pytest.approx(0.895) and rows["mr-superres (GAN)"]["n_slices"] == 40
+    assert rows["mr-superres (GAN)"]["psnr_min_db"] == 17.0
+    assert rows["mr-superres (GAN)"]["delta_psnr_vs_first_db"] == pytest.approx(29.25 - 27.5)

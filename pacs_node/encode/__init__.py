@@ -79,6 +79,11 @@ def encode_outputs(volume: Volume, outputs: list[Output], kinds: tuple[str, ...]
     return result
 
 
+#: Type 2 patient / study attributes: present in every output, empty when the source lacks them
+TYPE2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                       "ReferringPhysicianName", "StudyID", "AccessionNumber")
+
+
 def state_unknown_deidentification(ds: Dataset) -> None:
     """De-identified sources often say PatientIdentityRemoved=YES but leave the Type 1C method
     empty; saying that the method is unknown is true and makes the output valid."""

@@ -15,7 +15,7 @@ from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import DerivedVolume
 from ..volume import PIXEL_DATA, Volume, element_vr, rescale_of
-from . import EncodeContext, state_unknown_deidentification
+from . import TYPE2_PATIENT_STUDY, EncodeContext, state_unknown_deidentification
 
 # Attributes that describe the source pixels or the source file rather than the new image.
 _DROP = (
@@ -69,8 +69,7 @@ def _stored_range(ds: Dataset) -> tuple[int, int]:
 def _fix_known_errors(ds: Dataset) -> None:
     """Repair common scanner header errors where the fix is safe (see docs: 'header repairs')."""
     # Type 2 attributes of Patient/Study/Series modules that must be present (may be empty).
-    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                    "ReferringPhysicianName", "StudyID", "AccessionNumber"):
+    for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in ds:
             setattr(ds, keyword, "")
     state_unknown_deidentification(ds)

@@ -14,7 +14,7 @@ from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import ScoreMap
 from ..volume import Volume
-from . import EncodeContext, state_unknown_deidentification
+from . import TYPE2_PATIENT_STUDY, EncodeContext, state_unknown_deidentification
 
 MANUFACTURER = "pacs-node"
 #: stored integers per unit of score: scores in [0, 1] are stored as 0..SCORE_STEPS
@@ -90,14 +90,11 @@ def sanitised_source(src: Dataset) -> Dataset:
             setattr(clone, keyword, "")
     # Type 2 patient / study attributes a source may lack (ct/ge-head-tilt has no Patient's
     # Birth Date): highdicom copies them unconditionally, so they are added empty (unknown)
-    for keyword in _TYPE2_COPIED:
+    for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in clone:
             setattr(clone, keyword, "")
     return clone
 
-
-_TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
-                 "ReferringPhysicianName", "StudyID", "AccessionNumber")
 
 
 def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bool = True) -> None:

@@ -569,22 +569,32 @@ def to_score(err: torch.Tensor | np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
     return np.clip(arr / cfg.error_scale, 0.0, 1.0).astype(np.float32)
 
 
-def intracranial_region(image: np.ndarray, erode_px: int = 2) -> np.ndarray:
+#: an intracranial region smaller than this (canvas pixels: 16 cm^2 at 2 mm) counts as none
+MIN_INTRACRANIAL_PX = 400
+
+
+def intracranial_region(image: np.ndarray, erode_px: int = 2, max_gap_px: int = 3) -> np.ndarray:
     """Pixels inside the skull of a CT slice on the CT model's scale (``anomaly_ct.CT_WINDOW``:
-    -20..100 HU to 0..1): what a closed ring of bone (>= 1.4, i.e. 148 HU) encloses, minus the
-    bone itself and air, eroded by ``erode_px``, its largest part (not an orbit or a sinus cell).
-    Empty where the skull is not closed in the slice (skull base, vertex cuts)."""
+    -20..100 HU to 0..1): what the ring of bone (>= 1.4, i.e. 148 HU) encloses, minus the bone
+    itself and air, eroded by ``erode_px``, its largest part (not an orbit or a sinus cell). The
+    ring is grown by 1, 2, ... ``max_gap_px`` pixels until it encloses a region (thin temporal
+    bone leaves gaps at 2 mm pixels). Empty where no region of ``MIN_INTRACRANIAL_PX`` is
+    enclosed (skull base, vertex cuts, an open skull)."""
     from scipy import ndimage
 
-    bone = ndimage.binary_dilation(image >= 1.4, iterations=1)
-    inside = ndimage.binary_fill_holes(bone) & ~bone & (image > 0.05)
-    if erode_px:
-        inside = ndimage.binary_erosion(inside, iterations=erode_px)
-    labels, n = ndimage.label(inside)
-    if n > 1:
-        sizes = ndimage.sum(inside, labels, range(1, n + 1))
-        inside = labels == (1 + int(np.argmax(sizes)))
-    return inside
+    bone = image >= 1.4
+    outside_bone = ~ndimage.binary_dilation(bone, iterations=1) & (image > 0.05)
+    for grow in range(1, max_gap_px + 1):
+        inside = ndimage.binary_fill_holes(ndimage.binary_dilation(bone, iterations=grow)) & outside_bone
+        if erode_px:
+            inside = ndimage.binary_erosion(inside, iterations=erode_px)
+        labels, n = ndimage.label(inside)
+        if n > 1:
+            sizes = ndimage.sum(inside, labels, range(1, n + 1))
+            inside = labels == (1 + int(np.argmax(sizes)))
+        if inside.sum() >= MIN_INTRACRANIAL_PX:
+            return inside
+    return np.zeros_like(bone)
 
 
 def outlier_mask(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
@@ -654,7 +664,7 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
                                "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight",
-                               "coord_channels")
+                               "coord_channels", "modality", "outlier_region", "seg_threshold")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from ..models_dir import model_path
 from .anomaly import AnomalyConfig, intensity_baseline, intracranial_region, load_model, residual_maps, save_model
-from .anomaly_mr import EvalCase, SliceSet, _canvas_slices, _planes, pixel_metrics, plot_panel, train
+from .anomaly_mr import (EvalCase, SliceSet, _canvas_slices, _planes, cached_training_slices, pixel_metrics,
+                         plot_panel, train)
 from .lesions import insert_lesions
 
 log = logging.getLogger(__name__)
@@ -41,9 +42,9 @@ HOLDOUT_GAP = 2
 #: 0; bone clipped at ``intensity_max``)
 CT_WINDOW = (-20.0, 100.0)
 INTENSITY_REF = "ct-window"
-#: a slice is scored where the skull encloses at least this many canvas pixels (16 cm^2 at 2 mm)
-MIN_REGION_PX = 400
-DEFAULT_CACHE = Path("/tmp/pacs-node-cache/anomaly-ct-slices.npz")
+#: training slices cache, named by what makes them (window, held-out block), so a change makes a new one
+DEFAULT_CACHE = Path(f"/tmp/pacs-node-cache/anomaly-ct-slices-w{CT_WINDOW[0]:g}_{CT_WINDOW[1]:g}"
+                     f"-h{HELD_OUT[0]}_{HELD_OUT[1]}_{HOLDOUT_GAP}.npz")
 
 
 def normalise_ct(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
@@ -68,7 +69,7 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
 
 
 def _with_brain(slices: list[np.ndarray]) -> list[np.ndarray]:
-    return [s for s in slices if intracranial_region(s).sum() >= MIN_REGION_PX]
+    return [s for s in slices if intracranial_region(s).any()]
 
 
 def held_out_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
@@ -264,13 +265,7 @@ def train_main(argv: list[str]) -> int:
 
         args.data = data_dir()
     started = time.time()
-    if args.cache.exists():
-        with np.load(args.cache, allow_pickle=False) as npz:
-            sset = SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
-    else:
-        sset = build_training_slices(args.data, cfg)
-        args.cache.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(args.cache, images=sset.images.astype(np.float16), sources=np.array(sset.sources))
+    sset = cached_training_slices(args.data, cfg, args.cache, build=build_training_slices)
     images = sset.images[: args.limit] if args.limit else sset.images
     sources = np.array(sset.sources[: len(images)])
     print(f"{len(images)} training slices ({', '.join(f'{s}: {int((sources == s).sum())}' for s in sorted(set(sources)))})",

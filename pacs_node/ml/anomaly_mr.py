@@ -196,11 +196,13 @@ def default_cache(cfg: AnomalyConfig) -> Path:
                                    f"{DEFAULT_CACHE.suffix}")
 
 
-def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path) -> SliceSet:
+def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path, build=None) -> SliceSet:
+    """The training slices from ``cache`` (.npz), made there by ``build(data, cfg)`` (default:
+    this model's ``build_training_slices``) if missing."""
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
         return SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
-    sset = build_training_slices(data, cfg)
+    sset = (build or build_training_slices)(data, cfg)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, images=sset.images.astype(np.float16), sources=np.array(sset.sources))
     return sset

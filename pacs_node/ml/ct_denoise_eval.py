@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ..errors import PacsNodeError
+from ..errors import PacsNodeError, SeriesLoadError
 from . import metrics
 from .lowdose import LowDoseParams, prepare_slice, simulate_slice
 
@@ -52,7 +52,7 @@ def find_series(roots: list[Path]) -> list[tuple[str, list]]:
     Other modalities and files that are not DICOM images are skipped and logged."""
     from ..volume import read_datasets
 
-    found: list[tuple[str, list]] = []
+    found: list[tuple[str, str, list]] = []
     for root in roots:
         root = Path(root)
         if not root.exists():
@@ -63,7 +63,7 @@ def find_series(roots: list[Path]) -> list[tuple[str, list]]:
             # files whose Series Instance UID was blanked (ct/abdomen-j2k) count as their folder's series
             uid = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
             groups.setdefault(uid, []).append((path, ds))
-        here: list[tuple[str, list]] = []
+        here: list[tuple[str, str, list]] = []
         by_folder: dict[Path, int] = {}
         for items in groups.values():
             by_folder[items[0][0].parent] = by_folder.get(items[0][0].parent, 0) + 1
@@ -78,9 +78,14 @@ def find_series(roots: list[Path]) -> list[tuple[str, list]]:
             if by_folder[folder] > 1:
                 number = items[0][1].get("SeriesNumber")
                 name += f"-{number}" if number not in (None, "") else f"-{uid[-8:]}"
-            here.append((name, sorted(items, key=lambda it: str(it[0]))))
+            here.append((name, uid, sorted(items, key=lambda it: str(it[0]))))
         found += sorted(here, key=lambda f: f[0])  # in the order the roots were given
-    return found
+    # names still shared (two series with one Series Number in a folder, one folder name under
+    # two roots) get their UID's end: the report and the cache tell them apart
+    counts: dict[str, int] = {}
+    for name, _, _ in found:
+        counts[name] = counts.get(name, 0) + 1
+    return [(f"{name}-{uid[-8:]}" if counts[name] > 1 else name, items) for name, uid, items in found]
 
 
 def _file_safe(name: str) -> str:
@@ -186,10 +191,11 @@ def evaluate_series(name: str, items: list, dose: float, model, seed: int, max_s
     crop = (slice(None), slice((ref.shape[1] - shape[0]) // 2, (ref.shape[1] - shape[0]) // 2 + shape[0]),
             slice((ref.shape[2] - shape[1]) // 2, (ref.shape[2] - shape[1]) // 2 + shape[1]))
     key = hashlib.sha256(json.dumps([params.as_dict(), dose, seed]).encode()).hexdigest()[:10]
+    ident = hashlib.sha256("\n".join(str(p) for p, _ in items).encode()).hexdigest()[:8]  # which files
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
     jobs = [(ref[i], dose, vol.pixel_spacing, [seed, z], params, skip,
-             None if cache is None else cache / f"{_file_safe(name)}_{z:04d}_{key}.npz") for i, z in enumerate(zs)]
+             None if cache is None else cache / f"{_file_safe(name)}_{ident}_{z:04d}_{key}.npz") for i, z in enumerate(zs)]
     t0 = time.time()
     if workers > 1:
         with ProcessPoolExecutor(workers) as ex:
@@ -319,10 +325,16 @@ def eval_main(argv: list[str]) -> int:
     }
     panels = []
     for name, items in series:
-        info, outs = evaluate_series(name, items, args.dose, model, args.seed, args.max_slices, args.workers, params, skip,
-                                     args.cache)
+        try:
+            info, outs = evaluate_series(name, items, args.dose, model, args.seed, args.max_slices, args.workers,
+                                         params, skip, args.cache)
+        except SeriesLoadError as exc:  # e.g. a localizer of another matrix in the series: the others go on
+            log.warning("%s: skipped: %s", name, exc)
+            continue
         report["series"].append(info)
         panels.append((info["series"], outs))
+    if not report["series"]:
+        raise PacsNodeError("no CT series could be evaluated (the warnings above say why)")
     table = _fmt_table(report)
     print(f"ct-denoise eval: dose {args.dose:.0%}, model {report['model']}")
     print(table)

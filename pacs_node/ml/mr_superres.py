@@ -627,6 +627,9 @@ def external_blocks(root: Path, max_slices: int = 40):
         z = arr.shape[0]
         lo = max(0, z // 2 - max_slices // 2)
         block = np.clip(arr[lo: lo + max_slices], 0, None)
+        if float(np.percentile(block, 99.5)) <= 0:
+            log.info("external evaluation: skipping series %s: its central slices are blank", uid)
+            continue
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         step = float(vol.spacing[0])
         acquired = "" if tuple(arr.shape[1:]) == tuple(vol.array.shape[1:]) else \
@@ -768,6 +771,8 @@ def eval_main(argv: list[str]) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    if args.max_slices < 1:
+        p.error("--max-slices must be at least 1")
     split = args.split or ("held-out" if args.data is None or holds_uih(args.data) else "external")
     if split == "external":
         if args.data is None:

@@ -68,12 +68,13 @@ class AnomalyPipeline(Pipeline):
 
     def run(self, volume: Volume, params: Mapping[str, Any]) -> list[Output]:
         self.check(volume)
-        threshold = float(params.get("threshold", self.cfg.seg_threshold))
-        if not 0.0 < threshold <= 1.0:
-            raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
         outliers = params.get("intensity_outliers", True)
         if not isinstance(outliers, bool):
             raise UnsupportedInput(f"pipeline {self.name}: intensity_outliers must be true or false, got {outliers!r}")
+        # the model's SEG default was chosen on its fused map; the network's map alone keeps 0.5
+        threshold = float(params.get("threshold", self.cfg.seg_threshold if outliers else 0.5))
+        if not 0.0 < threshold <= 1.0:
+            raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
         # false: the network's map alone, without the fused intensity-outlier map (0.5.0's
         # baseline_weight), e.g. for a sequence whose normal fat or vessels are very bright
         cfg = self.cfg if outliers else dataclasses.replace(self.cfg, baseline_weight=0.0)
