@@ -6,7 +6,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -16,7 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import SeriesLoadError
+from .errors import PacsNodeError, SeriesLoadError
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +219,24 @@ def group_by_series(paths: Iterable[Path]) -> dict[str, list[tuple[Path, Dataset
             continue
         groups.setdefault(uid, []).append((path, ds))
     return groups
+
+
+def series_volumes(root: Path, modality: str, purpose: str = "evaluation") -> Iterator[tuple[str, Volume]]:
+    """(Series Instance UID, Volume) of every ``modality`` series among the DICOM files under
+    ``root`` (or the file ``root``): another site's export, any layout. Series of another
+    modality, and series the loader refuses (multi-frame, mixed matrices, undecodable pixels),
+    are logged with the reason, prefixed with ``purpose``, and skipped."""
+    root = Path(root)
+    if not root.exists():
+        raise PacsNodeError(f"--data {root}: no such file or folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+    for uid, items in group_by_series(files).items():
+        found = str(items[0][1].get("Modality", "") or "")
+        if found != modality:
+            log.info("%s: skipping a %s series (%d instances): not %s", purpose, found or "no-modality",
+                     len(items), modality)
+            continue
+        try:
+            yield uid, volume_from_datasets(items)
+        except SeriesLoadError as exc:
+            log.warning("%s: skipping series %s: %s", purpose, uid, exc)

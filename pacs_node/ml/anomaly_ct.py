@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import time
 from dataclasses import asdict
@@ -26,7 +25,7 @@ import torch
 from ..models_dir import model_path
 from .anomaly import AnomalyConfig, intensity_baseline, intracranial_region, load_model, residual_maps, save_model
 from .anomaly_mr import (EvalCase, SliceSet, _canvas_slices, _planes, cached_training_slices, pixel_metrics,
-                         plot_panel, train)
+                         report, train)
 from .lesions import insert_lesions
 
 log = logging.getLogger(__name__)
@@ -92,24 +91,12 @@ def validation_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
 
 def external_slices(root: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, str]:
     """Every slice of each CT series under ``root`` whose skull encloses enough brain."""
-    from ..errors import PacsNodeError, SeriesLoadError
-    from ..volume import group_by_series, volume_from_datasets
+    from ..errors import PacsNodeError
+    from ..volume import series_volumes
 
-    if not root.exists():
-        raise PacsNodeError(f"--data {root}: no such file or folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     images: list[np.ndarray] = []
     used: list[str] = []
-    for uid, items in group_by_series(files).items():
-        try:
-            vol = volume_from_datasets(items)
-        except SeriesLoadError as exc:
-            log.warning("external evaluation: skipping series %s: %s", uid, exc)
-            continue
-        if vol.modality != "CT":
-            log.info("external evaluation: skipping a %s series (%d instances): not CT",
-                     vol.modality or "no-modality", len(items))
-            continue
+    for uid, vol in series_volumes(root, "CT", "external evaluation"):
         arr = normalise_ct(vol.array, cfg)
         got = _with_brain(_canvas_slices(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg, min_fg=0.1))
         log.info("external evaluation: series %s: %d of %d slices with brain inside the skull", uid, len(got),
@@ -195,20 +182,9 @@ def eval_main(argv: list[str]) -> int:
         what = f"{HOLDOUT_SERIES} slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} with brain inside the skull"
     case = make_eval_cases(normal, seed=args.seed)
     res = evaluate(net, cfg, case)
-    maps = res.pop("_maps")
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
-    if cfg.baseline_weight > 0:
-        res["baseline_weight"] = cfg.baseline_weight
-    print(f"{split} slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
-    print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
-    for name, key in ((f"model ({cfg.arch})", "model"), ("intensity baseline", "baseline")):
-        m = res[key]
-        print(f"{name:<22} {m['auroc']:7.4f} {m['auprc']:7.4f} {m['best_dice']:10.4f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    if args.plot:
-        plot_panel(case, maps, args.plot, cfg)
+    res["baseline_weight"] = cfg.baseline_weight
+    report(res, case, cfg, split, args.json, args.plot)
     return 0
 
 

@@ -783,23 +783,12 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
     where the head fills a fifth of the canvas. Returns the slices, a description and each
     slice's ``brain_region`` fraction (axial: the whole head; sagittal, coronal: the upper 55 %)."""
-    from ..errors import SeriesLoadError
-    from ..volume import group_by_series, volume_from_datasets
+    from ..volume import series_volumes
 
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     images: list[np.ndarray] = []
     fractions: list[float] = []
     used: list[str] = []
-    for uid, items in group_by_series(files).items():
-        try:
-            vol = volume_from_datasets(items)
-        except SeriesLoadError as exc:
-            log.warning("external evaluation: skipping series %s: %s", uid, exc)
-            continue
-        if vol.modality != "MR":
-            log.info("external evaluation: skipping a %s series (%d instances): not MR",
-                     vol.modality or "no-modality", len(items))
-            continue
+    for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
         got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in range(0, arr.shape[0], step)), cfg, min_fg=0.2)
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
@@ -853,16 +842,22 @@ def eval_main(argv: list[str]) -> int:
         normal, fractions = pick(args.data, cfg), None
     case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions)
     res = evaluate(net, cfg, case)
-    maps = res.pop("_maps")
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
+    report(res, case, cfg, split, args.json, args.plot)
+    return 0
+
+
+def report(res: dict, case: EvalCase, cfg: AnomalyConfig, split: str, json_path: Path | None,
+           plot_path: Path | None) -> None:
+    """Print an evaluation's table; write its JSON and panel where asked (both anomaly models)."""
+    maps = res.pop("_maps")
     print(f"{split} slices: {res['slices']}, lesion pixels: {res['lesion_pixels']}, scored pixels: {res['scored_pixels']}")
     print(f"{'method':<22} {'AUROC':>7} {'AUPRC':>7} {'best Dice':>10}")
     for name, key in ((f"model ({cfg.arch})", "model"), ("intensity baseline", "baseline")):
         m = res[key]
         print(f"{name:<22} {m['auroc']:7.4f} {m['auprc']:7.4f} {m['best_dice']:10.4f}")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2))
-    if args.plot:
-        plot_panel(case, maps, args.plot, cfg)
-    return 0
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=2))
+    if plot_path:
+        plot_panel(case, maps, plot_path, cfg)

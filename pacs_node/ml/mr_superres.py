@@ -601,23 +601,11 @@ def external_blocks(root: Path, max_slices: int = 40):
 
     Yields (description, block (z, y, x) float32 >= 0, in-plane spacing (mm), slice spacing (mm)).
     """
-    from ..errors import PacsNodeError, SeriesLoadError
-    from ..volume import group_by_series, volume_from_datasets
+    from ..errors import PacsNodeError
+    from ..volume import series_volumes
 
-    if not root.exists():
-        raise PacsNodeError(f"--data {root}: no such file or folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
     found = 0
-    for uid, items in group_by_series(files).items():
-        try:
-            vol = volume_from_datasets(items)
-        except SeriesLoadError as exc:
-            log.warning("external evaluation: skipping series %s: %s", uid, exc)
-            continue
-        if vol.modality != "MR":
-            log.info("external evaluation: skipping a %s series (%d instances): not MR",
-                     vol.modality or "no-modality", len(items))
-            continue
+    for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr, spacing = kspace.to_acquired_resolution(vol.array.astype(np.float32), vol.datasets[0],
                                                      vol.pixel_spacing)
         if min(arr.shape[1:]) < 32:
