@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from ..models_dir import model_path
 from .anomaly import AnomalyConfig, intensity_baseline, intracranial_region, load_model, residual_maps, save_model
 from .anomaly_mr import (EvalCase, SliceSet, _canvas_slices, _planes, cached_training_slices, pixel_metrics,
