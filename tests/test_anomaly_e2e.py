@@ -1,7 +1,8 @@
-"""Scenario: a brain MR series goes from a real Orthanc through the node's anomaly-mr rule and
-comes back as Secondary Capture overlays, a Parametric Map and a SEG in the same study.
+"""Scenario: a brain MR series (and a head CT series) goes from a real Orthanc through the node's
+anomaly rule and comes back as Secondary Capture overlays, a Parametric Map and a SEG in the
+same study.
 
-About 20 s alone; up to 90 s when the machine is busy."""
+About 20 s per case alone; up to 90 s when the machine is busy."""
 
 from __future__ import annotations
 
@@ -12,25 +13,33 @@ import pytest
 from conftest import Orthanc, free_port
 from pacs_node.models_dir import model_path
 
-pytestmark = pytest.mark.skipif(not model_path("anomaly-mr").exists(), reason="anomaly-mr weights not trained")
+CASES = {  # pipeline: (modality, series, slices sent)
+    "anomaly-mr": ("MR", "mr/uih-t1-3d-sag", slice(80, 84)),
+    "anomaly-ct": ("CT", "ct/ge-head-tilt", slice(16, 20)),
+}
 
 
-def test_brain_mr_sent_to_the_node_comes_back_as_overlay_pm_and_seg(tmp_path: Path, data: Path,
-                                                                      node_factory) -> None:
-    """Orthanc forwards a brain MR series; the node returns SC, PM and SEG into the same study."""
+@pytest.mark.parametrize("pipeline", sorted(CASES))
+def test_series_sent_to_the_node_comes_back_as_overlay_pm_and_seg(pipeline: str, tmp_path: Path, data: Path,
+                                                                  node_factory) -> None:
+    """Orthanc forwards a brain MR / head CT series; the node returns SC, PM and SEG into the same study."""
     import json
 
     from conftest import wait_for
+
+    if not model_path(pipeline).exists():
+        pytest.skip(f"{pipeline} weights not trained")
+    modality, series, picks = CASES[pipeline]
 
     node_port = free_port()
     orthanc = Orthanc(tmp_path / "orthanc", node_port).start()
     try:
         peers = [{"name": "pacs", "ae_title": orthanc.ae_title, "host": "127.0.0.1", "port": orthanc.dicom_port}]
-        rules = [{"name": "brain-anomaly", "when": "Modality == 'MR'", "pipeline": "anomaly-mr",
+        rules = [{"name": "anomaly", "when": f"Modality == '{modality}'", "pipeline": pipeline,
                   "params": {"threshold": 0.3},
                   "outputs": ["secondary_capture", "parametric_map", "segmentation"], "destinations": ["sender"]}]
         node_factory(peers, rules, port=node_port)
-        files = sorted((data / "mr/uih-t1-3d-sag").iterdir())[80:84]
+        files = sorted((data / series).iterdir())[picks]
         for path in files:
             orthanc.post("/instances", path.read_bytes(), "application/dicom")
         (study,) = orthanc.get("/studies")
@@ -47,7 +56,7 @@ def test_brain_mr_sent_to_the_node_comes_back_as_overlay_pm_and_seg(tmp_path: Pa
         assert by_modality == sorted([("OT", len(files)), ("OT", 1), ("SEG", 1)])
         for s in series:
             assert s["ParentStudy"] == study
-            assert "anomaly-mr" in s["MainDicomTags"].get("SeriesDescription", "")
+            assert pipeline in s["MainDicomTags"].get("SeriesDescription", "")
         sc_series = next(s for s in series if len(s["Instances"]) == len(files))
         content_type, png = orthanc.get_bytes(f"/instances/{sc_series['Instances'][0]}/preview")
         assert content_type == "image/png" and len(png) > 1000
