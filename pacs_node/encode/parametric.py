@@ -96,7 +96,6 @@ def sanitised_source(src: Dataset) -> Dataset:
     return clone
 
 
-
 def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bool = True) -> None:
     """Repairs so that an output is valid where its source header is not.
 
@@ -105,8 +104,7 @@ def copy_type2_study_attributes(target: Dataset, source: Dataset, laterality: bo
     than copied; a missing Laterality (Type 2C, paired body parts) is added empty, i.e. unknown;
     an empty De-identification Method of a de-identified patient says that it is not stated.
     """
-    for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime",
-                    "PatientBirthDate", "PatientSex"):
+    for keyword in TYPE2_PATIENT_STUDY:
         if keyword not in target:
             setattr(target, keyword, source.get(keyword, ""))
     age = target.get("PatientAge")

@@ -17,17 +17,15 @@ import argparse
 import dataclasses
 import logging
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..models_dir import model_path
-from .anomaly import AnomalyConfig, intensity_baseline, intracranial_region, load_model, residual_maps, save_model
-from .anomaly_mr import (EvalCase, SliceSet, _canvas_slices, _planes, cached_training_slices, pixel_metrics,
-                         report, train)
-from .lesions import insert_lesions
+from .anomaly import AnomalyConfig, intracranial_region, load_model
+from .anomaly_mr import (SliceSet, _canvas_slices, _planes, add_eval_arguments, cached_training_slices,
+                         config_defaults, evaluate, make_eval_cases, report, save_trained, source_weights, train)
 
 log = logging.getLogger(__name__)
 
@@ -110,38 +108,6 @@ def external_slices(root: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, str]:
     return np.stack(images), f"{len(used)} CT series under {root.name or root} ({'; '.join(used)})"
 
 
-def make_eval_cases(normal: np.ndarray, seed: int = 1234) -> EvalCase:
-    """1-3 synthetic lesions per slice inside the skull; that region is also what is scored."""
-    rng = np.random.default_rng(seed)
-    imgs, truths, regions, lesions = [], [], [], []
-    for img in normal:
-        region = intracranial_region(img)
-        out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
-        imgs.append(out)
-        truths.append(truth)
-        regions.append(region)
-        lesions.append(drawn)
-    return EvalCase(np.stack(imgs), np.stack(truths), np.stack(regions), lesions)
-
-
-def evaluate(net: torch.nn.Module, cfg: AnomalyConfig, case: EvalCase) -> dict:
-    x = torch.from_numpy(case.images[:, None])
-    with torch.inference_mode():
-        err, recon = residual_maps(net, x, cfg)
-    # the baseline (Meissen et al.) on skull-stripped slices: |z| against the mean and std of
-    # the slice's intracranial region, smoothed like the model's map
-    base = intensity_baseline(x, dataclasses.replace(cfg, outlier_region="intracranial"))[:, 0].numpy()
-    m = case.masks
-    return {
-        "model": asdict(pixel_metrics(err[:, 0].numpy()[m], case.truth[m])),
-        "baseline": asdict(pixel_metrics(base[m], case.truth[m])),
-        "slices": int(len(case.images)),
-        "lesion_pixels": int(case.truth.sum()),
-        "scored_pixels": int(m.sum()),
-        "_maps": (err[:, 0].numpy(), base, recon[:, 0].numpy()),
-    }
-
-
 def eval_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"pacs-node models eval {MODEL_NAME}",
                                 description="Synthetic lesions inside the skull of held-out head CT slices: "
@@ -150,11 +116,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--data", type=Path, required=True,
                    help="unpacked shared data (folder holding ct/): the held-out GE slices; or any folder of DICOM "
                         "head CT series: split 'external'")
-    p.add_argument("--model", type=Path, default=model_path(MODEL_NAME))
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=1)
+    add_eval_arguments(p, MODEL_NAME)
     p.add_argument("--split", choices=("held-out", "val", "external"), default=None,
                    help="held-out (default with the shared data): the reported evaluation; val: the model-selection "
                         "slices (Visible Human odd axial slices, GE gap slices); external (default otherwise): "
@@ -181,7 +143,9 @@ def eval_main(argv: list[str]) -> int:
     else:
         normal = held_out_slices(args.data, cfg)
         what = f"{HOLDOUT_SERIES} slices {HELD_OUT[0]}..{HELD_OUT[1] - 1} with brain inside the skull"
-    case = make_eval_cases(normal, seed=args.seed)
+    # lesions drawn, and both methods scored, inside the skull; the baseline (Meissen et al.) is
+    # |z| against the intracranial region's mean and std, as the served weights' own fusion
+    case = make_eval_cases(normal, cfg, seed=args.seed, regions=np.stack([intracranial_region(s) for s in normal]))
     res = evaluate(net, cfg, case)
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
     res["baseline_weight"] = cfg.baseline_weight
@@ -215,20 +179,7 @@ def train_main(argv: list[str]) -> int:
                         "only, stored in the weights; 0: the network alone)")
     p.add_argument("--seg-threshold", type=float, default=0.5,
                    help="the pipeline's default segmentation threshold, stored in the weights")
-    known, _ = p.parse_known_args(argv)
-    if known.config is not None:
-        import tomllib
-
-        settings = tomllib.loads(known.config.read_text())
-        settings.pop("version", None)
-        allowed = {a.dest for a in p._actions} - {"help", "config"}
-        unknown = set(settings) - allowed
-        if unknown:
-            p.error(f"{known.config}: unknown keys {sorted(unknown)}")
-        for key in ("channels", "disc_channels"):
-            if isinstance(settings.get(key), list):
-                settings[key] = ",".join(str(v) for v in settings[key])
-        p.set_defaults(**settings)
+    config_defaults(p, argv, {a.dest for a in p._actions} - {"help", "config"})
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = AnomalyConfig(modality="CT", arch="recon-disc", intensity_ref=INTENSITY_REF, intensity_max=1.5,
@@ -247,8 +198,7 @@ def train_main(argv: list[str]) -> int:
     sources = np.array(sset.sources[: len(images)])
     print(f"{len(images)} training slices ({', '.join(f'{s}: {int((sources == s).sum())}' for s in sorted(set(sources)))})",
           flush=True)
-    _, series_of, counts = np.unique(sources, return_inverse=True, return_counts=True)
-    weights = 1.0 / counts[series_of] if args.balance_sources else None
+    weights = source_weights(sources) if args.balance_sources else None
     net = train(images, cfg, args.steps, batch=args.batch, lr=args.lr, seed=args.seed, max_minutes=args.max_minutes,
                 checkpoint=args.out.with_suffix(".partial.safetensors"), log_every=max(1, min(50, args.steps // 4)),
                 crop=args.crop, sample_weights=weights)
@@ -257,9 +207,6 @@ def train_main(argv: list[str]) -> int:
                  "train_minutes": round((time.time() - started) / 60, 1),
                  "held_out": f"{HOLDOUT_SERIES} slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "ct_window_hu": list(CT_WINDOW)}
-    save_model(net, cfg, args.out)
-    partial = args.out.with_suffix(".partial.safetensors")
-    if partial.exists():
-        partial.unlink()
+    save_trained(net, cfg, args.out)
     print(f"saved {args.out}", flush=True)
     return 0

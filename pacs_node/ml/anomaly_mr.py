@@ -450,6 +450,49 @@ def calibrate(net: torch.nn.Module, images: np.ndarray, cfg: AnomalyConfig, coun
     return float(2.0 * np.percentile(np.concatenate(errs), 99.9))
 
 
+def config_defaults(p: argparse.ArgumentParser, argv: list[str], allowed: set[str]) -> None:
+    """``--config F``: the TOML's keys (``allowed``, plus ``version``, which is only a label)
+    become the parser's defaults, so flags still override them; lists of widths become the
+    comma-separated strings the flags take."""
+    known, _ = p.parse_known_args(argv)
+    if known.config is None:
+        return
+    import tomllib
+
+    settings = tomllib.loads(known.config.read_text())
+    unknown = set(settings) - allowed - {"version"}
+    if unknown:
+        p.error(f"{known.config}: unknown keys {sorted(unknown)}")
+    settings.pop("version", None)
+    for key in ("hole_sizes", "channels", "disc_channels"):
+        if isinstance(settings.get(key), list):
+            settings[key] = ",".join(str(v) for v in settings[key])
+    p.set_defaults(**settings)
+
+
+def source_weights(sources: list[str] | np.ndarray) -> np.ndarray:
+    """Sampling weight per slice so that each training series is drawn equally often."""
+    _, series_of, counts = np.unique(np.asarray(sources), return_inverse=True, return_counts=True)
+    return 1.0 / counts[series_of]
+
+
+def save_trained(net: torch.nn.Module, cfg: AnomalyConfig, out: Path) -> None:
+    """The finished weights at ``out``; the training checkpoint beside them removed."""
+    save_model(net, cfg, out)
+    partial = out.with_suffix(".partial.safetensors")
+    if partial.exists():
+        partial.unlink()
+
+
+def add_eval_arguments(p: argparse.ArgumentParser, model_name: str) -> None:
+    """The options every anomaly evaluation command has besides ``--data`` and ``--split``."""
+    p.add_argument("--model", type=Path, default=model_path(model_name))
+    p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--plot", type=Path, default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1)
+
+
 def train_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog=f"pacs-node models train {MODEL_NAME}", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -525,25 +568,13 @@ def train_main(argv: list[str]) -> int:
                    help="recon-disc: no training: store these single-network weight files as one ensemble in --out")
     p.add_argument("--config", type=Path, default=None,
                    help="TOML with any of: steps, batch, lr, seed, max_minutes, threads (flags override it)")
-    known, _ = p.parse_known_args(argv)
-    if known.config is not None:
-        import tomllib
-
-        settings = tomllib.loads(known.config.read_text())
-        unknown = set(settings) - {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
-                                     "noise_scales", "version", "crop", "beta", "hole_sizes", "hole_shifts",
-                                     "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
-                                     "target_sigma", "channels", "disc_channels", "balance_sources",
-                                     "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
-                                     "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                                     "members", "baseline_weight", "uih_share", "coord_channels"}
-        if unknown:
-            p.error(f"{known.config}: unknown keys {sorted(unknown)}")
-        settings.pop("version", None)
-        for key in ("hole_sizes", "channels", "disc_channels"):
-            if isinstance(settings.get(key), list):
-                settings[key] = ",".join(str(v) for v in settings[key])
-        p.set_defaults(**settings)
+    config_defaults(p, argv, {"steps", "batch", "lr", "seed", "max_minutes", "threads", "arch", "init", "noise_std",
+                              "noise_scales", "crop", "beta", "hole_sizes", "hole_shifts",
+                              "combine", "smooth_sigma", "calibrate_slices", "score", "tta_flip",
+                              "target_sigma", "channels", "disc_channels", "balance_sources",
+                              "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
+                              "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
+                              "members", "baseline_weight", "uih_share", "coord_channels"})
     args = p.parse_args(argv)
     if args.combine_members:
         return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out)
@@ -605,8 +636,7 @@ def train_main(argv: list[str]) -> int:
                     f"(UIH: {n_uih}, others: {n_other})")
         weights = np.where(src == "uih", args.uih_share / max(n_uih, 1), (1.0 - args.uih_share) / max(n_other, 1))
     elif args.balance_sources:  # each slice weighted by 1 / (slices of its series)
-        _, series_of, counts = np.unique(sset.sources[: len(images)], return_inverse=True, return_counts=True)
-        weights = 1.0 / counts[series_of]
+        weights = source_weights(sset.sources[: len(images)])
     nets = []
     for member in range(args.members):
         if args.members > 1:
@@ -635,10 +665,7 @@ def train_main(argv: list[str]) -> int:
     cfg.intensity_ref = args.serve_intensity_ref or cfg.intensity_ref
     if args.serve_intensity_max is not None:
         cfg.intensity_max = float(args.serve_intensity_max)
-    save_model(net, cfg, args.out)
-    partial = args.out.with_suffix(".partial.safetensors")
-    if partial.exists():
-        partial.unlink()
+    save_trained(net, cfg, args.out)
     print(f"saved {args.out} (error scale {cfg.error_scale:.4f})", flush=True)
     return 0
 
@@ -706,21 +733,22 @@ class EvalCase:
 
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
-                    fractions: list[float] | None = None) -> EvalCase:
-    """Synthetic lesions in each slice, inside ``brain_region`` (upper ``fractions[i]`` of the
-    head; 0.55, for sagittal slices, where none is given)."""
+                    fractions: list[float] | None = None, regions: np.ndarray | None = None) -> EvalCase:
+    """1-3 synthetic lesions in each slice, inside its region, which is also what is scored:
+    ``regions`` where given (anomaly-ct: inside the skull), else ``brain_region`` (upper
+    ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given)."""
     rng = np.random.default_rng(seed)
-    masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
-    fractions = fractions if fractions is not None else [0.55] * len(normal)
-    imgs, truths, regions, lesions = [], [], [], []
-    for img, m, fraction in zip(normal, masks, fractions):
-        region = brain_region(m, fraction)
+    if regions is None:
+        masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
+        fractions = fractions if fractions is not None else [0.55] * len(normal)
+        regions = np.stack([brain_region(m, fraction) for m, fraction in zip(masks, fractions)])
+    imgs, truths, lesions = [], [], []
+    for img, region in zip(normal, regions):
         out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
         imgs.append(out)
         truths.append(truth)
-        regions.append(region)
         lesions.append(drawn)
-    return EvalCase(np.stack(imgs), np.stack(truths), np.stack(regions), lesions)
+    return EvalCase(np.stack(imgs), np.stack(truths), np.asarray(regions), lesions)
 
 
 def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
@@ -816,11 +844,7 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--data", type=Path, required=True,
                    help="unpacked shared data (folder holding mr/): the held-out evaluation; or any folder of "
                         "DICOM MR series (other scanners, contrasts, planes): split 'external'")
-    p.add_argument("--model", type=Path, default=model_path(MODEL_NAME))
-    p.add_argument("--json", type=Path, default=None)
-    p.add_argument("--plot", type=Path, default=None)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--threads", type=int, default=1)
+    add_eval_arguments(p, MODEL_NAME)
     p.add_argument("--split", choices=(*SPLITS, "external"), default=None,
                    help="held-out (default where --data holds the shared data): the reported evaluation; "
                         "val-studyforrest / val-uih-gap: the model-selection slices (the model card used seeds "

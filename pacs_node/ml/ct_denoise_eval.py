@@ -27,6 +27,7 @@ import hashlib
 import json
 import logging
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -64,9 +65,7 @@ def find_series(roots: list[Path]) -> list[tuple[str, list]]:
             uid = str(ds.get("SeriesInstanceUID", "") or "") or f"folder:{path.parent}"
             groups.setdefault(uid, []).append((path, ds))
         here: list[tuple[str, str, list]] = []
-        by_folder: dict[Path, int] = {}
-        for items in groups.values():
-            by_folder[items[0][0].parent] = by_folder.get(items[0][0].parent, 0) + 1
+        by_folder = Counter(items[0][0].parent for items in groups.values())
         for uid, items in groups.items():
             modality = str(items[0][1].get("Modality", "") or "")
             if modality != "CT":
@@ -82,9 +81,7 @@ def find_series(roots: list[Path]) -> list[tuple[str, list]]:
         found += sorted(here, key=lambda f: f[0])  # in the order the roots were given
     # names still shared (two series with one Series Number in a folder, one folder name under
     # two roots) get their UID's end: the report and the cache tell them apart
-    counts: dict[str, int] = {}
-    for name, _, _ in found:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for name, _, _ in found)
     return [(f"{name}-{uid[-8:]}" if counts[name] > 1 else name, items) for name, uid, items in found]
 
 
@@ -181,15 +178,14 @@ def evaluate_series(name: str, items: list, dose: float, model, seed: int, max_s
     vol = volume_from_datasets(items)
     zs = pick_slices(vol.shape[0], max_slices)
     ref = np.stack([prepare_slice(vol.array[z]) for z in zs])
+    # the fan-beam simulation needs a square slice: pad with air, score the original pixels
     shape = ref.shape[1:]
-    if shape[0] != shape[1]:
-        # the fan-beam simulation needs a square slice: pad with air, score the original pixels
-        side = max(shape)
-        py, px = side - shape[0], side - shape[1]
+    side = max(shape)
+    py, px = side - shape[0], side - shape[1]
+    if py or px:
         ref = np.pad(ref, ((0, 0), (py // 2, py - py // 2), (px // 2, px - px // 2)), constant_values=-1000.0)
         log.info("%s: %dx%d slices padded with air to %dx%d for the simulation", name, *shape, side, side)
-    crop = (slice(None), slice((ref.shape[1] - shape[0]) // 2, (ref.shape[1] - shape[0]) // 2 + shape[0]),
-            slice((ref.shape[2] - shape[1]) // 2, (ref.shape[2] - shape[1]) // 2 + shape[1]))
+    crop = (slice(None), slice(py // 2, py // 2 + shape[0]), slice(px // 2, px // 2 + shape[1]))
     key = hashlib.sha256(json.dumps([params.as_dict(), dose, seed]).encode()).hexdigest()[:10]
     ident = hashlib.sha256("\n".join(str(p) for p, _ in items).encode()).hexdigest()[:8]  # which files
     if cache is not None:
