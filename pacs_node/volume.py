@@ -13,6 +13,7 @@ import pydicom
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.tag import Tag
 from pydicom.pixels import pixel_array as decode_pixels
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -38,6 +39,15 @@ class Volume:
     pixel_spacing: tuple[float, float]
     datasets: list[Dataset] = field(repr=False)
     files: list[Path] = field(default_factory=list, repr=False)
+    #: per slice: 0 for a single-frame instance, else the frame number (1-based) within the
+    #: multi-frame instance whose frame view ``datasets`` holds (see frame_views)
+    frames: list[int] = field(default_factory=list, repr=False)
+    #: the multi-frame data sets themselves, by SOP Instance UID (highdicom's Parametric Map
+    #: and SEG refer to one multi-frame source as a whole)
+    multiframe: dict[str, Dataset] = field(default_factory=dict, repr=False)
+
+    def frame_number(self, index: int) -> int:
+        return self.frames[index] if self.frames else 0
 
     @property
     def modality(self) -> str:
@@ -137,37 +147,119 @@ def _native_pixels(path: Path, ds: Dataset) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).reshape(rows, columns)
 
 
-def _sort_key(ds: Dataset, normal: np.ndarray | None) -> tuple[float, int]:
+def _sort_key(ds: Dataset, normal: np.ndarray | None, frame: int = 0) -> tuple[float, int, int]:
     number = int(ds.get("InstanceNumber", 0) or 0)
     ipp = ds.get("ImagePositionPatient")
     if normal is not None and ipp is not None and len(ipp) == 3:
-        return (float(np.dot(np.asarray(ipp, dtype=float), normal)), number)
-    return (float(number), number)
+        return (float(np.dot(np.asarray(ipp, dtype=float), normal)), number, frame)
+    return (float(number), number, frame)
+
+
+#: multi-frame attributes that do not describe one frame (dropped from frame views)
+_MULTIFRAME_ONLY = frozenset(
+    Tag(k) for k in ("PixelData", "NumberOfFrames", "SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence",
+                     "DimensionIndexSequence", "DimensionOrganizationSequence", "DimensionOrganizationType",
+                     "FrameIncrementPointer", "ReferencedImageEvidenceSequence", "SourceImageEvidenceSequence",
+                     "ContentQualification", "ConcatenationUID", "InConcatenationNumber",
+                     "InConcatenationTotalNumber", "ConcatenationFrameOffsetNumber")
+)
+#: functional groups that say where a frame came from or how it is indexed, not what it is
+_FRAME_BOOKKEEPING = frozenset(Tag(k) for k in ("FrameContentSequence", "ConversionSourceAttributesSequence"))
+
+
+def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
+    """One data set per frame of a multi-frame image (Enhanced or Legacy Converted Enhanced MR,
+    CT, PET, ...), shaped like a single-frame image's header: the image's own attributes, then
+    those of its shared and per-frame functional groups (Image Position / Orientation, Pixel
+    Spacing, Slice Thickness, rescale, window, timing, ...) moved to the top level, a frame's
+    own values winning. SOP Class and Instance UIDs stay the multi-frame image's: a result
+    refers to the instance and the frame (Volume.frames). Elements are shared, not copied.
+    A multi-frame image without per-frame functional groups has no per-frame position: refused."""
+    count = int(ds.get("NumberOfFrames", 1) or 1)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None or len(per_frame) != count:
+        raise SeriesLoadError(
+            f"{path.name}: a {count}-frame image without per-frame functional groups (no position per frame): "
+            "only Enhanced / Legacy Converted Enhanced multi-frame images are supported"
+        )
+    base = Dataset()
+    base.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    for tag in ds.keys():
+        if tag not in _MULTIFRAME_ONLY:
+            base[tag] = ds.get_item(tag)
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    views = []
+    for frame in per_frame:
+        view = Dataset()
+        view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+        for tag in base.keys():
+            view[tag] = base.get_item(tag)
+        for groups in (shared[0], frame):  # a frame's own groups override the shared ones
+            for group in groups:
+                if group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" or not group.value:
+                    continue
+                for tag in group.value[0].keys():
+                    if not tag.is_private:
+                        view[tag] = group.value[0].get_item(tag)
+        if getattr(ds, "file_meta", None) is not None:
+            view.file_meta = ds.file_meta
+        views.append(view)
+    return views
+
+
+def _orientation(ds: Dataset) -> np.ndarray | None:
+    iop = ds.get("ImageOrientationPatient")
+    return np.asarray(iop, dtype=float) if iop is not None and len(iop) == 6 else None
 
 
 def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
-    """Build a Volume from already-read datasets of one series (any order)."""
+    """Build a Volume from already-read datasets of one series (any order). A multi-frame
+    image contributes one slice per frame (frame_views)."""
     if not items:
         raise SeriesLoadError("no image instances in series")
-    first = items[0][1]
-    iop = first.get("ImageOrientationPatient")
-    if iop is not None and len(iop) == 6:
-        row_dir = np.asarray(iop[:3], dtype=float)
-        col_dir = np.asarray(iop[3:], dtype=float)
+    # (path, header, frame number or 0, the multi-frame data set whose pixels it is)
+    slices: list[tuple[Path, Dataset, int, Dataset | None]] = []
+    for path, ds in items:
+        if int(ds.get("NumberOfFrames", 1) or 1) == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
+            slices.append((path, ds, 0, None))
+            continue
+        views = frame_views(path, ds)
+        slices.extend((path, view, k + 1, ds) for k, view in enumerate(views))
+    first = slices[0][1]
+    iop = _orientation(first)
+    if iop is not None:
+        row_dir, col_dir = iop[:3], iop[3:]
     else:
         row_dir, col_dir = np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
     normal = np.cross(row_dir, col_dir)
-    has_geometry = iop is not None and all("ImagePositionPatient" in ds for _, ds in items)
-    ordered = sorted(items, key=lambda it: _sort_key(it[1], normal if has_geometry else None))
+    has_geometry = iop is not None and all("ImagePositionPatient" in ds for _, ds, _, _ in slices)
+    if has_geometry:
+        for path, ds, frame, _ in slices:
+            other = _orientation(ds)
+            if other is None or np.abs(other - iop).max() > 1e-3:
+                where = f"{path.name} frame {frame}" if frame else path.name
+                raise SeriesLoadError(
+                    f"{where}: image orientation differs from the series' first image (a localiser or several "
+                    "stacks in one series): not supported"
+                )
+    ordered = sorted(slices, key=lambda it: _sort_key(it[1], normal if has_geometry else None, it[2]))
+    if has_geometry and any(frame for _, _, frame, _ in ordered):
+        along = np.array([float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
+                          for _, ds, _, _ in ordered])
+        shared_positions = int(np.sum(np.diff(along) < 1e-4))
+        if shared_positions:
+            raise SeriesLoadError(
+                f"{ordered[0][0].name}: {shared_positions + 1} or more frames share a position (several echoes, "
+                "phases or b-values in one image): not supported; send one stack per series"
+            )
 
     shape = (int(first.Rows), int(first.Columns))
     # one float32 volume written in place: no per-slice temporaries to stack, and no decoded
     # array cached on each dataset (pydicom's ds.pixel_array keeps one, which the encoder
     # would then copy along with the header)
     array = np.empty((len(ordered), *shape), dtype=np.float32)
-    for k, (path, ds) in enumerate(ordered):
-        if int(ds.get("NumberOfFrames", 1) or 1) != 1:
-            raise SeriesLoadError(f"{path.name}: multi-frame images are not supported")
+    decoded: dict[int, np.ndarray] = {}  # multi-frame pixel data, decoded once per image
+    for k, (path, ds, frame, whole) in enumerate(ordered):
         if (int(ds.Rows), int(ds.Columns)) != shape:
             raise SeriesLoadError(
                 f"{path.name}: matrix {ds.Rows}x{ds.Columns} differs from the series' {shape[0]}x{shape[1]}"
@@ -175,9 +267,14 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         if ds.get("SamplesPerPixel", 1) != 1:
             raise SeriesLoadError(f"{path.name}: colour images are not supported")
         try:
-            pixels = _native_pixels(path, ds)
-            if pixels is None:
-                pixels = decode_pixels(ds)
+            if whole is None:
+                pixels = _native_pixels(path, ds)
+                if pixels is None:
+                    pixels = decode_pixels(ds)
+            else:
+                if id(whole) not in decoded:
+                    decoded[id(whole)] = decode_pixels(whole).reshape(-1, *shape)
+                pixels = decoded[id(whole)][frame - 1]
         except Exception as exc:  # noqa: BLE001 - decoder errors come in many types
             ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
             raise SeriesLoadError(f"{path.name}: cannot decode pixel data (transfer syntax {ts}): {exc}") from exc
@@ -188,7 +285,7 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         out += np.float32(intercept)
 
     if has_geometry:
-        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in ordered])
+        positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds, _, _ in ordered])
     else:
         positions = np.zeros((len(ordered), 3))
         positions[:, 2] = np.arange(len(ordered), dtype=float)
@@ -199,8 +296,10 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         row_direction=row_dir,
         column_direction=col_dir,
         pixel_spacing=(float(spacing[0]), float(spacing[1])),
-        datasets=[ds for _, ds in ordered],
-        files=[p for p, _ in ordered],
+        datasets=[ds for _, ds, _, _ in ordered],
+        files=[p for p, _, _, _ in ordered],
+        frames=[frame for _, _, frame, _ in ordered] if any(f for _, _, f, _ in ordered) else [],
+        multiframe={str(whole.get("SOPInstanceUID", "")): whole for _, _, _, whole in ordered if whole is not None},
     )
 
 
@@ -224,7 +323,7 @@ def group_by_series(paths: Iterable[Path]) -> dict[str, list[tuple[Path, Dataset
 def series_volumes(root: Path, modality: str, purpose: str = "evaluation") -> Iterator[tuple[str, Volume]]:
     """(Series Instance UID, Volume) of every ``modality`` series among the DICOM files under
     ``root`` (or the file ``root``): another site's export, any layout. Series of another
-    modality, and series the loader refuses (multi-frame, mixed matrices, undecodable pixels),
+    modality, and series the loader refuses (several stacks, mixed matrices, undecodable pixels),
     are logged with the reason, prefixed with ``purpose``, and skipped."""
     root = Path(root)
     if not root.exists():

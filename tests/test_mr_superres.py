@@ -87,6 +87,14 @@ def test_acquired_resolution_from_acquisition_matrix():
     ds.AcquisitionMatrix = [0, 512, 460, 0]  # not interpolated: unchanged
     same, spacing = kspace.to_acquired_resolution(big, ds, (0.5, 0.5))
     assert same is big and spacing == (0.5, 0.5)
+    # Enhanced MR has no AcquisitionMatrix: MR FOV/Geometry's encoding steps say the same
+    enhanced = Dataset()
+    enhanced.MRAcquisitionFrequencyEncodingSteps = 256
+    enhanced.MRAcquisitionPhaseEncodingStepsInPlane = 230
+    enhanced.InPlanePhaseEncodingDirection = "ROW"
+    assert kspace.acquisition_shape(enhanced) == (256, 230)
+    enhanced.InPlanePhaseEncodingDirection = "COLUMN"
+    assert kspace.acquisition_shape(enhanced) == (230, 256)
 
 
 def _phantom_bank(n=6, size=128, seed=0):

@@ -90,3 +90,16 @@ def state_unknown_deidentification(ds: Dataset) -> None:
     if str(ds.get("PatientIdentityRemoved", "")).upper() == "YES" and not ds.get("DeidentificationMethod") \
             and "DeidentificationMethodCodeSequence" not in ds:
         ds.DeidentificationMethod = "Not stated by the source"
+
+
+def source_reference(volume: Volume, index: int) -> Dataset:
+    """A Source Image Sequence item for slice ``index`` of the source: its instance, and its
+    frame when the instance is multi-frame."""
+    src = volume.datasets[index]
+    item = Dataset()
+    item.ReferencedSOPClassUID = src.SOPClassUID
+    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
+    frame = volume.frame_number(index)
+    if frame:
+        item.ReferencedFrameNumber = frame
+    return item

@@ -1,4 +1,9 @@
-"""Derived image series: same study, same SOP class, new UIDs, pixels from a pipeline."""
+"""Derived image series: same study, same SOP class, new UIDs, pixels from a pipeline.
+
+A frame of an Enhanced (or Legacy Converted Enhanced) multi-frame source gives a single-frame
+image of the same modality's classic SOP class (MR, CT, PET Image Storage), with the frame's
+functional-group attributes at the top level (volume.frame_views) and the classic module's
+required attributes that only the enhanced encoding names differently filled in from it."""
 
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ from .. import __version__
 from ..errors import EncodeError
 from ..pipelines.base import DerivedVolume
 from ..volume import PIXEL_DATA, Volume, element_vr, rescale_of
-from . import TYPE2_PATIENT_STUDY, EncodeContext, state_unknown_deidentification
+from . import TYPE2_PATIENT_STUDY, EncodeContext, source_reference, state_unknown_deidentification
 
 # Attributes that describe the source pixels or the source file rather than the new image.
 _DROP = (
@@ -57,6 +62,72 @@ def _drop_private(ds: Dataset) -> None:
         elif element_vr(ds.get_item(tag)) == "SQ":
             for item in ds[tag].value or ():
                 _drop_private(item)
+
+
+#: Enhanced / Legacy Converted Enhanced image storage -> the classic single-frame class
+SINGLE_FRAME_CLASS = {
+    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR Image
+    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT Image
+    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Legacy Converted Enhanced PET
+    "1.2.840.10008.5.1.4.1.1.130": "1.2.840.10008.5.1.4.1.1.128",  # Enhanced PET -> PET Image
+}
+#: attributes of the enhanced encoding with no place in a classic image (frame views carry them)
+_ENHANCED_ONLY = (
+    "FrameType", "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique",
+    "FrameAcquisitionDateTime", "FrameReferenceDateTime", "FrameAcquisitionDuration", "StackID",
+    "InStackPositionNumber", "DimensionIndexValues", "FrameComments", "FrameLaterality",
+    "AnatomicRegionSequence", "ContentQualification", "ReferencedRawDataSequence",
+    "ReferencedWaveformSequence", "ReferencedPresentationStateSequence",
+)
+
+
+def _classic_mr(ds: Dataset) -> None:
+    """MR Image module attributes from their Enhanced MR equivalents, where the source has none."""
+    if "ScanningSequence" not in ds:
+        pulse = str(ds.get("EchoPulseSequence", "") or "").upper()
+        scanning = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(pulse, ["RM"])
+        if str(ds.get("InversionRecovery", "") or "").upper() == "YES":
+            scanning.append("IR")
+        ds.ScanningSequence = scanning
+    if "SequenceVariant" not in ds:
+        variant = []
+        if str(ds.get("SegmentedKSpaceTraversal", "SINGLE") or "SINGLE").upper() != "SINGLE":
+            variant.append("SK")
+        if str(ds.get("MagnetizationTransfer", "NONE") or "NONE").upper() != "NONE":
+            variant.append("MTC")
+        if str(ds.get("SteadyStateFreePrecession", "NONE") or "NONE").upper() != "NONE":
+            variant.append("SS")
+        if str(ds.get("Spoiling", "NONE") or "NONE").upper() != "NONE":
+            variant.append("SP")
+        ds.SequenceVariant = variant or ["NONE"]
+    if "EchoTime" not in ds:
+        ds.EchoTime = ds.get("EffectiveEchoTime")
+    for keyword in ("ScanOptions", "MRAcquisitionType", "EchoTrainLength", "RepetitionTime"):
+        if keyword not in ds:
+            setattr(ds, keyword, None)
+
+
+def _to_single_frame(ds: Dataset, ctx: EncodeContext) -> None:
+    """Make a header copied from a frame view a classic single-frame image of its modality."""
+    enhanced = str(ds.SOPClassUID)
+    if enhanced not in SINGLE_FRAME_CLASS:
+        raise EncodeError(
+            f"pipeline {ctx.pipeline}: a derived series of a multi-frame {ds.SOPClassUID.name} source is not "
+            "supported (Enhanced / Legacy Converted Enhanced MR, CT and PET are)"
+        )
+    ds.SOPClassUID = SINGLE_FRAME_CLASS[enhanced]
+    if "Laterality" not in ds:  # Type 2C; the enhanced encoding has it per frame (Frame Laterality)
+        ds.Laterality = ""
+    for keyword in _ENHANCED_ONLY:
+        if keyword in ds:
+            delattr(ds, keyword)
+    if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4":
+        _classic_mr(ds)
+    for keyword in ("AcquisitionNumber", "KVP") if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" else ():
+        if keyword not in ds:
+            setattr(ds, keyword, None)
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -108,9 +179,10 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
 
     result: list[Dataset] = []
     for z in range(n_out):
-        sources = [volume.datasets[i] for i in mapping[z]]
-        src = sources[0]
+        src = volume.datasets[mapping[z][0]]
         ds = _copy_header(src)
+        if volume.frame_number(mapping[z][0]):
+            _to_single_frame(ds, ctx)
         for keyword in _DROP:
             if keyword in ds:
                 delattr(ds, keyword)
@@ -148,7 +220,7 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
             f"{output.description} by pacs-node {__version__} pipeline {ctx.pipeline} "
             f"version {ctx.version}. AI-generated, not for primary diagnosis."
         )[:1024]
-        ds.SourceImageSequence = Sequence([_reference(s) for s in sources])
+        ds.SourceImageSequence = Sequence([source_reference(volume, i) for i in mapping[z]])
         ds.InstanceCreationDate = now.strftime("%Y%m%d")
         ds.InstanceCreationTime = now.strftime("%H%M%S")
         ds.ContentDate = ds.InstanceCreationDate
@@ -174,9 +246,3 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
         result.append(ds)
     return result
 
-
-def _reference(src: Dataset) -> Dataset:
-    item = Dataset()
-    item.ReferencedSOPClassUID = src.SOPClassUID
-    item.ReferencedSOPInstanceUID = src.SOPInstanceUID
-    return item

@@ -21,7 +21,7 @@ from pydicom.sequence import Sequence
 from ..errors import EncodeError
 from ..pipelines.base import ScoreMap
 from ..volume import Volume
-from . import EncodeContext
+from . import EncodeContext, source_reference
 from .parametric import (
     MANUFACTURER,
     checked_scores,
@@ -162,10 +162,7 @@ def encode_secondary_capture(volume: Volume, output: ScoreMap, ctx: EncodeContex
         sc.ImageType = ["DERIVED", "SECONDARY"]
         sc.BurnedInAnnotation = "YES"
         sc.DerivationDescription = derivation_text(output, ctx)
-        item = Dataset()
-        item.ReferencedSOPClassUID = src.SOPClassUID
-        item.ReferencedSOPInstanceUID = src.SOPInstanceUID
-        sc.SourceImageSequence = Sequence([item])
+        sc.SourceImageSequence = Sequence([source_reference(volume, z)])
         sc.ImageComments = WARNING_TEXT.replace("\u2014", "-")  # no character set declared: ASCII
         sc.ContentDate = now.strftime("%Y%m%d")
         sc.ContentTime = now.strftime("%H%M%S")

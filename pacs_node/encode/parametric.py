@@ -56,12 +56,27 @@ _CHECKED = {"StudyDate": _DATE, "SeriesDate": _DATE, "ContentDate": _DATE, "Pati
             "StudyTime": _TIME, "SeriesTime": _TIME, "ContentTime": _TIME}
 
 
-def derived_object_arguments(volume: Volume, ctx: EncodeContext, kind: str) -> dict:
+def derived_object_arguments(volume: Volume, ctx: EncodeContext, kind: str, pixels: np.ndarray) -> dict:
     """Constructor arguments that every single-instance highdicom object we write shares
-    (Parametric Map, SEG): sources, deterministic UIDs, series number, device identity."""
+    (Parametric Map, SEG): pixels and their sources, deterministic UIDs, series number, device
+    identity. ``pixels`` is (z, y, x) in the volume's slice order; for a series that is one
+    multi-frame image, highdicom takes that image as the one source and the frames in its order."""
     source_series = str(volume.datasets[0].SeriesInstanceUID)
+    if volume.frames:
+        whole = volume.multiframe.get(str(volume.datasets[0].SOPInstanceUID))
+        frames = int(whole.get("NumberOfFrames", 0) or 0) if whole is not None else 0
+        if len(volume.multiframe) != 1 or 0 in volume.frames or frames != len(volume.frames):
+            raise EncodeError(
+                f"pipeline {ctx.pipeline}: a {kind.replace('_', ' ')} of a series made of several images of which "
+                "some are multi-frame is not supported (one multi-frame image per series is)"
+            )
+        sources = [sanitised_source(whole)]
+        pixels = pixels[np.argsort(volume.frames)]
+    else:
+        sources = [sanitised_source(ds) for ds in volume.datasets]
     return dict(
-        source_images=[sanitised_source(ds) for ds in volume.datasets],
+        pixel_array=pixels,
+        source_images=sources,
         series_instance_uid=ctx.uid(source_series, "series"),
         series_number=series_number(volume, kind),
         sop_instance_uid=ctx.uid(source_series, "instance", "0"),
@@ -134,8 +149,7 @@ def encode_parametric_map(volume: Volume, output: ScoreMap, ctx: EncodeContext) 
     )
     try:
         pm = hd.pm.ParametricMap(
-            pixel_array=stored,
-            **derived_object_arguments(volume, ctx, "parametric_map"),
+            **derived_object_arguments(volume, ctx, "parametric_map", stored),
             contains_recognizable_visual_features=False,
             real_world_value_mappings=[mapping],
             window_center=SCORE_STEPS / 2,

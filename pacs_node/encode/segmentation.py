@@ -40,10 +40,9 @@ def encode_segmentation(volume: Volume, output: ScoreMap, ctx: EncodeContext) ->
     )
     try:
         seg = hd.seg.Segmentation(
-            pixel_array=mask,
             segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
             segment_descriptions=[segment],
-            **derived_object_arguments(volume, ctx, "segmentation"),
+            **derived_object_arguments(volume, ctx, "segmentation", mask),
             content_description="AI anomaly region, not for diagnosis",
             content_label="ANOMALY",
             omit_empty_frames=True,

@@ -193,7 +193,8 @@ def kernel_upsample(lr: np.ndarray, scale: int, kernel: str) -> np.ndarray:
 # --- acquired resolution --------------------------------------------------------------------
 
 def acquisition_shape(ds) -> tuple[int, int] | None:
-    """(rows, columns) of the acquired matrix from AcquisitionMatrix, or None when absent.
+    """(rows, columns) of the acquired matrix from AcquisitionMatrix (Enhanced MR: the frequency
+    and in-plane phase encoding steps), or None when absent.
 
     AcquisitionMatrix is (frequency rows, frequency columns, phase rows, phase columns); with
     InPlanePhaseEncodingDirection ROW the phase encoding runs along the rows of the image
@@ -201,7 +202,13 @@ def acquisition_shape(ds) -> tuple[int, int] | None:
     """
     am = ds.get("AcquisitionMatrix") if ds is not None else None
     if not am or len(am) != 4:
-        return None
+        # Enhanced MR (a frame view, volume.frame_views): MR FOV/Geometry's step counts
+        freq, phase = (ds.get(k) if ds is not None else None
+                       for k in ("MRAcquisitionFrequencyEncodingSteps", "MRAcquisitionPhaseEncodingStepsInPlane"))
+        if not freq or not phase:
+            return None
+        am = (0, freq, phase, 0) if str(ds.get("InPlanePhaseEncodingDirection", "")).upper() == "ROW" else \
+            (freq, 0, 0, phase)
     f_rows, f_cols, p_rows, p_cols = (int(v) for v in am)
     if str(ds.get("InPlanePhaseEncodingDirection", "")).upper() == "ROW":
         rows, cols = f_cols or f_rows, p_rows or p_cols

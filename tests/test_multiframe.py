@@ -1,0 +1,265 @@
+"""Enhanced multi-frame input: a series that is one multi-frame image (Legacy Converted Enhanced
+MR / CT, made from the shared single-frame series by highdicom's converter, the functional-group
+encoding scanners use for Enhanced MR / CT) loads like its single frames, and every output kind
+refers to the source's frames and adds no dciodvfy error.
+
+Real scanners' Enhanced MR / CT (e.g. Siemens XA, Philips with enhanced export) use the same
+Shared / Per-frame Functional Groups; none is among the shared data, hence the conversion."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+
+from conftest import dciodvfy_errors, storescu, wait_for
+from pacs_node.encode import EncodeContext, encode_outputs
+from pacs_node.errors import EncodeError, SeriesLoadError
+from pacs_node.models_dir import model_path
+from pacs_node.pipelines.base import ScoreMap
+from pacs_node.process import process_series
+from pacs_node.volume import load_series
+
+_VALID = {"DA": "20200101", "TM": "120000", "DT": "20200101120000"}
+UIH = ("mr/uih-t1-3d-sag", slice(80, 86))
+GE = ("ct/ge-head-tilt", slice(14, 20))
+
+
+def _sources(data: Path, series: tuple[str, slice]) -> list[Path]:
+    return sorted((data / series[0]).iterdir())[series[1]]
+
+
+def _converted(files: list[Path], out: Path, shuffle: bool = True, series_uid: str | None = None) -> Path:
+    """The single-frame files as one Legacy Converted Enhanced image (frames in a shuffled
+    order: the loader must sort by position, not trust the frame order)."""
+    datasets = [pydicom.dcmread(p) for p in files]
+    if shuffle:
+        datasets = [datasets[i] for i in np.random.default_rng(3).permutation(len(datasets))]
+    for ds in datasets:  # "***" in dates (de-identified UIH) stops highdicom's converter
+        for elem in ds:
+            if elem.VR in _VALID and elem.value and "*" in str(elem.value):
+                elem.value = _VALID[elem.VR]
+    cls = {"MR": hd.legacy.LegacyConvertedEnhancedMRImage, "CT": hd.legacy.LegacyConvertedEnhancedCTImage}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = cls[datasets[0].Modality](datasets, series_instance_uid=series_uid or hd.UID(), series_number=901,
+                                          sop_instance_uid=hd.UID(), instance_number=1)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "enhanced.dcm"
+    image.save_as(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def enhanced(data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("enhanced")
+    return {"MR": _converted(_sources(data, UIH), root / "mr"), "CT": _converted(_sources(data, GE), root / "ct")}
+
+
+@pytest.mark.parametrize("modality, series", [("MR", UIH), ("CT", GE)])
+def test_a_multi_frame_image_loads_like_its_single_frames(modality, series, data, enhanced) -> None:
+    single = load_series(_sources(data, series))
+    multi = load_series([enhanced[modality]])
+    assert multi.shape == single.shape
+    np.testing.assert_array_equal(multi.array, single.array)  # HU for CT: rescale per frame applied
+    np.testing.assert_allclose(multi.positions, single.positions, atol=1e-4)  # GE: tilted, uneven gaps
+    np.testing.assert_allclose(multi.pixel_spacing, single.pixel_spacing)
+    assert sorted(multi.frames) == list(range(1, len(single.datasets) + 1))
+    whole = pydicom.dcmread(enhanced[modality])
+    for k, frame in enumerate(multi.frames):  # each slice is the frame at its own position
+        ipp = whole.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
+        np.testing.assert_allclose([float(v) for v in ipp], multi.positions[k], atol=1e-4)
+    assert {str(ds.SOPInstanceUID) for ds in multi.datasets} == {str(whole.SOPInstanceUID)}
+    assert all("NumberOfFrames" not in ds and "PixelData" not in ds for ds in multi.datasets)
+
+
+def _score(shape: tuple[int, int, int]) -> np.ndarray:
+    z, rows, cols = shape
+    yy, xx = np.mgrid[:rows, :cols]
+    blob = np.exp(-((yy - 0.4 * rows) ** 2 + (xx - 0.5 * cols) ** 2) / (0.01 * rows ** 2)).astype(np.float32)
+    return blob[None] * np.linspace(0.2, 1.0, z, dtype=np.float32)[:, None, None]  # each slice its own peak
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+@pytest.mark.parametrize("modality", ["MR", "CT"])
+def test_overlay_pm_and_seg_of_a_multi_frame_source_refer_to_its_frames(modality, enhanced, tmp_path) -> None:
+    volume = load_series([enhanced[modality]])
+    whole = pydicom.dcmread(enhanced[modality])
+    scores = _score(volume.shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        outputs = encode_outputs(volume, [ScoreMap(scores, "Anomaly map", 0.5)],
+                                 ("secondary_capture", "parametric_map", "segmentation"),
+                                 EncodeContext("anomaly-mr", "test"))
+    n = volume.shape[0]
+    assert [ds.SOPClassUID.name for ds in outputs] == ["Secondary Capture Image Storage"] * n + [
+        "Parametric Map Storage", "Segmentation Storage"]
+    for z, sc in enumerate(outputs[:n]):
+        (ref,) = sc.SourceImageSequence
+        assert (ref.ReferencedSOPInstanceUID, int(ref.ReferencedFrameNumber)) == (whole.SOPInstanceUID,
+                                                                                    volume.frames[z])
+    pm = outputs[n]
+    assert int(pm.NumberOfFrames) == n
+    slope = float(pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0].RealWorldValueSlope)
+    found = []
+    for i, item in enumerate(pm.PerFrameFunctionalGroupsSequence):
+        # each PM frame lies where one source slice lies and holds that slice's scores
+        ipp = np.array([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
+        (z,) = np.flatnonzero(np.abs(volume.positions - ipp).max(axis=1) < 1e-3)
+        found.append(int(z))
+        np.testing.assert_allclose(pm.pixel_array[i] * slope, scores[z], atol=1e-3)
+    assert sorted(found) == list(range(n))
+    seg = outputs[n + 1]
+    referenced = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+                  for f in seg.PerFrameFunctionalGroupsSequence}
+    assert referenced == {volume.frames[z] for z in range(n) if scores[z].max() >= 0.5}
+    source_errors = dciodvfy_errors(enhanced[modality])
+    for i, ds in enumerate(outputs):
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        new = dciodvfy_errors(path) - source_errors
+        assert not new, f"{ds.SOPClassUID.name} from a multi-frame {modality} source adds dciodvfy errors: {new}"
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_derived_series_of_a_multi_frame_ct_is_classic_ct_with_the_frames_geometry(data, enhanced, tmp_path) -> None:
+    """ct-denoise-classical on the Enhanced CT gives what it gives on the single frames, as
+    single-frame CT images at the frames' positions, each referring to its frame."""
+    single, _ = process_series(_sources(data, GE), "ct-denoise-classical", {})
+    multi, _ = process_series([enhanced["CT"]], "ct-denoise-classical", {})
+    whole = pydicom.dcmread(enhanced["CT"])
+    assert len(multi) == len(single) == int(whole.NumberOfFrames)
+    source_errors = dciodvfy_errors(enhanced["CT"])
+    by_position = {tuple(round(float(v), 3) for v in ds.ImagePositionPatient): ds for ds in single}
+    for i, ds in enumerate(multi):
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        assert "NumberOfFrames" not in ds and "PerFrameFunctionalGroupsSequence" not in ds
+        (ref,) = ds.SourceImageSequence
+        assert ref.ReferencedSOPInstanceUID == whole.SOPInstanceUID
+        frame = whole.PerFrameFunctionalGroupsSequence[int(ref.ReferencedFrameNumber) - 1]
+        assert [float(v) for v in ds.ImagePositionPatient] == pytest.approx(
+            [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient], abs=1e-4)
+        twin = by_position[tuple(round(float(v), 3) for v in ds.ImagePositionPatient)]
+        hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+        np.testing.assert_array_equal(hu, twin.pixel_array * float(twin.RescaleSlope) + float(twin.RescaleIntercept))
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        new = dciodvfy_errors(path) - source_errors
+        assert not new, f"derived CT from a multi-frame source adds dciodvfy errors: {new}"
+
+
+def test_multi_frame_images_the_loader_cannot_place_are_refused_with_the_reason(data, enhanced, tmp_path) -> None:
+    # several frames at one position (echoes, phases): frame 2 moved onto frame 1
+    whole = pydicom.dcmread(enhanced["MR"])
+    groups = whole.PerFrameFunctionalGroupsSequence
+    groups[1].PlanePositionSequence[0].ImagePositionPatient = groups[0].PlanePositionSequence[0].ImagePositionPatient
+    dup = tmp_path / "dup.dcm"
+    whole.save_as(dup)
+    with pytest.raises(SeriesLoadError, match="share a position"):
+        load_series([dup])
+    # a multi-frame image without functional groups has no position per frame
+    ds = pydicom.dcmread(_sources(data, UIH)[0])
+    frame = ds.pixel_array
+    ds.NumberOfFrames = 2
+    ds.PixelData = np.stack([frame, frame]).tobytes()
+    plain = tmp_path / "plain.dcm"
+    ds.save_as(plain)
+    with pytest.raises(SeriesLoadError, match="without per-frame functional groups"):
+        load_series([plain])
+    # frames in two orientations (a localiser): one frame's orientation changed
+    whole = pydicom.dcmread(enhanced["MR"])
+    item = whole.PerFrameFunctionalGroupsSequence[0]
+    item.PlaneOrientationSequence = [pydicom.Dataset()]
+    item.PlaneOrientationSequence[0].ImageOrientationPatient = [1, 0, 0, 0, 0, -1]
+    mixed = tmp_path / "mixed.dcm"
+    whole.save_as(mixed)
+    with pytest.raises(SeriesLoadError, match="orientation differs"):
+        load_series([mixed])
+
+
+def test_pacs_node_run_on_a_multi_frame_mr_gives_overlays(enhanced, tmp_path) -> None:
+    """The offline command on a folder holding one Enhanced-style MR image: one overlay per frame."""
+    if not model_path("anomaly-mr").exists():
+        pytest.skip("anomaly-mr weights not trained")
+    out = tmp_path / "out"
+    run = subprocess.run([str(Path(sys.executable).parent / "pacs-node"), "run", "anomaly-mr", str(enhanced["MR"].parent), str(out)],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    results = [pydicom.dcmread(p) for p in sorted(out.glob("*.dcm"))]
+    frames = int(pydicom.dcmread(enhanced["MR"]).NumberOfFrames)
+    kinds = sorted(ds.SOPClassUID.name for ds in results)
+    assert kinds == ["Parametric Map Storage"] + ["Secondary Capture Image Storage"] * frames
+    assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in results
+                  if "SourceImageSequence" in ds and ds.Modality == "OT" and "NumberOfFrames" not in ds) == \
+        list(range(1, frames + 1))
+
+
+def test_a_multi_frame_mr_sent_with_storescu_comes_back_as_overlays(node_factory, storescp, enhanced) -> None:
+    """DCMTK storescu sends the multi-frame MR to the node; its anomaly rule's overlays and PM
+    reach a DCMTK storescp, each overlay referring to its frame."""
+    if not model_path("anomaly-mr").exists():
+        pytest.skip("anomaly-mr weights not trained")
+    peers = [{"name": "modality", "ae_title": "STORESCU"},
+             {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": storescp.port}]
+    rules = [{"name": "anomaly", "when": "Modality == 'MR'", "pipeline": "anomaly-mr", "destinations": ["viewer"]}]
+    node = node_factory(peers, rules)
+    sent = storescu(node.port, enhanced["MR"], extra=("-R",))  # -R: its SOP class is not in storescu's default list
+    assert sent.returncode == 0, sent.stderr
+    frames = int(pydicom.dcmread(enhanced["MR"]).NumberOfFrames)
+    wait_for(lambda: len(storescp.files()) >= frames + 1, 240, f"{frames + 1} results at storescp")
+    results = [pydicom.dcmread(p) for p in storescp.files()]
+    overlays = [ds for ds in results if ds.SOPClassUID.name == "Secondary Capture Image Storage"]
+    assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in overlays) == \
+        list(range(1, frames + 1))
+    assert sum(ds.SOPClassUID.name == "Parametric Map Storage" for ds in results) == 1
+    assert re.search(r"job 1 done: last instance received -> last result acknowledged", node.log())
+
+
+def test_evaluation_commands_take_a_multi_frame_series(enhanced, tmp_path, capsys) -> None:
+    """Another site's export may be Enhanced MR: the external evaluations read it (mr-superres
+    at the acquired matrix the converted header states, anomaly-mr every 2nd frame)."""
+    import json
+
+    from pacs_node.ml import anomaly_mr, mr_superres
+
+    out = tmp_path / "sr.json"
+    assert mr_superres.eval_main(["--data", str(enhanced["MR"].parent), "--max-slices", "6", "--threads", "2",
+                                  "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["series"][0]["results"]}
+    assert rows["zero-fill (sinc)"]["n_slices"] == 6
+    assert "256x230 at 1.00x1.00 mm, acquired matrix of a 512x460 reconstruction" in capsys.readouterr().out
+    if model_path("anomaly-mr").exists():
+        out = tmp_path / "an.json"
+        assert anomaly_mr.eval_main(["--data", str(enhanced["MR"].parent), "--seed", "5", "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        assert result["slices"] == 3 and "sagittal, 3 of 6 slices" in result["data"]
+
+
+def test_a_series_of_two_multi_frame_images(data, tmp_path) -> None:
+    """Two Enhanced-style images of one series (a scanner splitting a stack): one volume; the
+    overlays refer to each image's frames; a Parametric Map, which highdicom builds from one
+    multi-frame source, is refused with the reason."""
+    files = _sources(data, UIH)
+    uid = hd.UID()
+    parts = [_converted(files[:3], tmp_path / "a", series_uid=uid), _converted(files[3:], tmp_path / "b", series_uid=uid)]
+    volume = load_series(parts)
+    np.testing.assert_array_equal(volume.array, load_series(files).array)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        overlays = encode_outputs(volume, [ScoreMap(_score(volume.shape), "Anomaly map")], ("secondary_capture",),
+                                  EncodeContext("anomaly-mr", "test"))
+        refs = {(str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID),
+                 int(ds.SourceImageSequence[0].ReferencedFrameNumber)) for ds in overlays}
+        assert refs == {(str(pydicom.dcmread(p).SOPInstanceUID), f) for p in parts for f in (1, 2, 3)}
+        with pytest.raises(EncodeError, match="several images"):
+            encode_outputs(volume, [ScoreMap(_score(volume.shape), "Anomaly map")], ("parametric_map",),
+                           EncodeContext("anomaly-mr", "test"))
