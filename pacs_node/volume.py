@@ -196,7 +196,8 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
             view[tag] = base.get_item(tag)
         for groups in (shared[0], frame):  # a frame's own groups override the shared ones
             for group in groups:
-                if group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" or not group.value:
+                if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" \
+                        or not group.value:
                     continue
                 for tag in group.value[0].keys():
                     if not tag.is_private:

@@ -263,3 +263,52 @@ def test_a_series_of_two_multi_frame_images(data, tmp_path) -> None:
         with pytest.raises(EncodeError, match="several images"):
             encode_outputs(volume, [ScoreMap(_score(volume.shape), "Anomaly map")], ("parametric_map",),
                            EncodeContext("anomaly-mr", "test"))
+
+
+def _as_enhanced_mr(legacy: Path, out: Path) -> Path:
+    """The Legacy Converted image re-labelled as Enhanced MR, with its MR attributes where an
+    Enhanced MR scanner puts them: no Acquisition Matrix, Scanning Sequence or Echo Time, but
+    Echo Pulse Sequence, MR FOV/Geometry, MR Timing and MR Echo functional groups."""
+    ds = pydicom.dcmread(legacy)
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    del shared.UnassignedSharedConvertedAttributesSequence
+    for frame in ds.PerFrameFunctionalGroupsSequence:
+        del frame.UnassignedPerFrameConvertedAttributesSequence
+    groups = {"MRFOVGeometrySequence": dict(InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=256,
+                                            MRAcquisitionPhaseEncodingStepsInPlane=230),
+              "MRTimingAndRelatedParametersSequence": dict(RepetitionTime=7.25, FlipAngle=10, EchoTrainLength=1),
+              "MREchoSequence": dict(EffectiveEchoTime=3.1)}
+    for keyword, values in groups.items():
+        item = pydicom.Dataset()
+        for name, value in values.items():
+            setattr(item, name, value)
+        setattr(shared, keyword, [item])
+    for name, value in dict(EchoPulseSequence="GRADIENT", InversionRecovery="YES", Spoiling="RF",
+                            SegmentedKSpaceTraversal="SINGLE", MRAcquisitionType="3D").items():
+        setattr(ds, name, value)
+    path = out / "enhanced-mr.dcm"
+    ds.save_as(path)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_derived_mr_of_an_enhanced_mr_has_the_classic_mr_attributes(data, enhanced, tmp_path) -> None:
+    from pacs_node.ml import kspace
+    from pacs_node.pipelines.base import DerivedVolume
+
+    volume = load_series([_as_enhanced_mr(enhanced["MR"], tmp_path)])
+    assert kspace.acquisition_shape(volume.datasets[0]) == (256, 230)
+    (derived_ds, *rest) = encode_outputs(volume, [DerivedVolume(volume.array, "copy")], ("derived",),
+                                         EncodeContext("mr-superres", "test"))
+    assert len(rest) == volume.shape[0] - 1
+    assert derived_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
+    assert list(derived_ds.ScanningSequence) == ["GR", "IR"] and derived_ds.SequenceVariant == "SP"
+    assert (float(derived_ds.EchoTime), float(derived_ds.RepetitionTime)) == (3.1, 7.25)
+    path = tmp_path / "derived.dcm"
+    derived_ds.save_as(path, enforce_file_format=True)
+    # no error that the same image sent as classic MR (the shared single-frame file) does not have
+    strip = lambda errors: {re.sub(r" Module=<[^>]*>", "", e) for e in errors}  # noqa: E731
+    classic = set().union(*(strip(dciodvfy_errors(p)) for p in _sources(data, UIH)))
+    new = strip(dciodvfy_errors(path)) - classic
+    assert not new, f"derived MR of an Enhanced MR adds dciodvfy errors: {new}"

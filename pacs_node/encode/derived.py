@@ -13,6 +13,7 @@ import datetime as dt
 import numpy as np
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.multival import MultiValue
 from pydicom.sequence import Sequence
 from pydicom.uid import ExplicitVRLittleEndian
 
@@ -104,6 +105,11 @@ def _classic_mr(ds: Dataset) -> None:
         ds.SequenceVariant = variant or ["NONE"]
     if "EchoTime" not in ds:
         ds.EchoTime = ds.get("EffectiveEchoTime")
+    scanning = ds.ScanningSequence
+    if "IR" in (list(scanning) if isinstance(scanning, MultiValue) else [str(scanning)]) \
+            and "InversionTime" not in ds:  # Type 2C: with IR
+        times = ds.get("InversionTimes")  # MR Modifier functional group
+        ds.InversionTime = (times[0] if isinstance(times, MultiValue) else times) if times else None
     for keyword in ("ScanOptions", "MRAcquisitionType", "EchoTrainLength", "RepetitionTime"):
         if keyword not in ds:
             setattr(ds, keyword, None)
