@@ -244,14 +244,18 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
                     "stacks in one series): not supported"
                 )
     ordered = sorted(slices, key=lambda it: _sort_key(it[1], normal if has_geometry else None, it[2]))
-    if has_geometry and any(frame for _, _, frame, _ in ordered):
+    if has_geometry and len(ordered) > 1:
+        # two images at one place are not two slices: several echoes, phases, b-values or
+        # contrasts in one series (single-frame, or the frames of an Enhanced image)
         along = np.array([float(np.dot(np.asarray(ds.ImagePositionPatient, dtype=float), normal))
                           for _, ds, _, _ in ordered])
-        shared_positions = int(np.sum(np.diff(along) < 1e-4))
-        if shared_positions:
+        repeated = np.flatnonzero(np.diff(along) < 1e-3)
+        if repeated.size:
+            path, _, frame, _ = ordered[int(repeated[0]) + 1]
+            where = f"{path.name} frame {frame}" if frame else path.name
             raise SeriesLoadError(
-                f"{ordered[0][0].name}: {shared_positions + 1} or more frames share a position (several echoes, "
-                "phases or b-values in one image): not supported; send one stack per series"
+                f"{where}: {repeated.size} of {len(ordered)} images share a position with another image of the series "
+                "(several echoes, phases, b-values or contrasts in one series): not supported; send one stack per series"
             )
 
     shape = (int(first.Rows), int(first.Columns))

@@ -220,7 +220,9 @@ def test_a_multi_frame_mr_sent_with_storescu_comes_back_as_overlays(node_factory
     assert sorted(int(ds.SourceImageSequence[0].ReferencedFrameNumber) for ds in overlays) == \
         list(range(1, frames + 1))
     assert sum(ds.SOPClassUID.name == "Parametric Map Storage" for ds in results) == 1
-    assert re.search(r"job 1 done: last instance received -> last result acknowledged", node.log())
+    # the node logs the job's end after the last result is acknowledged, i.e. after storescp has it
+    wait_for(lambda: re.search(r"job 1 done: last instance received -> last result acknowledged", node.log()),
+             30, "the job's done line in the node log")
 
 
 def test_evaluation_commands_take_a_multi_frame_series(enhanced, tmp_path, capsys) -> None:

@@ -27,7 +27,7 @@ def test_run_writes_a_derived_series(ge_head, tmp_path):
 
 
 def test_run_rejects_wrong_modality_and_unknown_pipeline(data, tmp_path):
-    mr = data / "compressed" / "transfer-syntaxes"
+    mr = data / "compressed" / "transfer-syntaxes" / "1.dcm"  # one MR image (the folder: 9 copies of it)
     out = subprocess.run([str(BIN / "pacs-node"), "run", "ct-denoise-classical", str(mr), str(tmp_path / "o")],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 1

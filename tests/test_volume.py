@@ -4,6 +4,7 @@ import random
 
 import numpy as np
 import pydicom
+import pytest
 
 from pacs_node.volume import load_series
 
@@ -85,3 +86,20 @@ def test_pixels_are_not_read_from_a_file_replaced_since(tmp_path, data):
     again.ImageComments = "sent again, with a longer header"
     again.save_as(path)
     assert _native_pixels(path, ds) is None
+
+
+def test_images_sharing_a_position_are_refused_with_the_reason(data, tmp_path):
+    """A series holding two echoes (or b-values, phases) per position is not a volume: the
+    loader says so instead of interleaving them as slices."""
+    from pacs_node.errors import SeriesLoadError
+
+    files = sorted((data / "mr" / "uih-t1-3d-sag").iterdir())[80:83]
+    for i, path in enumerate(files):
+        ds = pydicom.dcmread(path)
+        ds.save_as(tmp_path / f"e1-{i}.dcm")
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.EchoNumbers = 2
+        ds.save_as(tmp_path / f"e2-{i}.dcm")
+    with pytest.raises(SeriesLoadError, match=r"3 of 6 images share a position .* send one stack per series"):
+        load_series(sorted(tmp_path.glob("*.dcm")))
+    assert load_series(sorted(tmp_path.glob("e1-*.dcm"))).shape[0] == 3
