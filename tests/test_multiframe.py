@@ -227,7 +227,8 @@ def test_a_multi_frame_mr_sent_with_storescu_comes_back_as_overlays(node_factory
 
 def test_evaluation_commands_take_a_multi_frame_series(enhanced, tmp_path, capsys) -> None:
     """Another site's export may be Enhanced MR: the external evaluations read it (mr-superres
-    at the acquired matrix the converted header states, anomaly-mr every 2nd frame)."""
+    at the acquired matrix the converted header states, ct-denoise on a tilted Enhanced CT, anomaly-mr
+    every 2nd frame)."""
     import json
 
     from pacs_node.ml import anomaly_mr, mr_superres
@@ -239,6 +240,15 @@ def test_evaluation_commands_take_a_multi_frame_series(enhanced, tmp_path, capsy
     rows = {r["method"]: r for r in report["series"][0]["results"]}
     assert rows["zero-fill (sinc)"]["n_slices"] == 6
     assert "256x230 at 1.00x1.00 mm, acquired matrix of a 512x460 reconstruction" in capsys.readouterr().out
+    from pacs_node.ml import ct_denoise_eval
+
+    out = tmp_path / "ct.json"
+    assert ct_denoise_eval.eval_main(["--data", str(enhanced["CT"].parent), "--max-slices", "2", "--skip", "bm3d,model",
+                                      "--cache", str(tmp_path / "cache"), "--json", str(out)]) == 0
+    (series,) = json.loads(out.read_text())["series"]
+    assert series["slices_total"] == 6 and len(series["slices_evaluated"]) == 2
+    metrics = series["metrics"]  # a real simulation: the classical filter lowers the added noise
+    assert metrics["classical"]["rmse_hu"] < metrics["low-dose"]["rmse_hu"]
     if model_path("anomaly-mr").exists():
         out = tmp_path / "an.json"
         assert anomaly_mr.eval_main(["--data", str(enhanced["MR"].parent), "--seed", "5", "--json", str(out)]) == 0
