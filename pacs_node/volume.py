@@ -164,7 +164,14 @@ _MULTIFRAME_ONLY = frozenset(
                      "InConcatenationTotalNumber", "ConcatenationFrameOffsetNumber")
 )
 #: functional groups that say where a frame came from or how it is indexed, not what it is
-_FRAME_BOOKKEEPING = frozenset(Tag(k) for k in ("FrameContentSequence", "ConversionSourceAttributesSequence"))
+#: (a Derivation Image item describes the scanner's derivation, not a result's)
+_FRAME_BOOKKEEPING = frozenset(Tag(k) for k in ("FrameContentSequence", "ConversionSourceAttributesSequence",
+                                                "DerivationImageSequence"))
+#: functional groups whose sequence is itself the attribute, as in a single-frame image (the
+#: others are macros: their one item's attributes are the frame's)
+_AS_SEQUENCE = frozenset(Tag(k) for k in ("ReferencedImageSequence", "RealWorldValueMappingSequence",
+                                          "ContrastBolusUsageSequence", "MRVelocityEncodingSequence",
+                                          "MRSpatialSaturationSequence"))
 
 
 def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
@@ -172,7 +179,8 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
     CT, PET, ...), shaped like a single-frame image's header: the image's own attributes, then
     those of its shared and per-frame functional groups (Image Position / Orientation, Pixel
     Spacing, Slice Thickness, rescale, window, timing, ...) moved to the top level, a frame's
-    own values winning. SOP Class and Instance UIDs stay the multi-frame image's: a result
+    own values winning (a group that is an attribute in its own right, e.g. Referenced Image
+    or Real World Value Mapping, stays a sequence). SOP Class and Instance UIDs stay the multi-frame image's: a result
     refers to the instance and the frame (Volume.frames). Elements are shared, not copied.
     A multi-frame image without per-frame functional groups has no per-frame position: refused."""
     count = int(ds.get("NumberOfFrames", 1) or 1)
@@ -199,6 +207,9 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
                 if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" \
                         or not group.value:
                     continue
+                if group.tag in _AS_SEQUENCE or len(group.value) != 1:
+                    view[group.tag] = group
+                    continue
                 for tag in group.value[0].keys():
                     if not tag.is_private:
                         view[tag] = group.value[0].get_item(tag)
@@ -206,6 +217,18 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
             view.file_meta = ds.file_meta
         views.append(view)
     return views
+
+
+def _header(ds: Dataset) -> Dataset:
+    """``ds`` without its pixel data (decoded into the Volume; read, it would stay in memory)."""
+    header = Dataset()
+    header.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    for tag in ds.keys():
+        if tag != PIXEL_DATA:
+            header[tag] = ds.get_item(tag)
+    if getattr(ds, "file_meta", None) is not None:
+        header.file_meta = ds.file_meta
+    return header
 
 
 def _orientation(ds: Dataset) -> np.ndarray | None:
@@ -220,7 +243,13 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         raise SeriesLoadError("no image instances in series")
     # (path, header, frame number or 0, the multi-frame data set whose pixels it is)
     slices: list[tuple[Path, Dataset, int, Dataset | None]] = []
+    seen: dict[str, Path] = {}
     for path, ds in items:
+        uid = str(ds.get("SOPInstanceUID", "") or "")
+        if uid and uid in seen:  # the same instance twice (an export with copies): one is enough
+            log.info("skipping %s: the same instance as %s", path.name, seen[uid].name)
+            continue
+        seen[uid] = path
         if int(ds.get("NumberOfFrames", 1) or 1) == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
             slices.append((path, ds, 0, None))
             continue
@@ -304,7 +333,8 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         datasets=[ds for _, ds, _, _ in ordered],
         files=[p for p, _, _, _ in ordered],
         frames=[frame for _, _, frame, _ in ordered] if any(f for _, _, f, _ in ordered) else [],
-        multiframe={str(whole.get("SOPInstanceUID", "")): whole for _, _, _, whole in ordered if whole is not None},
+        multiframe={str(whole.get("SOPInstanceUID", "")): _header(whole) for _, _, _, whole in ordered
+                    if whole is not None},
     )
 
 

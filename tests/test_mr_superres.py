@@ -95,6 +95,8 @@ def test_acquired_resolution_from_acquisition_matrix():
     assert kspace.acquisition_shape(enhanced) == (256, 230)
     enhanced.InPlanePhaseEncodingDirection = "COLUMN"
     assert kspace.acquisition_shape(enhanced) == (230, 256)
+    enhanced.PartialFourier = "YES"  # the steps then count fewer lines than the matrix has
+    assert kspace.acquisition_shape(enhanced) is None
 
 
 def _phantom_bank(n=6, size=128, seed=0):

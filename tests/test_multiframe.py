@@ -38,11 +38,10 @@ def _sources(data: Path, series: tuple[str, slice]) -> list[Path]:
 
 
 def _converted(files: list[Path], out: Path, shuffle: bool = True, series_uid: str | None = None) -> Path:
-    """The single-frame files as one Legacy Converted Enhanced image (frames in a shuffled
-    order: the loader must sort by position, not trust the frame order)."""
+    """The single-frame files as one Legacy Converted Enhanced image, its frames (per-frame
+    groups and pixels together) in a shuffled order: the loader must sort by position, and
+    results must refer to the right frame, whatever the frame order."""
     datasets = [pydicom.dcmread(p) for p in files]
-    if shuffle:
-        datasets = [datasets[i] for i in np.random.default_rng(3).permutation(len(datasets))]
     for ds in datasets:  # "***" in dates (de-identified UIH) stops highdicom's converter
         for elem in ds:
             if elem.VR in _VALID and elem.value and "*" in str(elem.value):
@@ -52,9 +51,71 @@ def _converted(files: list[Path], out: Path, shuffle: bool = True, series_uid: s
         warnings.simplefilter("ignore")
         image = cls[datasets[0].Modality](datasets, series_instance_uid=series_uid or hd.UID(), series_number=901,
                                           sop_instance_uid=hd.UID(), instance_number=1)
+    if shuffle:  # the converter sorts the frames by position
+        order = np.random.default_rng(3).permutation(len(datasets))
+        pixels = image.pixel_array.reshape(len(datasets), int(image.Rows), int(image.Columns))
+        image.PixelData = np.ascontiguousarray(pixels[order]).tobytes()
+        image.PerFrameFunctionalGroupsSequence = [image.PerFrameFunctionalGroupsSequence[i] for i in order]
     out.mkdir(parents=True, exist_ok=True)
     path = out / "enhanced.dcm"
     image.save_as(path)
+    return path
+
+
+def _item(**values) -> pydicom.Dataset:
+    item = pydicom.Dataset()
+    for name, value in values.items():
+        setattr(item, name, value)
+    return item
+
+
+def _as_enhanced(legacy: Path, out: Path) -> Path:
+    """A Legacy Converted image re-labelled as Enhanced MR / CT, with its attributes where an
+    Enhanced MR or CT scanner puts them: no Acquisition Matrix, Scanning Sequence, Echo Time
+    or exposure values at the top level, but the MR (Echo Pulse Sequence, MR FOV/Geometry,
+    Timing, Echo, Modifier, Cardiac Synchronization) or CT (X-Ray Details, Exposure) functional
+    groups, frames typed VOLUME, a Real World Value Mapping and the scanner's own Derivation
+    Image item per frame."""
+    ds = pydicom.dcmread(legacy)
+    mr = ds.Modality == "MR"
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1." + ("4.1" if mr else "2.1")
+    shared = ds.SharedFunctionalGroupsSequence[0]
+    converted = shared.UnassignedSharedConvertedAttributesSequence[0]
+    del shared.UnassignedSharedConvertedAttributesSequence
+    if mr:
+        shared.MRFOVGeometrySequence = [_item(InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=256,
+                                              MRAcquisitionPhaseEncodingStepsInPlane=230)]
+        shared.MRTimingAndRelatedParametersSequence = [_item(RepetitionTime=7.25, FlipAngle=10, EchoTrainLength=1)]
+        shared.MREchoSequence = [_item(EffectiveEchoTime=3.1)]
+        shared.MRModifierSequence = [_item(InversionRecovery="YES", InversionTimes=[750.0], PartialFourier="NO",
+                                           ParallelAcquisition="NO")]
+        for name, value in dict(EchoPulseSequence="GRADIENT", Spoiling="RF", SteadyStatePulseSequence="NONE",
+                                SegmentedKSpaceTraversal="SINGLE", MRAcquisitionType="3D", OversamplingPhase="NONE",
+                                EchoPlanarPulseSequence="NO", CardiacSynchronizationTechnique="PROSPECTIVE").items():
+            setattr(ds, name, value)
+        frame_type = "MRImageFrameTypeSequence"
+    else:
+        shared.CTXRayDetailsSequence = [_item(KVP=converted.KVP, FilterType="BODY")]
+        shared.CTExposureSequence = [_item(ExposureTimeInms=1000.4, XRayTubeCurrentInmA=200.0, ExposureInmAs=200.2)]
+        frame_type = "CTImageFrameTypeSequence"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    getattr(shared, frame_type)[0].FrameType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    code = _item(CodeValue="1", CodingSchemeDesignator="UCUM", CodeMeaning="no units")
+    for k, frame in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        del frame.UnassignedPerFrameConvertedAttributesSequence
+        frame.RealWorldValueMappingSequence = [_item(
+            LUTExplanation="scanner units", LUTLabel="SCANNER", RealWorldValueFirstValueMapped=0,
+            RealWorldValueLastValueMapped=4095, RealWorldValueIntercept=0.0, RealWorldValueSlope=1.5,
+            MeasurementUnitsCodeSequence=[code])]
+        frame.DerivationImageSequence = [_item(
+            DerivationDescription="scanner reconstruction",
+            DerivationCodeSequence=[_item(CodeValue="113076", CodingSchemeDesignator="DCM", CodeMeaning="Segmentation")],
+            SourceImageSequence=[_item(ReferencedSOPClassUID=ds.SOPClassUID, ReferencedSOPInstanceUID="1.2.3.4",
+                                       ReferencedFrameNumber=k + 1)])]
+        if mr:
+            frame.CardiacSynchronizationSequence = [_item(NominalCardiacTriggerDelayTime=350.0)]
+    path = out / f"enhanced-{ds.Modality.lower()}.dcm"
+    ds.save_as(path)
     return path
 
 
@@ -117,10 +178,20 @@ def test_overlay_pm_and_seg_of_a_multi_frame_source_refer_to_its_frames(modality
         found.append(int(z))
         np.testing.assert_allclose(pm.pixel_array[i] * slope, scores[z], atol=1e-3)
     assert sorted(found) == list(range(n))
+    assert volume.frames != sorted(volume.frames) and volume.frames != sorted(volume.frames, reverse=True)
     seg = outputs[n + 1]
-    referenced = {int(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
-                  for f in seg.PerFrameFunctionalGroupsSequence}
-    assert referenced == {volume.frames[z] for z in range(n) if scores[z].max() >= 0.5}
+    marked = []
+    for i, item in enumerate(seg.PerFrameFunctionalGroupsSequence):
+        # each SEG frame lies where one source slice lies, refers to that slice's frame and
+        # holds its thresholded scores
+        ipp = np.array([float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient])
+        (z,) = np.flatnonzero(np.abs(volume.positions - ipp).max(axis=1) < 1e-3)
+        marked.append(int(z))
+        ref = item.DerivationImageSequence[0].SourceImageSequence[0]
+        assert (ref.ReferencedSOPInstanceUID, int(ref.ReferencedFrameNumber)) == (whole.SOPInstanceUID,
+                                                                                    volume.frames[z])
+        np.testing.assert_array_equal(seg.pixel_array[i] if n > 1 else seg.pixel_array, scores[z] >= 0.5)
+    assert sorted(marked) == [z for z in range(n) if scores[z].max() >= 0.5]
     source_errors = dciodvfy_errors(enhanced[modality])
     for i, ds in enumerate(outputs):
         path = tmp_path / f"{i}.dcm"
@@ -277,31 +348,8 @@ def test_a_series_of_two_multi_frame_images(data, tmp_path) -> None:
                            EncodeContext("anomaly-mr", "test"))
 
 
-def _as_enhanced_mr(legacy: Path, out: Path) -> Path:
-    """The Legacy Converted image re-labelled as Enhanced MR, with its MR attributes where an
-    Enhanced MR scanner puts them: no Acquisition Matrix, Scanning Sequence or Echo Time, but
-    Echo Pulse Sequence, MR FOV/Geometry, MR Timing and MR Echo functional groups."""
-    ds = pydicom.dcmread(legacy)
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4.1"
-    shared = ds.SharedFunctionalGroupsSequence[0]
-    del shared.UnassignedSharedConvertedAttributesSequence
-    for frame in ds.PerFrameFunctionalGroupsSequence:
-        del frame.UnassignedPerFrameConvertedAttributesSequence
-    groups = {"MRFOVGeometrySequence": dict(InPlanePhaseEncodingDirection="ROW", MRAcquisitionFrequencyEncodingSteps=256,
-                                            MRAcquisitionPhaseEncodingStepsInPlane=230),
-              "MRTimingAndRelatedParametersSequence": dict(RepetitionTime=7.25, FlipAngle=10, EchoTrainLength=1),
-              "MREchoSequence": dict(EffectiveEchoTime=3.1)}
-    for keyword, values in groups.items():
-        item = pydicom.Dataset()
-        for name, value in values.items():
-            setattr(item, name, value)
-        setattr(shared, keyword, [item])
-    for name, value in dict(EchoPulseSequence="GRADIENT", InversionRecovery="YES", Spoiling="RF",
-                            SegmentedKSpaceTraversal="SINGLE", MRAcquisitionType="3D").items():
-        setattr(ds, name, value)
-    path = out / "enhanced-mr.dcm"
-    ds.save_as(path)
-    return path
+def _classic_errors(errors: set[str]) -> set[str]:
+    return {re.sub(r" Module=<[^>]*>", "", e) for e in errors}  # module names differ between IODs
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
@@ -309,7 +357,7 @@ def test_derived_mr_of_an_enhanced_mr_has_the_classic_mr_attributes(data, enhanc
     from pacs_node.ml import kspace
     from pacs_node.pipelines.base import DerivedVolume
 
-    volume = load_series([_as_enhanced_mr(enhanced["MR"], tmp_path)])
+    volume = load_series([_as_enhanced(enhanced["MR"], tmp_path)])
     assert kspace.acquisition_shape(volume.datasets[0]) == (256, 230)
     (derived_ds, *rest) = encode_outputs(volume, [DerivedVolume(volume.array, "copy")], ("derived",),
                                          EncodeContext("mr-superres", "test"))
@@ -317,10 +365,52 @@ def test_derived_mr_of_an_enhanced_mr_has_the_classic_mr_attributes(data, enhanc
     assert derived_ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4"  # MR Image Storage
     assert list(derived_ds.ScanningSequence) == ["GR", "IR"] and derived_ds.SequenceVariant == "SP"
     assert (float(derived_ds.EchoTime), float(derived_ds.RepetitionTime)) == (3.1, 7.25)
+    assert (float(derived_ds.InversionTime), float(derived_ds.TriggerTime)) == (750.0, 350.0)
+    assert derived_ds.ScanOptions == "CG"  # cardiac gated: the trigger time belongs
+    assert list(derived_ds.ImageType) == ["DERIVED", "SECONDARY", "VOLUME", "NONE"]  # the frame's type
+    # groups that are attributes stay sequences; the scanner's derivation is not the result's
+    assert derived_ds.RealWorldValueMappingSequence[0].RealWorldValueSlope == 1.5
+    assert len(derived_ds.ReferencedImageSequence) == 3  # the localisers the converter found
+    assert "ReferencedSOPInstanceUID" not in derived_ds and "DerivationCodeSequence" not in derived_ds
     path = tmp_path / "derived.dcm"
     derived_ds.save_as(path, enforce_file_format=True)
     # no error that the same image sent as classic MR (the shared single-frame file) does not have
-    strip = lambda errors: {re.sub(r" Module=<[^>]*>", "", e) for e in errors}  # noqa: E731
-    classic = set().union(*(strip(dciodvfy_errors(p)) for p in _sources(data, UIH)))
-    new = strip(dciodvfy_errors(path)) - classic
+    classic = set().union(*(_classic_errors(dciodvfy_errors(p)) for p in _sources(data, UIH)))
+    new = _classic_errors(dciodvfy_errors(path)) - classic
     assert not new, f"derived MR of an Enhanced MR adds dciodvfy errors: {new}"
+    # an Echo Planar, steady-state, phase-oversampled sequence: EP, SS and OSP as emf2sf says
+    ds = pydicom.dcmread(path.parent / "enhanced-mr.dcm")
+    ds.EchoPlanarPulseSequence, ds.SteadyStatePulseSequence, ds.OversamplingPhase = "YES", "TIME_REVERSED", "2D"
+    ds.save_as(tmp_path / "epi.dcm")
+    (epi, *_) = encode_outputs(load_series([tmp_path / "epi.dcm"]), [DerivedVolume(volume.array, "copy")],
+                               ("derived",), EncodeContext("mr-superres", "test"))
+    assert list(epi.ScanningSequence) == ["GR", "IR", "EP"] and list(epi.SequenceVariant) == ["TRSS", "SP", "OSP"]
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
+def test_derived_ct_of_an_enhanced_ct_has_the_classic_ct_attributes(data, enhanced, tmp_path) -> None:
+    from pacs_node.pipelines.base import DerivedVolume
+
+    volume = load_series([_as_enhanced(enhanced["CT"], tmp_path)])
+    outputs = encode_outputs(volume, [DerivedVolume(volume.array, "copy")], ("derived",),
+                             EncodeContext("ct-denoise", "test"))
+    classic = set().union(*(_classic_errors(dciodvfy_errors(p)) for p in _sources(data, GE)))
+    for i, ds in enumerate(outputs):
+        assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
+        assert (int(ds.ExposureTime), int(ds.XRayTubeCurrent), int(ds.Exposure)) == (1000, 200, 200)
+        assert "ExposureTimeInms" not in ds and "XRayTubeCurrentInmA" not in ds and "ExposureInmAs" not in ds
+        assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL", "NONE"]  # CT Image: AXIAL, not VOLUME
+        path = tmp_path / f"{i}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        new = _classic_errors(dciodvfy_errors(path)) - classic
+        assert not new, f"derived CT of an Enhanced CT adds dciodvfy errors: {new}"
+
+
+def test_the_same_instance_twice_is_read_once(data, enhanced, tmp_path) -> None:
+    """An export with copies (the same SOP Instance in two files, single- or multi-frame)."""
+    files = _sources(data, UIH)[:3]
+    copy = tmp_path / "copy.dcm"
+    shutil.copy(files[0], copy)
+    assert load_series([*files, copy]).shape[0] == 3
+    shutil.copy(enhanced["MR"], tmp_path / "enhanced-copy.dcm")
+    assert load_series([enhanced["MR"], tmp_path / "enhanced-copy.dcm"]).shape[0] == 6

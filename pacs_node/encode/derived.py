@@ -1,7 +1,7 @@
 """Derived image series: same study, same SOP class, new UIDs, pixels from a pipeline.
 
-A frame of an Enhanced (or Legacy Converted Enhanced) multi-frame source gives a single-frame
-image of the same modality's classic SOP class (MR, CT, PET Image Storage), with the frame's
+A frame of an Enhanced (or Legacy Converted Enhanced) multi-frame MR or CT source gives a
+single-frame image of the same modality's classic SOP class (MR, CT Image Storage), with the frame's
 functional-group attributes at the top level (volume.frame_views) and the classic module's
 required attributes that only the enhanced encoding names differently filled in from it."""
 
@@ -65,15 +65,18 @@ def _drop_private(ds: Dataset) -> None:
                 _drop_private(item)
 
 
-#: Enhanced / Legacy Converted Enhanced image storage -> the classic single-frame class
+MR_IMAGE, CT_IMAGE = "1.2.840.10008.5.1.4.1.1.4", "1.2.840.10008.5.1.4.1.1.2"
+#: Enhanced / Legacy Converted Enhanced image storage -> the classic single-frame class (not
+#: PET: its classic image needs attributes, Units, Decay Correction ..., not mapped here)
 SINGLE_FRAME_CLASS = {
-    "1.2.840.10008.5.1.4.1.1.4.1": "1.2.840.10008.5.1.4.1.1.4",  # Enhanced MR -> MR Image
-    "1.2.840.10008.5.1.4.1.1.4.4": "1.2.840.10008.5.1.4.1.1.4",  # Legacy Converted Enhanced MR
-    "1.2.840.10008.5.1.4.1.1.2.1": "1.2.840.10008.5.1.4.1.1.2",  # Enhanced CT -> CT Image
-    "1.2.840.10008.5.1.4.1.1.2.2": "1.2.840.10008.5.1.4.1.1.2",  # Legacy Converted Enhanced CT
-    "1.2.840.10008.5.1.4.1.1.128.1": "1.2.840.10008.5.1.4.1.1.128",  # Legacy Converted Enhanced PET
-    "1.2.840.10008.5.1.4.1.1.130": "1.2.840.10008.5.1.4.1.1.128",  # Enhanced PET -> PET Image
+    "1.2.840.10008.5.1.4.1.1.4.1": MR_IMAGE,  # Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.4.4": MR_IMAGE,  # Legacy Converted Enhanced MR
+    "1.2.840.10008.5.1.4.1.1.2.1": CT_IMAGE,  # Enhanced CT
+    "1.2.840.10008.5.1.4.1.1.2.2": CT_IMAGE,  # Legacy Converted Enhanced CT
 }
+#: CT Exposure functional group (Enhanced CT) -> the CT Image module's integer attributes
+_CT_EXPOSURE = (("ExposureTimeInms", "ExposureTime"), ("XRayTubeCurrentInmA", "XRayTubeCurrent"),
+                ("ExposureInmAs", "Exposure"))
 #: attributes of the enhanced encoding with no place in a classic image (frame views carry them)
 _ENHANCED_ONLY = (
     "FrameType", "PixelPresentation", "VolumetricProperties", "VolumeBasedCalculationTechnique",
@@ -84,25 +87,56 @@ _ENHANCED_ONLY = (
 )
 
 
+def _text(ds: Dataset, keyword: str, default: str) -> str:
+    return str(ds.get(keyword, default) or default).upper()
+
+
 def _classic_mr(ds: Dataset) -> None:
-    """MR Image module attributes from their Enhanced MR equivalents, where the source has none."""
+    """MR Image module attributes from their Enhanced MR equivalents, where the source has none
+    (the mapping dcm4che's emf2sf uses)."""
     if "ScanningSequence" not in ds:
-        pulse = str(ds.get("EchoPulseSequence", "") or "").upper()
-        scanning = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(pulse, ["RM"])
-        if str(ds.get("InversionRecovery", "") or "").upper() == "YES":
+        # RM (research mode) only where the source does not say which echo it used
+        scanning = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(
+            _text(ds, "EchoPulseSequence", ""), ["RM"])
+        if _text(ds, "InversionRecovery", "NO") == "YES":
             scanning.append("IR")
+        if _text(ds, "EchoPlanarPulseSequence", "NO") == "YES":
+            scanning.append("EP")
         ds.ScanningSequence = scanning
     if "SequenceVariant" not in ds:
         variant = []
-        if str(ds.get("SegmentedKSpaceTraversal", "SINGLE") or "SINGLE").upper() != "SINGLE":
+        if _text(ds, "SegmentedKSpaceTraversal", "SINGLE") != "SINGLE":
             variant.append("SK")
-        if str(ds.get("MagnetizationTransfer", "NONE") or "NONE").upper() != "NONE":
+        if _text(ds, "MagnetizationTransfer", "NONE") != "NONE":
             variant.append("MTC")
-        if str(ds.get("SteadyStateFreePrecession", "NONE") or "NONE").upper() != "NONE":
-            variant.append("SS")
-        if str(ds.get("Spoiling", "NONE") or "NONE").upper() != "NONE":
+        steady = _text(ds, "SteadyStatePulseSequence", "NONE")
+        if steady != "NONE":
+            variant.append("TRSS" if steady == "TIME_REVERSED" else "SS")
+        if _text(ds, "Spoiling", "NONE") != "NONE":
             variant.append("SP")
+        if _text(ds, "OversamplingPhase", "NONE") != "NONE":
+            variant.append("OSP")
         ds.SequenceVariant = variant or ["NONE"]
+    if "ScanOptions" not in ds:
+        options = []
+        partial = _text(ds, "PartialFourierDirection", "PHASE") if _text(ds, "PartialFourier", "NO") == "YES" else ""
+        if partial:
+            options.append("PFF" if partial == "FREQUENCY" else "PFP")
+        if _text(ds, "SpectrallySelectedSuppression", "NONE") in ("FAT", "FAT_AND_WATER"):
+            options.append("FS")
+        if _text(ds, "FlowCompensation", "NONE") != "NONE":
+            options.append("FC")
+        if _text(ds, "SpatialPresaturation", "NONE") != "NONE":
+            options.append("SP")
+        if _text(ds, "CardiacSynchronizationTechnique", "NONE") != "NONE":
+            options.append("CG")
+        if _text(ds, "RespiratoryMotionCompensationTechnique", "NONE") not in ("NONE", ""):
+            options.append("RG")
+        ds.ScanOptions = options or None
+    options = ds.ScanOptions
+    gated = "CG" in (list(options) if isinstance(options, MultiValue) else [str(options or "")])
+    if gated and "TriggerTime" not in ds:  # Type 2C: cardiac gated images
+        ds.TriggerTime = ds.get("NominalCardiacTriggerDelayTime")
     if "EchoTime" not in ds:
         ds.EchoTime = ds.get("EffectiveEchoTime")
     scanning = ds.ScanningSequence
@@ -110,7 +144,7 @@ def _classic_mr(ds: Dataset) -> None:
             and "InversionTime" not in ds:  # Type 2C: with IR
         times = ds.get("InversionTimes")  # MR Modifier functional group
         ds.InversionTime = (times[0] if isinstance(times, MultiValue) else times) if times else None
-    for keyword in ("ScanOptions", "MRAcquisitionType", "EchoTrainLength", "RepetitionTime"):
+    for keyword in ("MRAcquisitionType", "EchoTrainLength", "RepetitionTime"):
         if keyword not in ds:
             setattr(ds, keyword, None)
 
@@ -121,19 +155,32 @@ def _to_single_frame(ds: Dataset, ctx: EncodeContext) -> None:
     if enhanced not in SINGLE_FRAME_CLASS:
         raise EncodeError(
             f"pipeline {ctx.pipeline}: a derived series of a multi-frame {ds.SOPClassUID.name} source is not "
-            "supported (Enhanced / Legacy Converted Enhanced MR, CT and PET are)"
+            "supported (Enhanced / Legacy Converted Enhanced MR and CT are)"
         )
     ds.SOPClassUID = SINGLE_FRAME_CLASS[enhanced]
     if "Laterality" not in ds:  # Type 2C; the enhanced encoding has it per frame (Frame Laterality)
         ds.Laterality = ""
+    frame_type = ds.get("FrameType")
+    if frame_type:  # the frame's own type: the image's may say MIXED
+        image_type = list(frame_type) if isinstance(frame_type, MultiValue) else [str(frame_type)]
+        if ds.SOPClassUID == CT_IMAGE and len(image_type) > 2 and image_type[2] != "LOCALIZER":
+            image_type[2] = "AXIAL"  # Enhanced CT says VOLUME; the CT Image module knows AXIAL / LOCALIZER
+        ds.ImageType = image_type
     for keyword in _ENHANCED_ONLY:
         if keyword in ds:
             delattr(ds, keyword)
-    if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4":
+    if ds.SOPClassUID == MR_IMAGE:
         _classic_mr(ds)
-    for keyword in ("AcquisitionNumber", "KVP") if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2" else ():
-        if keyword not in ds:
-            setattr(ds, keyword, None)
+    if ds.SOPClassUID == CT_IMAGE:
+        for enhanced_keyword, keyword in _CT_EXPOSURE:
+            value = ds.get(enhanced_keyword)
+            if enhanced_keyword in ds:
+                delattr(ds, enhanced_keyword)
+            if keyword not in ds and value is not None and str(value) != "":
+                setattr(ds, keyword, int(round(float(value))))
+        for keyword in ("AcquisitionNumber", "KVP"):
+            if keyword not in ds:
+                setattr(ds, keyword, None)
 
 
 def _stored_range(ds: Dataset) -> tuple[int, int]:
@@ -220,7 +267,8 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
         ds.SeriesNumber = series_number
         ds.InstanceNumber = z + 1
         ds.SeriesDescription = description
-        image_type = list(src.get("ImageType", []) or [])
+        image_type = ds.get("ImageType", []) or []  # the source's (a frame's: its Frame Type)
+        image_type = list(image_type) if isinstance(image_type, MultiValue) else [str(image_type)]
         ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
         ds.DerivationDescription = (
             f"{output.description} by pacs-node {__version__} pipeline {ctx.pipeline} "

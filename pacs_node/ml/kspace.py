@@ -202,10 +202,13 @@ def acquisition_shape(ds) -> tuple[int, int] | None:
     """
     am = ds.get("AcquisitionMatrix") if ds is not None else None
     if not am or len(am) != 4:
-        # Enhanced MR (a frame view, volume.frame_views): MR FOV/Geometry's step counts
+        # Enhanced MR (a frame view, volume.frame_views): MR FOV/Geometry's step counts, which
+        # count the lines acquired: with partial Fourier or parallel imaging fewer than the
+        # matrix, so not used then (the image is taken as acquired: no crop)
         freq, phase = (ds.get(k) if ds is not None else None
                        for k in ("MRAcquisitionFrequencyEncodingSteps", "MRAcquisitionPhaseEncodingStepsInPlane"))
-        if not freq or not phase:
+        if not freq or not phase or any(str(ds.get(k, "") or "").upper() == "YES"
+                                        for k in ("PartialFourier", "ParallelAcquisition")):
             return None
         am = (0, freq, phase, 0) if str(ds.get("InPlanePhaseEncodingDirection", "")).upper() == "ROW" else \
             (freq, 0, 0, phase)
