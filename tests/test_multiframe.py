@@ -414,3 +414,22 @@ def test_the_same_instance_twice_is_read_once(data, enhanced, tmp_path) -> None:
     assert load_series([*files, copy]).shape[0] == 3
     shutil.copy(enhanced["MR"], tmp_path / "enhanced-copy.dcm")
     assert load_series([enhanced["MR"], tmp_path / "enhanced-copy.dcm"]).shape[0] == 6
+
+
+def test_web_preview_pairs_the_middle_frame_with_its_overlay(enhanced, tmp_path) -> None:
+    """The web console shows a multi-frame source's middle frame; the result shown beside it
+    is the overlay of that frame, not of frame 1."""
+    from pacs_node.web.thumbnails import result_for
+
+    volume = load_series([enhanced["MR"]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        overlays = encode_outputs(volume, [ScoreMap(_score(volume.shape), "Anomaly map")], ("secondary_capture",),
+                                  EncodeContext("anomaly-mr", "test"))
+    paths = []
+    for i, ds in enumerate(overlays):
+        paths.append(tmp_path / f"{i}.dcm")
+        ds.save_as(paths[-1], enforce_file_format=True)
+    source = pydicom.dcmread(enhanced["MR"], stop_before_pixels=True)
+    chosen = pydicom.dcmread(result_for(source, paths))
+    assert int(chosen.SourceImageSequence[0].ReferencedFrameNumber) == int(source.NumberOfFrames) // 2 + 1

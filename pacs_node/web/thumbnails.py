@@ -67,15 +67,19 @@ def middle_source(paths: list[Path]) -> Path:
 
 
 def result_for(source: pydicom.Dataset, result_files: list[Path]) -> Path | None:
-    """The result image derived from ``source`` (same SOP class first), else the middle result."""
+    """The result image derived from ``source`` (same SOP class first; of a multi-frame source,
+    from its middle frame, the one _plane shows), else the middle result."""
     if not result_files:
         return None
+    frames = int(source.get("NumberOfFrames", 1) or 1)
+    frame = frames // 2 + 1 if frames > 1 else None
     headers = [(path, pydicom.dcmread(path, stop_before_pixels=True)) for path in sorted(result_files)]
     # a derived series keeps the source's SOP class; SEG or SC outputs reference every source
     headers.sort(key=lambda item: str(item[1].get("SOPClassUID", "")) != str(source.SOPClassUID))
     for path, ds in headers:
         for item in ds.get("SourceImageSequence", []) or []:
-            if str(item.get("ReferencedSOPInstanceUID", "")) == str(source.SOPInstanceUID):
+            if str(item.get("ReferencedSOPInstanceUID", "")) == str(source.SOPInstanceUID) and \
+                    (frame is None or int(item.get("ReferencedFrameNumber", 0) or 0) == frame):
                 return path
     return headers[len(headers) // 2][0]
 
