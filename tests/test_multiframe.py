@@ -433,3 +433,15 @@ def test_web_preview_pairs_the_middle_frame_with_its_overlay(enhanced, tmp_path)
     source = pydicom.dcmread(enhanced["MR"], stop_before_pixels=True)
     chosen = pydicom.dcmread(result_for(source, paths))
     assert int(chosen.SourceImageSequence[0].ReferencedFrameNumber) == int(source.NumberOfFrames) // 2 + 1
+
+
+def test_a_compressed_multi_frame_image_loads_like_the_uncompressed_one(enhanced, tmp_path) -> None:
+    """Frames of an encapsulated (RLE Lossless) multi-frame image, decoded once per image."""
+    from pydicom.uid import RLELossless
+
+    ds = pydicom.dcmread(enhanced["MR"])
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle.dcm")
+    compressed = load_series([tmp_path / "rle.dcm"])
+    assert pydicom.dcmread(tmp_path / "rle.dcm").file_meta.TransferSyntaxUID == RLELossless
+    np.testing.assert_array_equal(compressed.array, load_series([enhanced["MR"]]).array)
