@@ -20,6 +20,7 @@ from simpleeval import EvalWithCompoundTypes, InvalidExpression
 
 from .config import Rule
 from .errors import ConfigError
+from .volume import frame_attribute
 
 #: names a rule may use besides DICOM keywords
 EXTRA_NAMES = ("CallingAETitle",)
@@ -68,13 +69,17 @@ def _python_value(value: Any) -> Any:
 
 
 def attributes_of(ds: Dataset, names: list[str], calling_ae: str = "") -> dict[str, Any]:
-    """The values of ``names`` in ``ds`` as plain Python values (None when absent or empty)."""
+    """The values of ``names`` in ``ds`` as plain Python values (None when absent or empty); of
+    a multi-frame image, a frame attribute (SliceThickness, RepetitionTime, ...) is its first
+    frame's, from the functional groups."""
     values: dict[str, Any] = {}
     for name in names:
         if name == "CallingAETitle":
             values[name] = calling_ae
             continue
         element = ds.get(name)
+        if element is None and "PerFrameFunctionalGroupsSequence" in ds:  # Enhanced MR / CT: per frame
+            element = frame_attribute(ds, name)
         values[name] = None if element is None or element == "" else _python_value(element)
     return values
 

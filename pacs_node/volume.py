@@ -219,6 +219,22 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
     return views
 
 
+def frame_attribute(ds: Dataset, keyword: str) -> object | None:
+    """The value of ``keyword`` for the first frame of a multi-frame image, from its per-frame
+    functional groups, else its shared ones (None when neither has it): what frame_views puts
+    at the top level, without building the views (routing asks this of a series' first image)."""
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence") or [Dataset()]
+    shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
+    for groups in (per_frame[0], shared[0]):
+        for group in groups:
+            if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" \
+                    or not group.value or group.tag in _AS_SEQUENCE or len(group.value) != 1:
+                continue
+            if keyword in group.value[0]:
+                return group.value[0].get(keyword)
+    return None
+
+
 def _header(ds: Dataset) -> Dataset:
     """``ds`` without its pixel data (decoded into the Volume; read, it would stay in memory)."""
     header = Dataset()

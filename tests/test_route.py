@@ -55,3 +55,24 @@ def test_no_code_execution_and_typos_rejected_at_load():
         router("__import__('os').system('true') == 0")
     d = router("Modality.__class__ == 1").decide(ct())
     assert not d[0].matched and "could not be evaluated" in d[0].reason
+
+
+def test_frame_attributes_of_a_multi_frame_image_are_routed_on():
+    """Enhanced CT / MR keep SliceThickness, RepetitionTime ... in functional groups: a rule on
+    them sees the first frame's value (its own groups before the shared ones)."""
+    ds = ct()
+    del ds.SliceThickness
+    measures = pydicom.Dataset()
+    measures.SliceThickness = "2.5"
+    shared = pydicom.Dataset()
+    shared.PixelMeasuresSequence = [measures]
+    own = pydicom.Dataset()
+    own.SliceThickness = "1.0"
+    frame1, frame2 = pydicom.Dataset(), pydicom.Dataset()
+    frame1.PixelMeasuresSequence = [own]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    ds.PerFrameFunctionalGroupsSequence = [frame1, frame2]
+    d = router("Modality == 'CT' and SliceThickness <= 1.5", "SliceThickness > 2").decide(ds)
+    assert [x.matched for x in d] == [True, False]
+    del frame1.PixelMeasuresSequence
+    assert [x.matched for x in router("SliceThickness == 2.5").decide(ds)] == [True]
