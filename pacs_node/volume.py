@@ -42,8 +42,8 @@ class Volume:
     #: per slice: 0 for a single-frame instance, else the frame number (1-based) within the
     #: multi-frame instance whose frame view ``datasets`` holds (see frame_views)
     frames: list[int] = field(default_factory=list, repr=False)
-    #: the multi-frame data sets themselves, by SOP Instance UID (highdicom's Parametric Map
-    #: and SEG refer to one multi-frame source as a whole)
+    #: the multi-frame images' headers (no pixel data), by SOP Instance UID: highdicom's
+    #: Parametric Map and SEG refer to one multi-frame source as a whole
     multiframe: dict[str, Dataset] = field(default_factory=dict, repr=False)
 
     def frame_number(self, index: int) -> int:
@@ -174,14 +174,24 @@ _AS_SEQUENCE = frozenset(Tag(k) for k in ("ReferencedImageSequence", "RealWorldV
                                           "MRSpatialSaturationSequence"))
 
 
+def _group_kind(group: DataElement | RawDataElement) -> str:
+    """How frame_views treats an element of a functional groups item: "macro" (its one item's
+    attributes are the frame's), "sequence" (kept as it is) or "skip" (private, bookkeeping,
+    empty, not a sequence)."""
+    if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" or not group.value:
+        return "skip"
+    return "sequence" if group.tag in _AS_SEQUENCE or len(group.value) != 1 else "macro"
+
+
 def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
     """One data set per frame of a multi-frame image (Enhanced or Legacy Converted Enhanced MR,
     CT, PET, ...), shaped like a single-frame image's header: the image's own attributes, then
     those of its shared and per-frame functional groups (Image Position / Orientation, Pixel
     Spacing, Slice Thickness, rescale, window, timing, ...) moved to the top level, a frame's
     own values winning (a group that is an attribute in its own right, e.g. Referenced Image
-    or Real World Value Mapping, stays a sequence). SOP Class and Instance UIDs stay the multi-frame image's: a result
-    refers to the instance and the frame (Volume.frames). Elements are shared, not copied.
+    or Real World Value Mapping, stays a sequence). SOP Class and Instance UIDs stay the
+    multi-frame image's: a result refers to the instance and the frame (Volume.frames).
+    Elements are shared, not copied.
     A multi-frame image without per-frame functional groups has no per-frame position: refused."""
     count = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -204,15 +214,13 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
             view[tag] = base.get_item(tag)
         for groups in (shared[0], frame):  # a frame's own groups override the shared ones
             for group in groups:
-                if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" \
-                        or not group.value:
-                    continue
-                if group.tag in _AS_SEQUENCE or len(group.value) != 1:
+                kind = _group_kind(group)
+                if kind == "sequence":
                     view[group.tag] = group
-                    continue
-                for tag in group.value[0].keys():
-                    if not tag.is_private:
-                        view[tag] = group.value[0].get_item(tag)
+                elif kind == "macro":
+                    for tag in group.value[0].keys():
+                        if not tag.is_private:
+                            view[tag] = group.value[0].get_item(tag)
         if getattr(ds, "file_meta", None) is not None:
             view.file_meta = ds.file_meta
         views.append(view)
@@ -227,10 +235,7 @@ def frame_attribute(ds: Dataset, keyword: str) -> object | None:
     shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
     for groups in (per_frame[0], shared[0]):
         for group in groups:
-            if group.tag.is_private or group.tag in _FRAME_BOOKKEEPING or element_vr(group) != "SQ" \
-                    or not group.value or group.tag in _AS_SEQUENCE or len(group.value) != 1:
-                continue
-            if keyword in group.value[0]:
+            if _group_kind(group) == "macro" and keyword in group.value[0]:
                 return group.value[0].get(keyword)
     return None
 
@@ -349,8 +354,8 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         datasets=[ds for _, ds, _, _ in ordered],
         files=[p for p, _, _, _ in ordered],
         frames=[frame for _, _, frame, _ in ordered] if any(f for _, _, f, _ in ordered) else [],
-        multiframe={str(whole.get("SOPInstanceUID", "")): _header(whole) for _, _, _, whole in ordered
-                    if whole is not None},
+        multiframe={str(whole.get("SOPInstanceUID", "")): _header(whole)
+                    for whole in {id(w): w for _, _, _, w in ordered if w is not None}.values()},
     )
 
 

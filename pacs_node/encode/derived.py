@@ -91,6 +91,13 @@ def _text(ds: Dataset, keyword: str, default: str) -> str:
     return str(ds.get(keyword, default) or default).upper()
 
 
+def _values(value: object) -> list:
+    """A (possibly multi-valued) attribute's values as a list: [] when absent or empty."""
+    if value is None or value == "":
+        return []
+    return list(value) if isinstance(value, MultiValue | list | tuple) else [value]
+
+
 def _classic_mr(ds: Dataset) -> None:
     """MR Image module attributes from their Enhanced MR equivalents, where the source has none
     (the mapping dcm4che's emf2sf uses)."""
@@ -133,17 +140,13 @@ def _classic_mr(ds: Dataset) -> None:
         if _text(ds, "RespiratoryMotionCompensationTechnique", "NONE") not in ("NONE", ""):
             options.append("RG")
         ds.ScanOptions = options or None
-    options = ds.ScanOptions
-    gated = "CG" in (list(options) if isinstance(options, MultiValue) else [str(options or "")])
-    if gated and "TriggerTime" not in ds:  # Type 2C: cardiac gated images
+    if "CG" in _values(ds.ScanOptions) and "TriggerTime" not in ds:  # Type 2C: cardiac gated images
         ds.TriggerTime = ds.get("NominalCardiacTriggerDelayTime")
     if "EchoTime" not in ds:
         ds.EchoTime = ds.get("EffectiveEchoTime")
-    scanning = ds.ScanningSequence
-    if "IR" in (list(scanning) if isinstance(scanning, MultiValue) else [str(scanning)]) \
-            and "InversionTime" not in ds:  # Type 2C: with IR
-        times = ds.get("InversionTimes")  # MR Modifier functional group
-        ds.InversionTime = (times[0] if isinstance(times, MultiValue) else times) if times else None
+    if "IR" in _values(ds.ScanningSequence) and "InversionTime" not in ds:  # Type 2C: with IR
+        times = _values(ds.get("InversionTimes"))  # MR Modifier functional group
+        ds.InversionTime = times[0] if times else None
     for keyword in ("MRAcquisitionType", "EchoTrainLength", "RepetitionTime"):
         if keyword not in ds:
             setattr(ds, keyword, None)
@@ -160,9 +163,8 @@ def _to_single_frame(ds: Dataset, ctx: EncodeContext) -> None:
     ds.SOPClassUID = SINGLE_FRAME_CLASS[enhanced]
     if "Laterality" not in ds:  # Type 2C; the enhanced encoding has it per frame (Frame Laterality)
         ds.Laterality = ""
-    frame_type = ds.get("FrameType")
-    if frame_type:  # the frame's own type: the image's may say MIXED
-        image_type = list(frame_type) if isinstance(frame_type, MultiValue) else [str(frame_type)]
+    image_type = _values(ds.get("FrameType"))
+    if image_type:  # the frame's own type: the image's may say MIXED
         if ds.SOPClassUID == CT_IMAGE and len(image_type) > 2 and image_type[2] != "LOCALIZER":
             image_type[2] = "AXIAL"  # Enhanced CT says VOLUME; the CT Image module knows AXIAL / LOCALIZER
         ds.ImageType = image_type
@@ -267,8 +269,7 @@ def encode_derived(volume: Volume, output: DerivedVolume, ctx: EncodeContext) ->
         ds.SeriesNumber = series_number
         ds.InstanceNumber = z + 1
         ds.SeriesDescription = description
-        image_type = ds.get("ImageType", []) or []  # the source's (a frame's: its Frame Type)
-        image_type = list(image_type) if isinstance(image_type, MultiValue) else [str(image_type)]
+        image_type = _values(ds.get("ImageType"))  # the source's (a frame's: its Frame Type)
         ds.ImageType = ["DERIVED", "SECONDARY", *image_type[2:]] if len(image_type) > 2 else ["DERIVED", "SECONDARY"]
         ds.DerivationDescription = (
             f"{output.description} by pacs-node {__version__} pipeline {ctx.pipeline} "
