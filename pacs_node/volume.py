@@ -264,13 +264,19 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         raise SeriesLoadError("no image instances in series")
     # (path, header, frame number or 0, the multi-frame data set whose pixels it is)
     slices: list[tuple[Path, Dataset, int, Dataset | None]] = []
-    seen: dict[str, Path] = {}
+    seen: dict[str, tuple[Path, tuple]] = {}
     for path, ds in items:
         uid = str(ds.get("SOPInstanceUID", "") or "")
-        if uid and uid in seen:  # the same instance twice (an export with copies): one is enough
-            log.info("skipping %s: the same instance as %s", path.name, seen[uid].name)
+        what = (tuple(ds.get("ImagePositionPatient") or ()), int(ds.get("NumberOfFrames", 1) or 1))
+        if uid and uid in seen:
+            if seen[uid][1] != what:  # not a copy: one UID on two different images
+                raise SeriesLoadError(
+                    f"{path.name} and {seen[uid][0].name} carry one SOP Instance UID but are different images "
+                    "(position or frame count): the series cannot be put together"
+                )
+            log.info("skipping %s: the same instance as %s", path.name, seen[uid][0].name)  # an export with copies
             continue
-        seen[uid] = path
+        seen[uid] = (path, what)
         if int(ds.get("NumberOfFrames", 1) or 1) == 1 and "PerFrameFunctionalGroupsSequence" not in ds:
             slices.append((path, ds, 0, None))
             continue

@@ -385,6 +385,13 @@ def test_derived_mr_of_an_enhanced_mr_has_the_classic_mr_attributes(data, enhanc
     (epi, *_) = encode_outputs(load_series([tmp_path / "epi.dcm"]), [DerivedVolume(volume.array, "copy")],
                                ("derived",), EncodeContext("mr-superres", "test"))
     assert list(epi.ScanningSequence) == ["GR", "IR", "EP"] and list(epi.SequenceVariant) == ["TRSS", "SP", "OSP"]
+    for technique, options in (("GATING", ["CG", "RG"]), ("PHASE_ORDERING", ["CG", "PER"]), ("BREATH_HOLD", ["CG"])):
+        ds.RespiratoryMotionCompensationTechnique = technique
+        ds.save_as(tmp_path / "resp.dcm")
+        (resp, *_) = encode_outputs(load_series([tmp_path / "resp.dcm"]), [DerivedVolume(volume.array, "copy")],
+                                    ("derived",), EncodeContext("mr-superres", "test"))
+        assert resp["ScanOptions"].VM == len(options) and \
+            (list(resp.ScanOptions) if len(options) > 1 else [resp.ScanOptions]) == options, technique
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dciodvfy (dicom3tools) not installed")
@@ -398,6 +405,7 @@ def test_derived_ct_of_an_enhanced_ct_has_the_classic_ct_attributes(data, enhanc
     for i, ds in enumerate(outputs):
         assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.2"  # CT Image Storage
         assert (int(ds.ExposureTime), int(ds.XRayTubeCurrent), int(ds.Exposure)) == (1000, 200, 200)
+        assert int(ds.ExposureInuAs) == 200200  # the exact value: whole mAs round low doses away
         assert "ExposureTimeInms" not in ds and "XRayTubeCurrentInmA" not in ds and "ExposureInmAs" not in ds
         assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL", "NONE"]  # CT Image: AXIAL, not VOLUME
         path = tmp_path / f"{i}.dcm"
@@ -414,6 +422,12 @@ def test_the_same_instance_twice_is_read_once(data, enhanced, tmp_path) -> None:
     assert load_series([*files, copy]).shape[0] == 3
     shutil.copy(enhanced["MR"], tmp_path / "enhanced-copy.dcm")
     assert load_series([enhanced["MR"], tmp_path / "enhanced-copy.dcm"]).shape[0] == 6
+    # one UID on two different images is not a copy: refused, not one of them silently dropped
+    other = pydicom.dcmread(files[2])
+    other.SOPInstanceUID = pydicom.dcmread(files[0]).SOPInstanceUID
+    other.save_as(tmp_path / "clash.dcm")
+    with pytest.raises(SeriesLoadError, match="carry one SOP Instance UID but are different images"):
+        load_series([*files[:2], tmp_path / "clash.dcm"])
 
 
 def test_web_preview_pairs_the_middle_frame_with_its_overlay(enhanced, tmp_path) -> None:
@@ -433,6 +447,20 @@ def test_web_preview_pairs_the_middle_frame_with_its_overlay(enhanced, tmp_path)
     source = pydicom.dcmread(enhanced["MR"], stop_before_pixels=True)
     chosen = pydicom.dcmread(result_for(source, paths))
     assert int(chosen.SourceImageSequence[0].ReferencedFrameNumber) == int(source.NumberOfFrames) // 2 + 1
+
+
+def test_web_preview_of_an_enhanced_ct_is_in_hounsfield_units(data, enhanced, tmp_path) -> None:
+    """Rescale and window of an Enhanced image live in its functional groups: the preview's
+    middle frame is in HU and windowed like the same slice sent single-frame."""
+    from pacs_node.web.thumbnails import _middle_frame, _plane, window_of
+
+    whole = pydicom.dcmread(_as_enhanced(enhanced["CT"], tmp_path))
+    plane = _plane(whole)
+    frame = int(whole.NumberOfFrames) // 2 + 1
+    position = whole.PerFrameFunctionalGroupsSequence[frame - 1].PlanePositionSequence[0].ImagePositionPatient
+    twin = next(ds for ds in map(pydicom.dcmread, _sources(data, GE)) if ds.ImagePositionPatient == position)
+    np.testing.assert_array_equal(plane, twin.pixel_array * float(twin.RescaleSlope) + float(twin.RescaleIntercept))
+    assert window_of(_middle_frame(whole), plane) == window_of(twin, plane)
 
 
 def test_a_compressed_multi_frame_image_loads_like_the_uncompressed_one(enhanced, tmp_path) -> None:

@@ -100,7 +100,7 @@ def _values(value: object) -> list:
 
 def _classic_mr(ds: Dataset) -> None:
     """MR Image module attributes from their Enhanced MR equivalents, where the source has none
-    (the mapping dcm4che's emf2sf uses)."""
+    (after dcm4che's emf2sf, extended to Scan Options, Inversion and Trigger Time)."""
     if "ScanningSequence" not in ds:
         # RM (research mode) only where the source does not say which echo it used
         scanning = {"SPIN": ["SE"], "GRADIENT": ["GR"], "BOTH": ["SE", "GR"]}.get(
@@ -137,8 +137,11 @@ def _classic_mr(ds: Dataset) -> None:
             options.append("SP")
         if _text(ds, "CardiacSynchronizationTechnique", "NONE") != "NONE":
             options.append("CG")
-        if _text(ds, "RespiratoryMotionCompensationTechnique", "NONE") not in ("NONE", ""):
+        respiratory = _text(ds, "RespiratoryMotionCompensationTechnique", "NONE")
+        if respiratory == "GATING":
             options.append("RG")
+        elif respiratory == "PHASE_ORDERING":
+            options.append("PER")
         ds.ScanOptions = options or None
     if "CG" in _values(ds.ScanOptions) and "TriggerTime" not in ds:  # Type 2C: cardiac gated images
         ds.TriggerTime = ds.get("NominalCardiacTriggerDelayTime")
@@ -180,6 +183,8 @@ def _to_single_frame(ds: Dataset, ctx: EncodeContext) -> None:
                 delattr(ds, enhanced_keyword)
             if keyword not in ds and value is not None and str(value) != "":
                 setattr(ds, keyword, int(round(float(value))))
+                if keyword == "Exposure" and "ExposureInuAs" not in ds:  # whole mAs loses low doses
+                    ds.ExposureInuAs = int(round(float(value) * 1000))
         for keyword in ("AcquisitionNumber", "KVP"):
             if keyword not in ds:
                 setattr(ds, keyword, None)

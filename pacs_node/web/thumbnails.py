@@ -15,6 +15,9 @@ import pydicom
 from PIL import Image
 from pydicom.pixels import apply_modality_lut
 
+from ..errors import SeriesLoadError
+from ..volume import frame_views
+
 SIZE = 256
 
 
@@ -37,6 +40,18 @@ def _first(value) -> float | None:  # type: ignore[no-untyped-def]
         return None
 
 
+def _middle_frame(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The header of the frame _plane shows: of an Enhanced multi-frame image, its middle
+    frame's view (rescale and window live in its functional groups), else ``ds`` itself."""
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    if frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
+        try:
+            return frame_views(Path("image"), ds)[frames // 2]
+        except SeriesLoadError:
+            pass
+    return ds
+
+
 def _plane(ds: pydicom.Dataset) -> np.ndarray:
     """The middle frame in modality units (HU for CT); RGB kept as it is."""
     pixels = ds.pixel_array
@@ -45,7 +60,7 @@ def _plane(ds: pydicom.Dataset) -> np.ndarray:
         pixels = pixels[frames // 2]
     if ds.get("PhotometricInterpretation", "") == "RGB" or pixels.ndim == 3:
         return pixels
-    return apply_modality_lut(pixels, ds).astype(np.float32)
+    return apply_modality_lut(pixels, _middle_frame(ds)).astype(np.float32)
 
 
 def window_of(ds: pydicom.Dataset, values: np.ndarray) -> Window:
@@ -97,7 +112,7 @@ def before_after(source_paths: list[Path], result_files: list[Path]) -> tuple[by
     source_path = middle_source(source_paths)
     source = pydicom.dcmread(source_path)
     before = _plane(source)
-    window = window_of(source, before) if before.ndim == 2 else None
+    window = window_of(_middle_frame(source), before) if before.ndim == 2 else None
     before_png = _png(window.apply(before) if window else before.astype(np.uint8))
     result_path = result_for(source, result_files)
     if result_path is None:
@@ -105,7 +120,7 @@ def before_after(source_paths: list[Path], result_files: list[Path]) -> tuple[by
     result = pydicom.dcmread(result_path)
     after = _plane(result)
     if after.ndim == 2:
-        after_png = _png((window or window_of(result, after)).apply(after))
+        after_png = _png((window or window_of(_middle_frame(result), after)).apply(after))
     else:
         after_png = _png(after.astype(np.uint8))
     return before_png, after_png
