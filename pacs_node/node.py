@@ -109,7 +109,8 @@ class Node:
             if not any(d.matched for d in decisions):
                 return
             files = [self.files.absolute(p) for p in paths]
-            voxels = len(files) * int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
+            frames = int(first.get("NumberOfFrames", 1) or 1)  # an Enhanced image: one slice per frame
+            voxels = len(files) * frames * int(first.get("Rows", 0) or 0) * int(first.get("Columns", 0) or 0)
             self.worker.read_ahead.read(series_uid, files, voxels)
         except Exception:  # noqa: BLE001 - a hint only: the job reads the series itself
             log.debug("read-ahead of series %s skipped", series_uid, exc_info=True)
