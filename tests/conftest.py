@@ -285,3 +285,38 @@ def dciodvfy_errors(path: Path) -> set[str]:
         if line.startswith("Error"):
             errors.add(line.strip())
     return errors
+
+
+_VALID_DATES = {"DA": "20200101", "TM": "120000", "DT": "20200101120000"}
+
+
+def converted_enhanced(files: list[Path], out: Path, shuffle: bool = True, series_uid: str | None = None) -> Path:
+    """The single-frame files as one Legacy Converted Enhanced image (highdicom's converter: the
+    functional-group encoding of Enhanced MR / CT, none of which is among the shared data), its
+    frames (per-frame groups and pixels together) in a shuffled order: the loader must sort by
+    position, and results must refer to the right frame, whatever the frame order."""
+    import warnings
+
+    import highdicom as hd
+    import numpy as np
+    import pydicom
+
+    datasets = [pydicom.dcmread(p) for p in files]
+    for ds in datasets:  # "***" in dates (de-identified UIH) stops highdicom's converter
+        for elem in ds:
+            if elem.VR in _VALID_DATES and elem.value and "*" in str(elem.value):
+                elem.value = _VALID_DATES[elem.VR]
+    cls = {"MR": hd.legacy.LegacyConvertedEnhancedMRImage, "CT": hd.legacy.LegacyConvertedEnhancedCTImage}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        image = cls[datasets[0].Modality](datasets, series_instance_uid=series_uid or hd.UID(), series_number=901,
+                                          sop_instance_uid=hd.UID(), instance_number=1)
+    if shuffle:  # the converter sorts the frames by position
+        order = np.random.default_rng(3).permutation(len(datasets))
+        pixels = image.pixel_array.reshape(len(datasets), int(image.Rows), int(image.Columns))
+        image.PixelData = np.ascontiguousarray(pixels[order]).tobytes()
+        image.PerFrameFunctionalGroupsSequence = [image.PerFrameFunctionalGroupsSequence[i] for i in order]
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "enhanced.dcm"
+    image.save_as(path)
+    return path

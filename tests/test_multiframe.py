@@ -20,7 +20,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from conftest import dciodvfy_errors, storescu, wait_for
+from conftest import converted_enhanced as _converted, dciodvfy_errors, storescu, wait_for
 from pacs_node.encode import EncodeContext, encode_outputs
 from pacs_node.errors import EncodeError, SeriesLoadError
 from pacs_node.models_dir import model_path
@@ -28,38 +28,12 @@ from pacs_node.pipelines.base import ScoreMap
 from pacs_node.process import process_series
 from pacs_node.volume import load_series
 
-_VALID = {"DA": "20200101", "TM": "120000", "DT": "20200101120000"}
 UIH = ("mr/uih-t1-3d-sag", slice(80, 86))
 GE = ("ct/ge-head-tilt", slice(14, 20))
 
 
 def _sources(data: Path, series: tuple[str, slice]) -> list[Path]:
     return sorted((data / series[0]).iterdir())[series[1]]
-
-
-def _converted(files: list[Path], out: Path, shuffle: bool = True, series_uid: str | None = None) -> Path:
-    """The single-frame files as one Legacy Converted Enhanced image, its frames (per-frame
-    groups and pixels together) in a shuffled order: the loader must sort by position, and
-    results must refer to the right frame, whatever the frame order."""
-    datasets = [pydicom.dcmread(p) for p in files]
-    for ds in datasets:  # "***" in dates (de-identified UIH) stops highdicom's converter
-        for elem in ds:
-            if elem.VR in _VALID and elem.value and "*" in str(elem.value):
-                elem.value = _VALID[elem.VR]
-    cls = {"MR": hd.legacy.LegacyConvertedEnhancedMRImage, "CT": hd.legacy.LegacyConvertedEnhancedCTImage}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = cls[datasets[0].Modality](datasets, series_instance_uid=series_uid or hd.UID(), series_number=901,
-                                          sop_instance_uid=hd.UID(), instance_number=1)
-    if shuffle:  # the converter sorts the frames by position
-        order = np.random.default_rng(3).permutation(len(datasets))
-        pixels = image.pixel_array.reshape(len(datasets), int(image.Rows), int(image.Columns))
-        image.PixelData = np.ascontiguousarray(pixels[order]).tobytes()
-        image.PerFrameFunctionalGroupsSequence = [image.PerFrameFunctionalGroupsSequence[i] for i in order]
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "enhanced.dcm"
-    image.save_as(path)
-    return path
 
 
 def _item(**values) -> pydicom.Dataset:
