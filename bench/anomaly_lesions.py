@@ -30,10 +30,11 @@ from pacs_node.ml.anomaly import load_models, residual_maps
 from pacs_node.models_dir import model_path
 
 
-def lesion_rows(net, cfg, normal: np.ndarray, seed: int) -> list[dict]:
+def lesion_rows(net, cfg, normal: np.ndarray, seed: int, mirrors: np.ndarray | None = None) -> list[dict]:
     """One row per drawn lesion of ``anomaly_mr.make_eval_cases(normal, cfg, seed)``."""
-    case = A.make_eval_cases(normal, cfg, seed)
-    scores = residual_maps(net, torch.from_numpy(case.images[:, None]), cfg)[0][:, 0].numpy()
+    case = A.make_eval_cases(normal, cfg, seed, mirrors=mirrors)
+    m = None if mirrors is None else torch.from_numpy(np.ascontiguousarray(mirrors[:, None]))
+    scores = residual_maps(net, torch.from_numpy(case.images[:, None]), cfg, m)[0][:, 0].numpy()
     rows = []
     for index, drawn in enumerate(case.lesions):
         score, truth, region = scores[index], case.truth[index], case.masks[index]
@@ -68,8 +69,8 @@ def main() -> int:
     data = data_dir()
     print(f"model {', '.join(Path(p).name for p in args.model.split(','))}; lesion seeds {args.seeds}; CPU")
     for split in splits:
-        normal = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
-        rows = [r for seed in args.seeds.split(",") for r in lesion_rows(net, cfg, normal, int(seed))]
+        normal, mirrors = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
+        rows = [r for seed in args.seeds.split(",") for r in lesion_rows(net, cfg, normal, int(seed), mirrors)]
         print(f"\n{split} ({len(normal)} slices, {len(rows)} lesions)")
         print(f"{'kind':6} {'lesions':>7} {'median score':>12} {'normal above':>12} {'missed':>7}   (missed: over half the normal pixels score higher)")
         for hyper in (True, False):

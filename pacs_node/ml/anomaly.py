@@ -90,6 +90,12 @@ class AnomalyConfig:
     #: back bright lesions the network misses on a scanner whose normal anatomy has bright tissue
     #: (the model card); 0: the probability alone
     baseline_weight: float = 0.0
+    #: recon-disc: a third noisy-OR term, q = min(1, symmetry_weight * a / 10), a the slice's
+    #: difference from the same anatomy of the other hemisphere (``asymmetry_map``: a sagittal
+    #: slice against its mirror slice about the mid-sagittal plane, an axial or coronal one
+    #: against itself mirrored left-right), in units of the head's 90th percentile of it; 0: off
+    #: (and where no mirror is given)
+    symmetry_weight: float = 0.0
     #: recon-disc: the discriminator also reads two channels of position within the head
     #: (``head_coordinates``: -1..1 from the head's first to last row and column in the image as
     #: given, i.e. after the training flips), so that what is normal can depend on where in the
@@ -536,8 +542,11 @@ def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tor
 
 
 @torch.no_grad()
-def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions.
+def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
+                  mirrors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions. recon-disc:
+    fused with the intensity outliers and, given each slice's ``mirrors`` (``mirror_slices``),
+    its asymmetry, as the weights' config says.
 
     For ``prob-inpaint`` the "error" is the standardised residual |x - loc| / scale (in units
     of the scale the model predicted for that pixel), smoothed and masked the same way; the
@@ -546,7 +555,7 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> t
     if cfg.arch == "recon-disc":
         prob, recon = recon_disc_maps(net, images, cfg)
         err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
-        return fuse_intensity_outliers(err, images, cfg), recon
+        return fuse_asymmetry(fuse_intensity_outliers(err, images, cfg), images, mirrors, cfg), recon
     if cfg.arch == "prob-inpaint":
         z, loc, _ = prob_inpaint_maps(net, images, cfg)
         err = smooth(z, cfg.smooth_sigma)
@@ -630,6 +639,92 @@ def intensity_z(images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor,
     mean = (images * mask).sum(dim=(2, 3), keepdim=True) / n
     var = (((images - mean) * mask) ** 2).sum(dim=(2, 3), keepdim=True) / n
     return (images - mean) / var.sqrt().clamp_min(1e-6), mask
+
+
+def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
+    return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-9))
+
+
+def _mirror_across_slices(canvases: np.ndarray, m2: float, shift: tuple[int, int],
+                          only: list[int] | None = None) -> np.ndarray:
+    """Slice k's mirror: the (linearly interpolated) slice m2 - k, shifted in-plane; the slice
+    itself where m2 - k falls outside the series (no asymmetry there). ``only``: just these k."""
+    from scipy.ndimage import shift as nd_shift
+
+    n = len(canvases)
+    out = canvases.copy()
+    for k in range(n) if only is None else only:
+        j = m2 - k
+        if not 0 <= j <= n - 1:
+            continue
+        j0 = int(np.floor(j))
+        j1, f = min(j0 + 1, n - 1), j - j0
+        img = (1 - f) * canvases[j0] + f * canvases[j1]
+        out[k] = nd_shift(img, shift, order=1, mode="constant") if any(shift) else img
+    return out
+
+
+def mirror_slices(canvases: np.ndarray, axis: str) -> np.ndarray:
+    """For consecutive slices of one series on the model's canvas (n, H, W), each slice's view
+    of the other hemisphere, aligned with it: ``axis`` "slices" (sagittal series: slice k
+    against slice 2m - k, the mid-sagittal index m and a small in-plane shift found by the best
+    normalised cross-correlation of the head), or "rows" / "columns" (axial and coronal: the
+    slice flipped along that image axis, shifted by the best of -20..20 pixels)."""
+    from scipy.ndimage import shift as nd_shift
+
+    n = len(canvases)
+    central = list(range(n // 4, max(n // 4 + 1, 3 * n // 4), max(1, n // 30)))
+    heads = {k: canvases[k] > 0.1 for k in central}
+    if axis == "slices":
+        if n < 3:
+            return canvases.copy()
+        def mean_ncc(m2: float, shift: tuple[int, int] = (0, 0)) -> float:
+            pairs = [k for k in central if 0 <= m2 - k <= n - 1]
+            mirrored = _mirror_across_slices(canvases, m2, shift, only=pairs)
+            return float(np.mean([_ncc(canvases[k], mirrored[k], heads[k]) for k in pairs])) if pairs else -1.0
+        m2 = max(np.arange(int(0.6 * n), int(1.4 * n) + 0.5, 0.5), key=mean_ncc)  # m on a half-slice grid
+        shift = max(((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)), key=lambda d: mean_ncc(m2, d))
+        return _mirror_across_slices(canvases, float(m2), shift)
+    if axis not in ("rows", "columns"):
+        raise ValueError(f"unknown mirror axis {axis!r} (known: slices, rows, columns)")
+    flipped = canvases[:, ::-1, :] if axis == "rows" else canvases[:, :, ::-1]
+    along = 0 if axis == "rows" else 1
+
+    def shifted(k: int, d: int) -> np.ndarray:
+        offset = [0.0, 0.0]
+        offset[along] = d
+        return nd_shift(flipped[k], offset, order=0, mode="constant") if d else flipped[k]
+    d = max(range(-20, 21), key=lambda d: float(np.mean([_ncc(canvases[k], shifted(k, d), heads[k]) for k in central])))
+    return np.stack([shifted(k, d) for k in range(n)]).astype(np.float32)
+
+
+def mirror_axis(vol) -> str:
+    """How a series' slices meet the other hemisphere: "slices" (sagittal: another slice), else
+    the image axis along patient left-right ("columns" when the row direction is mostly x)."""
+    if int(np.argmax(np.abs(vol.normal))) == 0:
+        return "slices"
+    return "columns" if abs(vol.row_direction[0]) >= abs(vol.column_direction[0]) else "rows"
+
+
+def asymmetry_map(images: torch.Tensor, mirrors: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """|x - mirror| after the score's smoothing, in units of its 90th percentile inside the
+    slice's head mask (the usual left-right difference of that slice's normal tissue), masked."""
+    mask = foreground_mask(images, cfg.mask_erode_px)
+    diff = (smooth(images, cfg.smooth_sigma) - smooth(mirrors.to(images.dtype), cfg.smooth_sigma)).abs() * mask
+    scale = torch.stack([torch.quantile(d[m > 0], 0.9) if bool((m > 0).any()) else d.new_tensor(1.0)
+                         for d, m in zip(diff[:, 0], mask[:, 0])]).clamp_min(1e-6)
+    return diff / scale.view(-1, 1, 1, 1)
+
+
+def fuse_asymmetry(err: torch.Tensor, images: torch.Tensor, mirrors: torch.Tensor | None,
+                   cfg: AnomalyConfig) -> torch.Tensor:
+    """``err`` fused with the asymmetry map as a noisy-OR, 1 - (1 - err)(1 - min(1, symmetry_weight
+    a / 10)); ``err`` itself when symmetry_weight is 0 or no mirrors are given."""
+    if cfg.symmetry_weight <= 0 or mirrors is None:
+        return err
+    q = (cfg.symmetry_weight * asymmetry_map(images, mirrors, cfg) / 10.0).clamp(max=1.0)
+    return 1.0 - (1.0 - err) * (1.0 - q)
 
 
 def fuse_intensity_outliers(err: torch.Tensor, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:

@@ -13,6 +13,7 @@ of the model against the intensity-outlier baseline.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import math
@@ -38,6 +39,8 @@ from .anomaly import (
     laplace_nll,
     load_model,
     load_models,
+    mirror_axis,
+    mirror_slices,
     residual_maps,
     save_model,
     smooth,
@@ -162,32 +165,46 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
     return SliceSet(np.stack(images).astype(np.float32), sources)
 
 
-def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> np.ndarray:
+def _all_canvases(planes, cfg: AnomalyConfig) -> np.ndarray:
+    return np.stack([to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)[0] for plane, mm in planes])
+
+
+def _picked(canvases: np.ndarray, axis: str, indices, min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """The slices at ``indices`` with enough head, and their mirrors (``mirror_slices`` of the
+    whole series: the other hemisphere comes from slices that are not picked, lesion-free)."""
+    mirrors = mirror_slices(canvases, axis)
+    keep = [i for i in indices if (canvases[i] > 0.1).mean() >= min_fg]
+    return canvases[keep], mirrors[keep]
+
+
+def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """The held-out UIH sagittal block, every ``step``-th slice, and each slice's mirror."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
-    planes = ((arr[i], vol.spacing[1:]) for i in range(HELD_OUT[0], HELD_OUT[1], step))
-    return np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
+    canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
+    return _picked(canvases, "slices", range(HELD_OUT[0], HELD_OUT[1], step))
 
 
-def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> np.ndarray:
+def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
     """Model-selection slices: studyforrest sagittal planes at odd indices (training used the
-    even ones), the central ``count`` of those with enough head. Training-domain anatomy: for
-    choosing settings only, never reported as the result."""
+    even ones), the central ``count`` of those with enough head, and their mirrors.
+    Training-domain anatomy: for choosing settings only, never reported as the result."""
     vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
     sz, sy, _ = vol.spacing
-    planes = ((np.ascontiguousarray(arr[::-1, :, i]), (sz, sy)) for i in range(1, arr.shape[2], 2))
-    got = np.stack(_canvas_slices(planes, cfg, min_fg=0.2))
-    mid = len(got) // 2
-    return got[max(0, mid - count // 2): mid + count // 2]
+    canvases = _all_canvases(((arr[::-1, :, i], (sz, sy)) for i in range(arr.shape[2])), cfg)
+    odd = [i for i in range(1, arr.shape[2], 2) if (canvases[i] > 0.1).mean() >= 0.2]
+    mid = len(odd) // 2
+    return _picked(canvases, "slices", odd[max(0, mid - count // 2): mid + count // 2])
 
 
-def gap_slices(data: Path, cfg: AnomalyConfig) -> np.ndarray:
+def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
     """Model-selection slices from the held-out scanner: the UIH gap slices on each side of the
     held-out block (used neither for training nor for the reported evaluation; adjacent to the
-    held-out block, so not independent of it)."""
+    held-out block, so not independent of it), and their mirrors."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
-    return np.stack(_canvas_slices(((arr[i], vol.spacing[1:]) for i in picks), cfg, min_fg=0.2))
+    canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
+    return _picked(canvases, "slices", picks)
 
 
 def default_cache(cfg: AnomalyConfig) -> Path:
@@ -558,6 +575,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--baseline-weight", type=float, default=0.0,
                    help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|)) "
                         "(not with --combine-members: an ensemble keeps its members' scoring)")
+    p.add_argument("--symmetry-weight", type=float, default=0.0,
+                   help="recon-disc scoring stored in the weights: the other-hemisphere term's weight "
+                        "(AnomalyConfig.symmetry_weight; 0: off)")
     p.add_argument("--noise-std", type=float, default=None, help="training noise std (default: AnomalyConfig)")
     p.add_argument("--noise-scales", default=None,
                    help="comma-separated coarse noise resolutions, e.g. 4,8,16 (default: one field at 16)")
@@ -574,7 +594,7 @@ def train_main(argv: list[str]) -> int:
                               "target_sigma", "channels", "disc_channels", "balance_sources",
                               "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                               "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                              "members", "baseline_weight", "uih_share", "coord_channels"})
+                              "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight"})
     args = p.parse_args(argv)
     if args.combine_members:
         return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out)
@@ -612,6 +632,9 @@ def train_main(argv: list[str]) -> int:
     if args.baseline_weight < 0 or (args.baseline_weight > 0 and args.arch != "recon-disc"):
         p.error("--baseline-weight must be >= 0, and > 0 only with --arch recon-disc")
     cfg.baseline_weight = float(args.baseline_weight)  # scoring only: training never sees it
+    if args.symmetry_weight < 0 or (args.symmetry_weight > 0 and args.arch != "recon-disc"):
+        p.error("--symmetry-weight must be >= 0, and > 0 only with --arch recon-disc")
+    cfg.symmetry_weight = float(args.symmetry_weight)  # scoring only, as baseline_weight
     if args.coord_channels and args.arch != "recon-disc":
         p.error("--coord-channels applies to --arch recon-disc only")
     cfg.coord_channels = bool(args.coord_channels)
@@ -730,10 +753,13 @@ class EvalCase:
     masks: np.ndarray  # scored pixels: brain region of each lesion-free slice
     #: what was drawn in each slice (``insert_lesions``), for lesion-by-lesion looks
     lesions: list[list[Lesion]] = field(default_factory=list)
+    #: each slice's lesion-free view of the other hemisphere (``mirror_slices``), or None
+    mirrors: np.ndarray | None = None
 
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
-                    fractions: list[float] | None = None, regions: np.ndarray | None = None) -> EvalCase:
+                    fractions: list[float] | None = None, regions: np.ndarray | None = None,
+                    mirrors: np.ndarray | None = None) -> EvalCase:
     """1-3 synthetic lesions in each slice, inside its region, which is also what is scored:
     ``regions`` where given (anomaly-ct: inside the skull), else ``brain_region`` (upper
     ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given)."""
@@ -748,7 +774,7 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
         imgs.append(out)
         truths.append(truth)
         lesions.append(drawn)
-    return EvalCase(np.stack(imgs), np.stack(truths), np.asarray(regions), lesions)
+    return EvalCase(np.stack(imgs), np.stack(truths), np.asarray(regions), lesions, mirrors)
 
 
 def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
@@ -764,7 +790,8 @@ def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
 
 def evaluate(net: torch.nn.Module, cfg: AnomalyConfig, case: EvalCase) -> dict:
     x = torch.from_numpy(case.images[:, None])
-    err, recon = residual_maps(net, x, cfg)
+    mirrors = None if case.mirrors is None else torch.from_numpy(np.ascontiguousarray(case.mirrors[:, None]))
+    err, recon = residual_maps(net, x, cfg, mirrors)
     base = intensity_baseline(x, cfg)
     # Score only inside the brain regions of the lesion-free slices (identical for both).
     m = case.masks
@@ -806,29 +833,33 @@ def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], 
     plt.close(fig)
 
 
-def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, str, list[float]]:
+def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray, str, list[float]]:
     """Evaluation slices from any folder of DICOM MR series (other scanners, contrasts, planes):
     every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
-    where the head fills a fifth of the canvas. Returns the slices, a description and each
-    slice's ``brain_region`` fraction (axial: the whole head; sagittal, coronal: the upper 55 %)."""
+    where the head fills a fifth of the canvas. Returns the slices, their mirrors
+    (``mirror_slices``), a description and each slice's ``brain_region`` fraction (axial: the
+    whole head; sagittal, coronal: the upper 55 %)."""
     from ..volume import series_volumes
 
     images: list[np.ndarray] = []
+    mirrors: list[np.ndarray] = []
     fractions: list[float] = []
     used: list[str] = []
     for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
-        got = _canvas_slices(((arr[i], vol.spacing[1:]) for i in range(0, arr.shape[0], step)), cfg, min_fg=0.2)
+        canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
+        got, their_mirrors = _picked(canvases, mirror_axis(vol), range(0, arr.shape[0], step))
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
-        images += got
+        images += list(got)
+        mirrors += list(their_mirrors)
         fractions += [1.0 if plane == "axial" else 0.55] * len(got)
         used.append(f"{plane}, {len(got)} of {arr.shape[0]} slices")
     if not images:
         raise SystemExit(f"{root}: no MR slices with enough head to evaluate (expected the shared data folder "
                          f"holding {HOLDOUT_SERIES}/, or a folder of DICOM MR series)")
     what = f"{len(used)} MR series under {root.name or root} ({'; '.join(used)}, every {step}. slice)"
-    return np.stack(images), what, fractions
+    return np.stack(images), np.stack(mirrors), what, fractions
 
 
 SPLITS = {
@@ -849,24 +880,32 @@ def eval_main(argv: list[str]) -> int:
                    help="held-out (default where --data holds the shared data): the reported evaluation; "
                         "val-studyforrest / val-uih-gap: the model-selection slices (the model card used seeds "
                         "97, 98, 99 there); external (default otherwise): every MR series under --data")
+    p.add_argument("--symmetry-weight", type=float, default=None,
+                   help="score with this weight of the other-hemisphere term instead of the weights' own "
+                        "(0: off; for choosing it on the validation splits)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     net, cfg = load_model(args.model)
+    if args.symmetry_weight is not None:
+        if args.symmetry_weight < 0:
+            p.error("--symmetry-weight must be >= 0")
+        cfg = dataclasses.replace(cfg, symmetry_weight=float(args.symmetry_weight))
     shared = (args.data / HOLDOUT_SERIES).is_dir()
     split = args.split or ("held-out" if shared else "external")
     if split == "external":
         if not args.data.exists():
             p.error(f"--data {args.data}: no such file or folder")
-        normal, what, fractions = external_slices(args.data, cfg)
+        normal, mirrors, what, fractions = external_slices(args.data, cfg)
     else:
         if not shared:
             p.error(f"--split {split} needs the shared data folder (holding {HOLDOUT_SERIES}/); "
                     f"{args.data} is not one (use --split external for any folder of MR series)")
         what, pick = SPLITS[split]
-        normal, fractions = pick(args.data, cfg), None
-    case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions)
+        (normal, mirrors), fractions = pick(args.data, cfg), None
+    case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions, mirrors=mirrors)
     res = evaluate(net, cfg, case)
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
+    res["symmetry_weight"] = cfg.symmetry_weight
     report(res, case, cfg, split, args.json, args.plot)
     return 0
 
