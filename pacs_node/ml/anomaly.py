@@ -642,6 +642,9 @@ def intensity_z(images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor,
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
+    """Normalised cross-correlation of ``a`` and ``b`` inside ``mask`` (0 for an empty mask)."""
+    if int(mask.sum()) < 2:
+        return 0.0
     a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
     return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-9))
 
