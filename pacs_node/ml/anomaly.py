@@ -92,9 +92,9 @@ class AnomalyConfig:
     baseline_weight: float = 0.0
     #: recon-disc: a third noisy-OR term, q = min(1, symmetry_weight * a / 10), a the slice's
     #: difference from the same anatomy of the other hemisphere (``asymmetry_map``: a sagittal
-    #: slice against its mirror slice about the mid-sagittal plane, an axial or coronal one
-    #: against itself mirrored left-right), in units of the head's 90th percentile of it; 0: off
-    #: (and where no mirror is given)
+    #: slice against its mirror about the mid-sagittal plane, ``mirror_slices``), in units of
+    #: the head's 90th percentile of it; 0: off (and where no mirror is given: axial and coronal
+    #: series, slices near the midline)
     symmetry_weight: float = 0.0
     #: recon-disc: the discriminator also reads two channels of position within the head
     #: (``head_coordinates``: -1..1 from the head's first to last row and column in the image as
@@ -642,79 +642,87 @@ def intensity_z(images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor,
 
 
 def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
-    """Normalised cross-correlation of ``a`` and ``b`` inside ``mask`` (0 for an empty mask)."""
+    """Normalised cross-correlation of ``a`` and ``b`` inside ``mask`` where ``b`` is defined (0
+    for fewer than two such pixels)."""
+    mask = mask & np.isfinite(b)
     if int(mask.sum()) < 2:
         return 0.0
     a, b = a[mask] - a[mask].mean(), b[mask] - b[mask].mean()
     return float((a * b).sum() / (np.sqrt((a * a).sum() * (b * b).sum()) + 1e-9))
 
 
-def _mirror_across_slices(canvases: np.ndarray, m2: float, shift: tuple[int, int],
+def _mirror_across_slices(canvases: np.ndarray, plane: tuple[float, float, float, float, float],
                           only: list[int] | None = None) -> np.ndarray:
-    """Slice k's mirror: the (linearly interpolated) slice m2 - k, shifted in-plane; the slice
-    itself where m2 - k falls outside the series (no asymmetry there). ``only``: just these k."""
-    from scipy.ndimage import shift as nd_shift
+    """Slice k's mirror about the mid-sagittal plane ``plane`` = (m2, t, u, dy, dx): at canvas
+    pixel (r, c) the series sampled at slice m2 - k + 2 (t (c - W/2) + u (r - H/2)) (a plane
+    tilted against the slices: the head turned or tilted in the slab), row r - dy, column
+    c - dx, linearly interpolated; NaN (no mirror: no asymmetry there) where the mirror falls
+    outside the series, and for every k not in ``only``."""
+    from scipy.ndimage import map_coordinates
 
-    n = len(canvases)
-    out = canvases.copy()
+    m2, t, u, dy, dx = plane
+    n, h, w = canvases.shape
+    rr, cc = np.mgrid[:h, :w].astype(np.float32)
+    tilt = 2.0 * (t * (cc - w / 2) + u * (rr - h / 2))
+    out = np.full(canvases.shape, np.nan, dtype=np.float32)
     for k in range(n) if only is None else only:
-        j = m2 - k
-        if not 0 <= j <= n - 1:
+        j = m2 - k + tilt
+        inside = (j >= 0) & (j <= n - 1)
+        if not inside.any():
             continue
-        j0 = int(np.floor(j))
-        j1, f = min(j0 + 1, n - 1), j - j0
-        img = (1 - f) * canvases[j0] + f * canvases[j1]
-        out[k] = nd_shift(img, shift, order=1, mode="constant") if any(shift) else img
+        values = map_coordinates(canvases, [np.clip(j, 0, n - 1), rr - dy, cc - dx], order=1, mode="constant")
+        out[k] = np.where(inside, values, np.nan)
     return out
 
 
-def mirror_slices(canvases: np.ndarray, axis: str) -> np.ndarray:
-    """For consecutive slices of one series on the model's canvas (n, H, W), each slice's view
-    of the other hemisphere, aligned with it: ``axis`` "slices" (sagittal series: slice k
-    against slice 2m - k, the mid-sagittal index m and a small in-plane shift found by the best
-    normalised cross-correlation of the head), or "rows" / "columns" (axial and coronal: the
-    slice flipped along that image axis, shifted by the best of -20..20 pixels)."""
-    from scipy.ndimage import shift as nd_shift
+#: a sagittal slice closer than this to the mid-sagittal plane is its own mirror (no asymmetry
+#: term): its mirror slice would lie within 2 x this of it, where a lesion of up to that radius
+#: reaches too, so the difference would not tell a unilateral lesion from a midline one
+MIN_MIRROR_OFFSET_MM = 10.0
 
+
+def mirror_slices(canvases: np.ndarray, slice_mm: float = 1.0) -> np.ndarray:
+    """For the consecutive sagittal slices of one series on the model's canvas (n, H, W), each
+    slice's view of the other hemisphere, aligned with it: the series sampled at the mirror of
+    slice k about the mid-sagittal plane, whose position, tilt against the slices (both ways)
+    and a small in-plane shift are found by the best normalised cross-correlation of the heads
+    of the central slices. NaN where there is no mirror: outside the series, and for a slice
+    within ``MIN_MIRROR_OFFSET_MM`` of the plane (``slice_mm`` apart).
+
+    The mirror comes from *other* slices, so an evaluation may take it from the lesion-free
+    series (a unilateral lesion); an in-plane (axial, coronal) mirror would come from the slice
+    itself and is not implemented."""
     n = len(canvases)
+    if n < 3:
+        return np.full(canvases.shape, np.nan, dtype=np.float32)
     central = list(range(n // 4, max(n // 4 + 1, 3 * n // 4), max(1, n // 30)))
     heads = {k: canvases[k] > 0.1 for k in central}
-    if axis == "slices":
-        if n < 3:
-            return canvases.copy()
-        def mean_ncc(m2: float, shift: tuple[int, int] = (0, 0)) -> float:
-            pairs = [k for k in central if 0 <= m2 - k <= n - 1]
-            mirrored = _mirror_across_slices(canvases, m2, shift, only=pairs)
-            return float(np.mean([_ncc(canvases[k], mirrored[k], heads[k]) for k in pairs])) if pairs else -1.0
-        m2 = max(np.arange(int(0.6 * n), int(1.4 * n) + 0.5, 0.5), key=mean_ncc)  # m on a half-slice grid
-        shift = max(((dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)), key=lambda d: mean_ncc(m2, d))
-        return _mirror_across_slices(canvases, float(m2), shift)
-    if axis not in ("rows", "columns"):
-        raise ValueError(f"unknown mirror axis {axis!r} (known: slices, rows, columns)")
-    flipped = canvases[:, ::-1, :] if axis == "rows" else canvases[:, :, ::-1]
-    along = 0 if axis == "rows" else 1
 
-    def shifted(k: int, d: int) -> np.ndarray:
-        offset = [0.0, 0.0]
-        offset[along] = d
-        return nd_shift(flipped[k], offset, order=0, mode="constant") if d else flipped[k]
-    d = max(range(-20, 21), key=lambda d: float(np.mean([_ncc(canvases[k], shifted(k, d), heads[k]) for k in central])))
-    return np.stack([shifted(k, d) for k in range(n)]).astype(np.float32)
+    def mean_ncc(plane: tuple[float, float, float, float, float]) -> float:
+        pairs = [k for k in central if 0 <= plane[0] - k <= n - 1]
+        mirrored = _mirror_across_slices(canvases, plane, only=pairs)
+        return float(np.mean([_ncc(canvases[k], mirrored[k], heads[k]) for k in pairs])) if pairs else -1.0
+    m2 = max(np.arange(int(0.6 * n), int(1.4 * n) + 0.5, 0.5), key=lambda v: mean_ncc((v, 0, 0, 0, 0)))
+    steps = (-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)  # slices per canvas pixel: up to ~15 degrees at 2 mm / 1 mm
+    plane = max(((m2 + d, t, u, 0, 0) for d in (-1, -0.5, 0, 0.5, 1) for t in steps for u in steps), key=mean_ncc)
+    plane = max(((*plane[:3], dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)), key=mean_ncc)
+    far = [k for k in range(n) if abs(k - plane[0] / 2) * slice_mm >= MIN_MIRROR_OFFSET_MM]
+    return _mirror_across_slices(canvases, plane, only=far)
 
 
-def mirror_axis(vol) -> str:
-    """How a series' slices meet the other hemisphere: "slices" (sagittal: another slice), else
-    the image axis along patient left-right ("columns" when the row direction is mostly x)."""
-    if int(np.argmax(np.abs(vol.normal))) == 0:
-        return "slices"
-    return "columns" if abs(vol.row_direction[0]) >= abs(vol.column_direction[0]) else "rows"
+def has_mirror_slices(vol) -> bool:
+    """Whether the asymmetry term applies to a series: sagittal slices (normal mostly along x),
+    whose mirror is another slice of the series (``mirror_slices``)."""
+    return len(vol.positions) >= 3 and int(np.argmax(np.abs(vol.normal))) == 0
 
 
 def asymmetry_map(images: torch.Tensor, mirrors: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
     """|x - mirror| after the score's smoothing, in units of its 90th percentile inside the
     slice's head mask (the usual left-right difference of that slice's normal tissue), masked."""
     mask = foreground_mask(images, cfg.mask_erode_px)
-    diff = (smooth(images, cfg.smooth_sigma) - smooth(mirrors.to(images.dtype), cfg.smooth_sigma)).abs() * mask
+    mirrors = mirrors.to(images.dtype)
+    mirrors = torch.where(torch.isnan(mirrors), images, mirrors)  # no mirror: no asymmetry
+    diff = (smooth(images, cfg.smooth_sigma) - smooth(mirrors, cfg.smooth_sigma)).abs() * mask
     scale = torch.stack([torch.quantile(d[m > 0], 0.9) if bool((m > 0).any()) else d.new_tensor(1.0)
                          for d, m in zip(diff[:, 0], mask[:, 0])]).clamp_min(1e-6)
     return diff / scale.view(-1, 1, 1, 1)

@@ -39,7 +39,7 @@ from .anomaly import (
     laplace_nll,
     load_model,
     load_models,
-    mirror_axis,
+    has_mirror_slices,
     mirror_slices,
     residual_maps,
     save_model,
@@ -169,10 +169,12 @@ def _all_canvases(planes, cfg: AnomalyConfig) -> np.ndarray:
     return np.stack([to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)[0] for plane, mm in planes])
 
 
-def _picked(canvases: np.ndarray, axis: str, indices, min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
+            min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """The slices at ``indices`` with enough head, and their mirrors (``mirror_slices`` of the
-    whole series: the other hemisphere comes from slices that are not picked, lesion-free)."""
-    mirrors = mirror_slices(canvases, axis)
+    whole lesion-free series, ``slice_mm`` apart: a unilateral lesion; all NaN, no asymmetry
+    term, where the series is not ``sagittal``)."""
+    mirrors = mirror_slices(canvases, slice_mm) if sagittal else np.full(canvases.shape, np.nan, np.float32)
     keep = [i for i in indices if (canvases[i] > 0.1).mean() >= min_fg]
     return canvases[keep], mirrors[keep]
 
@@ -181,7 +183,7 @@ def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     """The held-out UIH sagittal block, every ``step``-th slice, and each slice's mirror."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, "slices", range(HELD_OUT[0], HELD_OUT[1], step))
+    return _picked(canvases, True, range(HELD_OUT[0], HELD_OUT[1], step), vol.spacing[0])
 
 
 def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -189,11 +191,11 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[
     even ones), the central ``count`` of those with enough head, and their mirrors.
     Training-domain anatomy: for choosing settings only, never reported as the result."""
     vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
-    sz, sy, _ = vol.spacing
+    sz, sy, sx = vol.spacing
     canvases = _all_canvases(((arr[::-1, :, i], (sz, sy)) for i in range(arr.shape[2])), cfg)
     odd = [i for i in range(1, arr.shape[2], 2) if (canvases[i] > 0.1).mean() >= 0.2]
     mid = len(odd) // 2
-    return _picked(canvases, "slices", odd[max(0, mid - count // 2): mid + count // 2])
+    return _picked(canvases, True, odd[max(0, mid - count // 2): mid + count // 2], sx)
 
 
 def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -204,7 +206,7 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
     canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, "slices", picks)
+    return _picked(canvases, True, picks, vol.spacing[0])
 
 
 def default_cache(cfg: AnomalyConfig) -> Path:
@@ -848,7 +850,7 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
         canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-        got, their_mirrors = _picked(canvases, mirror_axis(vol), range(0, arr.shape[0], step))
+        got, their_mirrors = _picked(canvases, has_mirror_slices(vol), range(0, arr.shape[0], step), vol.spacing[0])
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
         images += list(got)

@@ -3,8 +3,9 @@
 For the served ``recon-disc`` model (DRAEM) the score is the discriminative network's
 probability that a pixel differs from the model's normal-looking reconstruction because of an
 anomaly, smoothed, and (``baseline_weight`` > 0, anomaly-mr 0.5.0) fused with the slice's
-intensity-outlier map as a noisy-OR, and (``symmetry_weight`` > 0, anomaly-mr 0.6.0) with its
-difference from the other hemisphere (``mirror_slices``, computed once per series); for ``prob-inpaint`` the standardised inpainting residual
+intensity-outlier map as a noisy-OR, and (``symmetry_weight`` > 0 in the weights' config: a
+probe, not served) with its difference from the other hemisphere (``mirror_slices``, computed
+once per sagittal series); for ``prob-inpaint`` the standardised inpainting residual
 |x - location| / scale. ``residual_maps`` computes either, the same code path as the eval command."""
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 
 from ..errors import PacsNodeError, UnsupportedInput
-from ..ml.anomaly import AnomalyConfig, from_canvas, load_model, mirror_axis, mirror_slices, residual_maps, to_canvas, to_score
+from ..ml.anomaly import AnomalyConfig, from_canvas, load_model, has_mirror_slices, mirror_slices, residual_maps, to_canvas, to_score
 from ..models_dir import model_path
 from ..volume import Volume
 from .base import Output, Pipeline, Requirements, ScoreMap, device
@@ -35,8 +36,8 @@ class AnomalyPipeline(Pipeline):
 
     Each slice is resampled to the model's pixel size (2 mm) on a 128 x 128 canvas (256 mm), so
     anatomy beyond 256 mm from the slice centre gets score 0. Scores are 2D per slice (the
-    network has never seen the slice's neighbours); the asymmetry term of anomaly-mr 0.6.0
-    compares a sagittal slice with its mirror slice of the same series.
+    network has never seen the slice's neighbours); the asymmetry term (weights with
+    ``symmetry_weight`` > 0, none served) compares a sagittal slice with its mirror in the series.
     """
 
     model_name: ClassVar[str]
@@ -57,8 +58,9 @@ class AnomalyPipeline(Pipeline):
         out = np.zeros(volume.shape, dtype=np.float32)
         placed = [to_canvas(plane, volume.pixel_spacing, cfg.canvas, cfg.pixel_mm) for plane in images]
         canvases = np.stack([canvas for canvas, _ in placed])
-        # the other hemisphere of each slice (anomaly-mr 0.6.0): from the whole series, once
-        mirrors = mirror_slices(canvases, mirror_axis(volume)) if cfg.symmetry_weight > 0 else None
+        # the other hemisphere of each slice (weights with symmetry_weight > 0): from the series, once
+        mirrors = mirror_slices(canvases, volume.spacing[0]) \
+            if cfg.symmetry_weight > 0 and has_mirror_slices(volume) else None
         for start in range(0, volume.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             x = torch.from_numpy(canvases[batch][:, None]).to(self.device)
@@ -79,14 +81,9 @@ class AnomalyPipeline(Pipeline):
         threshold = float(params.get("threshold", self.cfg.seg_threshold if outliers else 0.5))
         if not 0.0 < threshold <= 1.0:
             raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
-        symmetry = params.get("symmetry", True)
-        if not isinstance(symmetry, bool):
-            raise UnsupportedInput(f"pipeline {self.name}: symmetry must be true or false, got {symmetry!r}")
         # false: the network's map alone, without the fused intensity-outlier map (0.5.0's
-        # baseline_weight), e.g. for a sequence whose normal fat or vessels are very bright;
-        # symmetry false: without the other-hemisphere term (0.6.0), e.g. after surgery on one side
+        # baseline_weight), e.g. for a sequence whose normal fat or vessels are very bright
         cfg = self.cfg if outliers else dataclasses.replace(self.cfg, baseline_weight=0.0)
-        cfg = cfg if symmetry else dataclasses.replace(cfg, symmetry_weight=0.0)
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)), cfg=cfg)
         return [ScoreMap(
             array=scores,
@@ -108,7 +105,7 @@ def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.6.0"
+    version = "0.5.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
