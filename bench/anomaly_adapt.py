@@ -142,7 +142,7 @@ def uih_train_slices(data: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
     picks = list(range(A.HELD_OUT[0] - A.HOLDOUT_GAP - 10, A.HELD_OUT[0] - A.HOLDOUT_GAP)) + \
         list(range(A.HELD_OUT[1] + A.HOLDOUT_GAP, A.HELD_OUT[1] + A.HOLDOUT_GAP + 10))
     canvases = A._all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return A._picked(canvases, True, picks, vol.spacing[0])
+    return A._picked(canvases, cfg.symmetry_weight > 0, picks, vol.spacing[0])
 
 
 def main() -> int:

@@ -652,12 +652,12 @@ def _ncc(a: np.ndarray, b: np.ndarray, mask: np.ndarray) -> float:
 
 
 def _mirror_across_slices(canvases: np.ndarray, plane: tuple[float, float, float, float, float],
-                          only: list[int] | None = None) -> np.ndarray:
+                          only: list[int] | None = None, min_gap: float = 0.0) -> np.ndarray:
     """Slice k's mirror about the mid-sagittal plane ``plane`` = (m2, t, u, dy, dx): at canvas
     pixel (r, c) the series sampled at slice m2 - k + 2 (t (c - W/2) + u (r - H/2)) (a plane
     tilted against the slices: the head turned or tilted in the slab), row r - dy, column
     c - dx, linearly interpolated; NaN (no mirror: no asymmetry there) where the mirror falls
-    outside the series, and for every k not in ``only``."""
+    outside the series or fewer than ``min_gap`` slices from k, and for every k not in ``only``."""
     from scipy.ndimage import map_coordinates
 
     m2, t, u, dy, dx = plane
@@ -667,7 +667,7 @@ def _mirror_across_slices(canvases: np.ndarray, plane: tuple[float, float, float
     out = np.full(canvases.shape, np.nan, dtype=np.float32)
     for k in range(n) if only is None else only:
         j = m2 - k + tilt
-        inside = (j >= 0) & (j <= n - 1)
+        inside = (j >= 0) & (j <= n - 1) & (np.abs(j - k) >= min_gap)
         if not inside.any():
             continue
         values = map_coordinates(canvases, [np.clip(j, 0, n - 1), rr - dy, cc - dx], order=1, mode="constant")
@@ -679,6 +679,8 @@ def _mirror_across_slices(canvases: np.ndarray, plane: tuple[float, float, float
 #: term): its mirror slice would lie within 2 x this of it, where a lesion of up to that radius
 #: reaches too, so the difference would not tell a unilateral lesion from a midline one
 MIN_MIRROR_OFFSET_MM = 10.0
+#: the least share of a slice's head that must have a mirror for its asymmetry to be scored
+MIN_MIRROR_COVERAGE = 0.3
 
 
 def mirror_slices(canvases: np.ndarray, slice_mm: float = 1.0) -> np.ndarray:
@@ -706,8 +708,8 @@ def mirror_slices(canvases: np.ndarray, slice_mm: float = 1.0) -> np.ndarray:
     steps = (-0.3, -0.2, -0.1, 0.0, 0.1, 0.2, 0.3)  # slices per canvas pixel: up to ~15 degrees at 2 mm / 1 mm
     plane = max(((m2 + d, t, u, 0, 0) for d in (-1, -0.5, 0, 0.5, 1) for t in steps for u in steps), key=mean_ncc)
     plane = max(((*plane[:3], dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)), key=mean_ncc)
-    far = [k for k in range(n) if abs(k - plane[0] / 2) * slice_mm >= MIN_MIRROR_OFFSET_MM]
-    return _mirror_across_slices(canvases, plane, only=far)
+    # per pixel: the plane may be tilted, so a slice's distance to it varies across the slice
+    return _mirror_across_slices(canvases, plane, min_gap=2.0 * MIN_MIRROR_OFFSET_MM / slice_mm)
 
 
 def has_mirror_slices(vol) -> bool:
@@ -717,15 +719,21 @@ def has_mirror_slices(vol) -> bool:
 
 
 def asymmetry_map(images: torch.Tensor, mirrors: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
-    """|x - mirror| after the score's smoothing, in units of its 90th percentile inside the
-    slice's head mask (the usual left-right difference of that slice's normal tissue), masked."""
+    """|x - mirror| after the score's smoothing, in units of its 90th percentile where the
+    slice's head has a mirror (the usual left-right difference of that slice's normal tissue),
+    masked; 0 where there is no mirror, and for a slice with a mirror for under
+    ``MIN_MIRROR_COVERAGE`` of its head (too few pixels for a typical difference)."""
     mask = foreground_mask(images, cfg.mask_erode_px)
     mirrors = mirrors.to(images.dtype)
-    mirrors = torch.where(torch.isnan(mirrors), images, mirrors)  # no mirror: no asymmetry
-    diff = (smooth(images, cfg.smooth_sigma) - smooth(mirrors, cfg.smooth_sigma)).abs() * mask
-    scale = torch.stack([torch.quantile(d[m > 0], 0.9) if bool((m > 0).any()) else d.new_tensor(1.0)
-                         for d, m in zip(diff[:, 0], mask[:, 0])]).clamp_min(1e-6)
-    return diff / scale.view(-1, 1, 1, 1)
+    missing = torch.isnan(mirrors)
+    mirrors = torch.where(missing, images, mirrors)  # no mirror: no asymmetry
+    covered = mask * (~missing).to(images.dtype)
+    diff = (smooth(images, cfg.smooth_sigma) - smooth(mirrors, cfg.smooth_sigma)).abs() * covered
+    out = torch.zeros_like(diff)
+    for i, (d, c, m) in enumerate(zip(diff[:, 0], covered[:, 0], mask[:, 0])):
+        if float(c.sum()) >= MIN_MIRROR_COVERAGE * max(float(m.sum()), 1.0):
+            out[i, 0] = d / torch.quantile(d[c > 0], 0.9).clamp_min(1e-6)
+    return out
 
 
 def fuse_asymmetry(err: torch.Tensor, images: torch.Tensor, mirrors: torch.Tensor | None,

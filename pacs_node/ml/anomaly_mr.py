@@ -173,7 +173,7 @@ def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
             min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
     """The slices at ``indices`` with enough head, and their mirrors (``mirror_slices`` of the
     whole lesion-free series, ``slice_mm`` apart: a unilateral lesion; all NaN, no asymmetry
-    term, where the series is not ``sagittal``)."""
+    term, unless ``sagittal``: a sagittal series scored with the term)."""
     mirrors = mirror_slices(canvases, slice_mm) if sagittal else np.full(canvases.shape, np.nan, np.float32)
     keep = [i for i in indices if (canvases[i] > 0.1).mean() >= min_fg]
     return canvases[keep], mirrors[keep]
@@ -183,7 +183,7 @@ def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     """The held-out UIH sagittal block, every ``step``-th slice, and each slice's mirror."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, True, range(HELD_OUT[0], HELD_OUT[1], step), vol.spacing[0])
+    return _picked(canvases, cfg.symmetry_weight > 0, range(HELD_OUT[0], HELD_OUT[1], step), vol.spacing[0])
 
 
 def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -195,7 +195,7 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[
     canvases = _all_canvases(((arr[::-1, :, i], (sz, sy)) for i in range(arr.shape[2])), cfg)
     odd = [i for i in range(1, arr.shape[2], 2) if (canvases[i] > 0.1).mean() >= 0.2]
     mid = len(odd) // 2
-    return _picked(canvases, True, odd[max(0, mid - count // 2): mid + count // 2], sx)
+    return _picked(canvases, cfg.symmetry_weight > 0, odd[max(0, mid - count // 2): mid + count // 2], sx)
 
 
 def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -206,7 +206,7 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
     canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, True, picks, vol.spacing[0])
+    return _picked(canvases, cfg.symmetry_weight > 0, picks, vol.spacing[0])
 
 
 def default_cache(cfg: AnomalyConfig) -> Path:
@@ -850,7 +850,8 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
         canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-        got, their_mirrors = _picked(canvases, has_mirror_slices(vol), range(0, arr.shape[0], step), vol.spacing[0])
+        got, their_mirrors = _picked(canvases, has_mirror_slices(vol) and cfg.symmetry_weight > 0,
+                                     range(0, arr.shape[0], step), vol.spacing[0])
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
         images += list(got)
