@@ -183,7 +183,20 @@ def _group_kind(group: DataElement | RawDataElement) -> str:
     return "sequence" if group.tag in _AS_SEQUENCE or len(group.value) != 1 else "macro"
 
 
-def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
+def _shallow_copy(ds: Dataset, skip: frozenset | tuple = ()) -> Dataset:
+    """A new data set sharing ``ds``'s elements (raw ones stay unread), without ``skip``, with
+    its encoding and file meta."""
+    copy = Dataset()
+    copy.set_original_encoding(*ds.original_encoding, ds.original_character_set)
+    for tag in ds.keys():
+        if tag not in skip:
+            copy[tag] = ds.get_item(tag)
+    if getattr(ds, "file_meta", None) is not None:
+        copy.file_meta = ds.file_meta
+    return copy
+
+
+def frame_views(path: Path, ds: Dataset, only: int | None = None) -> list[Dataset]:
     """One data set per frame of a multi-frame image (Enhanced or Legacy Converted Enhanced MR,
     CT, PET, ...), shaped like a single-frame image's header: the image's own attributes, then
     those of its shared and per-frame functional groups (Image Position / Orientation, Pixel
@@ -191,7 +204,7 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
     own values winning (a group that is an attribute in its own right, e.g. Referenced Image
     or Real World Value Mapping, stays a sequence). SOP Class and Instance UIDs stay the
     multi-frame image's: a result refers to the instance and the frame (Volume.frames).
-    Elements are shared, not copied.
+    Elements are shared, not copied. ``only``: just the view of this frame (0-based).
     A multi-frame image without per-frame functional groups has no per-frame position: refused."""
     count = int(ds.get("NumberOfFrames", 1) or 1)
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
@@ -200,18 +213,11 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
             f"{path.name}: a {count}-frame image without per-frame functional groups (no position per frame): "
             "only Enhanced / Legacy Converted Enhanced multi-frame images are supported"
         )
-    base = Dataset()
-    base.set_original_encoding(*ds.original_encoding, ds.original_character_set)
-    for tag in ds.keys():
-        if tag not in _MULTIFRAME_ONLY:
-            base[tag] = ds.get_item(tag)
+    base = _shallow_copy(ds, _MULTIFRAME_ONLY)
     shared = ds.get("SharedFunctionalGroupsSequence") or [Dataset()]
     views = []
-    for frame in per_frame:
-        view = Dataset()
-        view.set_original_encoding(*ds.original_encoding, ds.original_character_set)
-        for tag in base.keys():
-            view[tag] = base.get_item(tag)
+    for frame in per_frame if only is None else [per_frame[only]]:
+        view = _shallow_copy(base)
         for groups in (shared[0], frame):  # a frame's own groups override the shared ones
             for group in groups:
                 kind = _group_kind(group)
@@ -221,8 +227,6 @@ def frame_views(path: Path, ds: Dataset) -> list[Dataset]:
                     for tag in group.value[0].keys():
                         if not tag.is_private:
                             view[tag] = group.value[0].get_item(tag)
-        if getattr(ds, "file_meta", None) is not None:
-            view.file_meta = ds.file_meta
         views.append(view)
     return views
 
@@ -238,18 +242,6 @@ def frame_attribute(ds: Dataset, keyword: str) -> object | None:
             if _group_kind(group) == "macro" and keyword in group.value[0]:
                 return group.value[0].get(keyword)
     return None
-
-
-def _header(ds: Dataset) -> Dataset:
-    """``ds`` without its pixel data (decoded into the Volume; read, it would stay in memory)."""
-    header = Dataset()
-    header.set_original_encoding(*ds.original_encoding, ds.original_character_set)
-    for tag in ds.keys():
-        if tag != PIXEL_DATA:
-            header[tag] = ds.get_item(tag)
-    if getattr(ds, "file_meta", None) is not None:
-        header.file_meta = ds.file_meta
-    return header
 
 
 def _orientation(ds: Dataset) -> np.ndarray | None:
@@ -360,7 +352,7 @@ def volume_from_datasets(items: Sequence[tuple[Path, Dataset]]) -> Volume:
         datasets=[ds for _, ds, _, _ in ordered],
         files=[p for p, _, _, _ in ordered],
         frames=[frame for _, _, frame, _ in ordered] if any(f for _, _, f, _ in ordered) else [],
-        multiframe={str(whole.get("SOPInstanceUID", "")): _header(whole)
+        multiframe={str(whole.get("SOPInstanceUID", "")): _shallow_copy(whole, (PIXEL_DATA,))
                     for whole in {id(w): w for _, _, _, w in ordered if w is not None}.values()},
     )
 

@@ -133,13 +133,16 @@ def _planes(array: np.ndarray, spacing: tuple[float, float, float], axes: str, s
             yield array[::-1, :, i], (sz, sy)
 
 
+def _enough_head(canvas: np.ndarray, min_fg: float) -> bool:
+    return float((canvas > 0.1).mean()) >= min_fg
+
+
 def _canvas_slices(planes, cfg: AnomalyConfig, min_fg: float = 0.12) -> list[np.ndarray]:
-    out = []
-    for plane, mm in planes:
-        img, _ = to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)
-        if (img > 0.1).mean() >= min_fg:
-            out.append(img)
-    return out
+    return [c for c in _to_canvases(planes, cfg) if _enough_head(c, min_fg)]
+
+
+def _to_canvases(planes, cfg: AnomalyConfig) -> list[np.ndarray]:
+    return [to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)[0] for plane, mm in planes]
 
 
 def load_normal_volume(name: str, data: Path, cfg: AnomalyConfig):
@@ -166,7 +169,7 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
 
 
 def _all_canvases(planes, cfg: AnomalyConfig) -> np.ndarray:
-    return np.stack([to_canvas(np.ascontiguousarray(plane), mm, cfg.canvas, cfg.pixel_mm)[0] for plane, mm in planes])
+    return np.stack(_to_canvases(planes, cfg))
 
 
 def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
@@ -175,7 +178,7 @@ def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
     whole lesion-free series, ``slice_mm`` apart: a unilateral lesion; all NaN, no asymmetry
     term, unless ``sagittal``: a sagittal series scored with the term)."""
     mirrors = mirror_slices(canvases, slice_mm) if sagittal else np.full(canvases.shape, np.nan, np.float32)
-    keep = [i for i in indices if (canvases[i] > 0.1).mean() >= min_fg]
+    keep = [i for i in indices if _enough_head(canvases[i], min_fg)]
     return canvases[keep], mirrors[keep]
 
 
@@ -193,7 +196,7 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[
     vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
     sz, sy, sx = vol.spacing
     canvases = _all_canvases(((arr[::-1, :, i], (sz, sy)) for i in range(arr.shape[2])), cfg)
-    odd = [i for i in range(1, arr.shape[2], 2) if (canvases[i] > 0.1).mean() >= 0.2]
+    odd = [i for i in range(1, arr.shape[2], 2) if _enough_head(canvases[i], 0.2)]
     mid = len(odd) // 2
     return _picked(canvases, cfg.symmetry_weight > 0, odd[max(0, mid - count // 2): mid + count // 2], sx)
 

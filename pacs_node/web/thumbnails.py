@@ -46,7 +46,7 @@ def _middle_frame(ds: pydicom.Dataset) -> pydicom.Dataset:
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1 and "PerFrameFunctionalGroupsSequence" in ds:
         try:
-            return frame_views(Path("image"), ds)[frames // 2]
+            return frame_views(Path("image"), ds, only=frames // 2)[0]
         except SeriesLoadError:
             pass
     return ds
