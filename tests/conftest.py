@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -21,10 +22,32 @@ BIN = Path(sys.executable).parent
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK and Orthanc: no 40 ms Nagle stall per instance
 
 
+#: ports handed out by free_port in this test run (never handed out twice)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range (32768-60999 here).
+
+    A port from bind(0) lies in the ephemeral range, from which every outgoing connection also
+    takes its source port: between this call and the node binding it (seconds, while the node
+    imports), a client connection - even the test's own poll of that port, connecting to
+    itself - can hold it, and the node cannot listen (CI failed that way once). Below the
+    range no outgoing connection takes it; a port is never handed out twice in one run.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port found in 20000-31999")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -96,7 +119,11 @@ class NodeProcess:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([str(BIN / "pacs-node"), *args, "--config", str(self.config)],
                                      stdout=self._log, stderr=subprocess.STDOUT, cwd=self.root)
-        wait_for(lambda: port_open(port) or self.proc.poll() is not None, 60, "the node to listen")
+        try:
+            wait_for(lambda: port_open(port) or self.proc.poll() is not None, 60, "the node to listen")
+        except AssertionError as exc:
+            self.stop()
+            raise AssertionError(f"{exc}; the node's log:\n{self.log()[-4000:]}") from None
         if self.proc.poll() is not None:
             raise AssertionError(f"node exited with {self.proc.returncode}:\n{self.log()}")
         return self

@@ -61,7 +61,11 @@ def start_node(root: Path, peers: list[dict], rules: list[dict], http_port: int 
     node = NodeProcess(root, text)
     node.http_port = http_port  # type: ignore[attr-defined]
     node.start(port)
-    wait_for(lambda: _http_up(http_port), 60, "the web console to answer")
+    try:
+        wait_for(lambda: _http_up(http_port), 60, "the web console to answer")
+    except AssertionError as exc:
+        node.stop()
+        raise AssertionError(f"{exc}; the node's log:\n{node.log()[-4000:]}") from None
     return node
 
 
