@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import socket
 import sys
 import time
@@ -18,10 +19,33 @@ BIN = Path(sys.executable).parent
 ENV = {**os.environ, "TCP_NODELAY": "1"}
 
 
+#: ports handed out by free_port in this process (never handed out twice)
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on, below the kernel's ephemeral range (32768-60999 here).
+
+    A port from bind(0) lies in the ephemeral range, from which every outgoing connection also
+    takes its source port: between this call and the node binding it (seconds, while the node
+    imports), a client connection - even a poll of that port, connecting to itself - can hold
+    it, and the node cannot listen (the likely cause of one failed CI run of the test suite).
+    Below the range no outgoing connection takes it; a port is never handed out twice by one
+    process.
+    """
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(20000, 32000)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise RuntimeError("no free port found in 20000-31999")
 
 
 def wait_port(port: int, timeout: float = 60) -> None:

@@ -316,7 +316,7 @@ def fuzz_datasets(node: Node, cases: int, workdir: Path, seed: int | None = None
             # the file is durable before the acknowledgement; its index row follows within the
             # index writer's linger (store/indexer.py): until then a re-sent SOP Instance UID's
             # row may still name the file of the earlier case
-            end = time.monotonic() + 5
+            end = time.monotonic() + 30  # a loaded machine's SQLite commit can take seconds
             while True:
                 rows = node.query("select path from instance where sop_uid = ?", (meta_sop,))
                 stored = stored_body(storage / rows[0][0]) if len(rows) == 1 else None

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -18,36 +17,11 @@ from typing import Callable, Iterator
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+from common import free_port  # noqa: E402 - ports below the ephemeral range, never twice in a run
+
 BIN = Path(sys.executable).parent
 os.environ.setdefault("TCP_NODELAY", "1")  # DCMTK and Orthanc: no 40 ms Nagle stall per instance
-
-
-#: ports handed out by free_port in this test run (never handed out twice)
-_HANDED_OUT: set[int] = set()
-
-
-def free_port() -> int:
-    """A port nothing listens on, below the kernel's ephemeral range (32768-60999 here).
-
-    A port from bind(0) lies in the ephemeral range, from which every outgoing connection also
-    takes its source port: between this call and the node binding it (seconds, while the node
-    imports), a client connection - even the test's own poll of that port, connecting to
-    itself - can hold it, and the node cannot listen (CI failed that way once). Below the
-    range no outgoing connection takes it; a port is never handed out twice in one run.
-    """
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(20000, 32000)
-        if port in _HANDED_OUT:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        _HANDED_OUT.add(port)
-        return port
-    raise RuntimeError("no free port found in 20000-31999")
 
 
 def wait_for(predicate: Callable[[], object], timeout: float, what: str, interval: float = 0.2) -> object:
@@ -217,7 +191,12 @@ class StoreSCP:
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
-            self.proc.wait(10)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc:
             self._log.close()
 
     def files(self) -> list[Path]:
@@ -301,6 +280,8 @@ class Orthanc:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        if self.proc:
             self._log.close()
 
 

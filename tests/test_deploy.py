@@ -63,6 +63,7 @@ def test_orthanc_autoforward_script_sends_ct_and_not_results_back(tmp_path, node
     orthanc = Orthanc(tmp_path / "orthanc", node_port)
     config = json.loads((orthanc.root / "orthanc.json").read_text())
     config["LuaScripts"] = [str(DEPLOY / "compose" / "autoforward.lua")]
+    config["StableAge"] = 5  # the three uploads below form one stable series even on a loaded machine
     (orthanc.root / "orthanc.json").write_text(json.dumps(config))
     orthanc.start()
     try:
@@ -77,7 +78,7 @@ def test_orthanc_autoforward_script_sends_ct_and_not_results_back(tmp_path, node
         wait_for(lambda: all(orthanc.get(f"/series/{s}")["IsStable"] for s in orthanc.get(f"/studies/{study}")["Series"]),
                  60, "both series stable")
         import time
-        time.sleep(3)
+        time.sleep(5)
         assert node.log().count("complete (quiet)") == 1
         assert "forwarding series" in (orthanc.root / "orthanc.log").read_text()
     finally:

@@ -171,4 +171,4 @@ def test_destination_down_then_retry_delivers(node_factory, storescp, ge_head):
     out = node.cli("jobs", "retry", str(job_id)).stdout
     assert "resending" in out
     wait_for(lambda: len(storescp.files()) == 2, 60, "the retried delivery")
-    wait_for(lambda: re.search(rf"^\s+{job_id}\s+done", node.cli("jobs", "list").stdout, re.M), 30, "job done")
+    wait_for(lambda: re.search(rf"^\s+{job_id}\s+done", node.cli("jobs", "list").stdout, re.M), 120, "job done")

@@ -144,7 +144,7 @@ def test_scp_refuses_while_the_index_fails_and_loses_nothing(tmp_path, ge_head, 
     ingest = Ingest(db, FileStore(settings.node.storage_dir))
     scp = StorageSCP(settings, db, ingest, lambda key, series: None, lambda key: None)
     scp.indexer.linger = 0.0
-    real_index, failures = ingest.index, [3]
+    real_index, failures = ingest.index, [10**9]  # failing until the test has seen the refusal
 
     def flaky(entries):  # type: ignore[no-untyped-def]
         if failures[0] > 0:
@@ -174,6 +174,7 @@ def test_scp_refuses_while_the_index_fails_and_loses_nothing(tmp_path, ge_head, 
         assert scp.indexer.error is not None
         refused = store(files[1])
         assert refused == 0xA700  # out of resources while the index cannot be written
+        failures[0] = 1  # the database recovers after one more failed try
         assert scp.indexer.flush(timeout=30)  # the writer's retries got through
         assert scp.indexer.error is None
         assert store(files[2]) == 0x0000

@@ -93,8 +93,10 @@ def test_job_uses_the_series_read_during_its_quiet_time_and_gives_the_same_resul
                      {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}]
             rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
                       "destinations": ["viewer"]}]
+            # 5 s of quiet: the read-ahead (started after 0.2 s of quiet) has its entry well before the
+            # job asks for it, even on a loaded machine
             node = node_factory(peers, rules, worker={"read_ahead_mb": mb},
-                                completion={"quiet_seconds": 1.5, "max_wait_seconds": 120.0})
+                                completion={"quiet_seconds": 5.0, "max_wait_seconds": 120.0})
             # the job must not wait for the pipeline's first import inside its stages
             wait_for(lambda: "pipeline ct-denoise-classical loaded in" in node.log(), 120, "the pipeline to load")
             sent = storescu(node.port, ge_head)
@@ -166,7 +168,7 @@ def test_two_series_in_one_association_both_come_back_identical(tmp_path, node_f
                  {"name": "viewer", "ae_title": "STORESCP", "host": "127.0.0.1", "port": scp.port}]
         rules = [{"name": "ct", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
                   "destinations": ["viewer"]}]
-        node = node_factory(peers, rules, completion={"quiet_seconds": 1.5, "max_wait_seconds": 120.0})
+        node = node_factory(peers, rules, completion={"quiet_seconds": 5.0, "max_wait_seconds": 120.0})
         wait_for(lambda: "pipeline ct-denoise-classical loaded in" in node.log(), 120, "the pipeline to load")
         sent = storescu(node.port, ge_head, copy)  # one association, two series
         assert sent.returncode == 0, sent.stderr

@@ -100,7 +100,8 @@ def test_mutual_tls_serves_good_certificates_and_refuses_others(node_factory, pk
     tls = {"certificate": str(pki / "node.pem"), "private_key": str(pki / "node.key"),
            "ca_certificates": str(pki / "ca.pem"), "require_client_certificate": True}
     node = node_factory(PEERS, [], tls=tls)
-    assert "listening for DICOM TLS" in node.log()
+    # logged just after the TLS listener opens (the fixture returns once the plain port is open)
+    wait_for(lambda: "listening for DICOM TLS" in node.log(), 30, "the TLS listener's log line")
 
     # a good client certificate: echo and store over TLS
     assert tls_echo(node.port, tls_settings(pki)) == "ok"

@@ -49,7 +49,7 @@ def test_console_follows_a_series_and_retries_a_failed_job(web_node, storescp, g
     rules = [{"name": "ct-denoise", "when": "Modality == 'CT'", "pipeline": "ct-denoise-classical",
               "destinations": ["viewer"]}]
     node = web_node(peers, rules, send={"max_attempts": 2, "backoff_seconds": 0.5, "backoff_max_seconds": 1.0,
-                                        "timeout_seconds": 5.0})
+                                        "timeout_seconds": 30.0})
     base = f"http://127.0.0.1:{node.http_port}"
     series_dir = tmp_path / "series"
     marked_series(ge_head, series_dir, SLICES)

@@ -62,7 +62,7 @@ def start_node(root: Path, peers: list[dict], rules: list[dict], http_port: int 
     node.http_port = http_port  # type: ignore[attr-defined]
     node.start(port)
     try:
-        wait_for(lambda: _http_up(http_port), 60, "the web console to answer")
+        wait_for(lambda: _http_up(http_port), 120, "the web console to answer")
     except AssertionError as exc:
         node.stop()
         raise AssertionError(f"{exc}; the node's log:\n{node.log()[-4000:]}") from None
@@ -71,7 +71,7 @@ def start_node(root: Path, peers: list[dict], rules: list[dict], http_port: int 
 
 def _http_up(port: int) -> bool:
     try:
-        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=2).status_code == 200
+        return requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 200
     except requests.RequestException:
         return False
 
