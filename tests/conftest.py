@@ -78,6 +78,17 @@ def ge_head(data: Path) -> Path:
     return data / "ct" / "ge-head-tilt"
 
 
+def stop_process(proc: subprocess.Popen | None, timeout: float) -> None:
+    """SIGTERM a fixture's process, wait ``timeout`` s for it, then kill it; always reaped."""
+    if proc and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class NodeProcess:
     """`pacs-node serve` as a real process with its own config, storage and database."""
 
@@ -103,13 +114,7 @@ class NodeProcess:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 30)
         if self.proc:
             self._log.close()
 
@@ -189,13 +194,7 @@ class StoreSCP:
         return self
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 10)
         if self.proc:
             self._log.close()
 
@@ -274,13 +273,7 @@ class Orthanc:
         return json.loads(raw) if raw else None
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         if self.proc:
             self._log.close()
 
