@@ -19,8 +19,9 @@ texture smoothed like the 2D one, 1 px apart; 0: its own); ``--keep-noise``: the
 their own fine structure (x - gauss(x, 1 px)) through the lesion; ``--keep-noise-all``: the
 centre too (then the centre differs from the eval command's).
 
-``corrupt3`` and ``_record`` repeat ``synth_anomaly.corrupt`` and ``lesions.insert_lesions`` for
-slice stacks; they belong in those functions once a 2.5D model is served.
+The neighbours' lesions are drawn from the blends ``lesions.insert_lesions`` records for the centre.
+``corrupt3`` is ``synth_anomaly.corrupt`` for a slice stack (its own draw order, which the figures
+in the model card were made with); it belongs in that function once a 2.5D model is served.
 
     python bench/anomaly_25d_probe.py train W.pt [--ctx 1|0] [--indep] [--steps N]   # ~21 min on 2 cores
     python bench/anomaly_25d_probe.py eval W.pt [--rho R] [--keep-noise | --keep-noise-all]
@@ -250,8 +251,8 @@ def eval_stacks(split, cfg):
 
 
 def cases3(stacks, cfg, seed):
-    """make_eval_cases on the centres; each lesion's alpha and level applied to the neighbours too
-    (insert_lesions re-run with a recording blend)."""
+    """make_eval_cases on the centres (same random stream); each lesion's blend, recorded by
+    ``insert_lesions``, drawn into the neighbours too."""
     centre = stacks[:, 1]
     rng = np.random.default_rng(seed)
     tex_rng = np.random.default_rng(seed + 1000)
@@ -260,12 +261,8 @@ def cases3(stacks, cfg, seed):
     out = stacks.copy()
     truth = []
     for n, (img, region) in enumerate(zip(centre, regions)):
-        count = int(rng.integers(1, 4))
-        state = rng.bit_generator.state
-        new, t, _ = L.insert_lesions(img, region, rng, count=count)
-        # replay with the same rng state, recording each lesion's alpha and target map
-        rng2 = np.random.default_rng(); rng2.bit_generator.state = state
-        blends = _record(img, region, rng2, count)
+        blends: list = []
+        new, t, _ = L.insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)
         for alpha, target, level, amp, texture in blends:
             for c in (0, 2):
                 # the neighbour's texture correlates RHO with the centre's (1: the same patch;
@@ -278,7 +275,6 @@ def cases3(stacks, cfg, seed):
                     target_c = target_c + (stacks[n, c] - ndimage.gaussian_filter(stacks[n, c], 1.0))
                 out[n, c] = out[n, c] * (1 - alpha) + target_c * alpha
         out[n, 0] = np.clip(out[n, 0], 0, None); out[n, 2] = np.clip(out[n, 2], 0, None)
-        assert np.allclose(_apply(img, blends), new, atol=1e-5)
         out[n, 1] = new
         if KEEP_NOISE_ALL:  # the centre too keeps its own fine texture / noise through the lesion
             hf = img - ndimage.gaussian_filter(img, 1.0)
@@ -288,44 +284,6 @@ def cases3(stacks, cfg, seed):
             out[n, 1] = np.clip(c1, 0, None)
         truth.append(t)
     return out, np.stack(truth), regions
-
-
-def _record(image, foreground, rng, count, spec=L.LesionSpec()):
-    out = image.astype(np.float32, copy=True)
-    inner = ndimage.binary_erosion(foreground, iterations=spec.margin_px)
-    tissue_level = float(np.median(image[foreground])) if foreground.any() else 0.5
-    parenchyma = ndimage.gaussian_filter(image, 1.5) > 0.6 * tissue_level
-    candidates = np.argwhere(inner & parenchyma)
-    if candidates.size == 0:
-        candidates = np.argwhere(inner)
-    blends = []
-    if candidates.size == 0:
-        return blends
-    for _ in range(count):
-        cy, cx = candidates[rng.integers(len(candidates))]
-        radius = float(rng.uniform(*spec.radius))
-        soft = L._blob(image.shape, (int(cy), int(cx)), radius, float(rng.uniform(*spec.elongation)),
-                       float(rng.uniform(0, np.pi)), rng)
-        soft *= inner | ndimage.binary_dilation(inner, iterations=spec.margin_px // 2)
-        hyper = bool(rng.random() < 0.5)
-        factor = float(rng.uniform(*(spec.hyper_factor if hyper else spec.hypo_factor)))
-        local = float(np.mean(out[soft > 0.5])) if (soft > 0.5).any() else tissue_level
-        target = max(local, tissue_level) * factor
-        texture = ndimage.gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), 1.0)
-        texture /= texture.std() + 1e-6
-        amp = float(rng.uniform(*spec.texture))
-        target_map = target * (1.0 + amp * texture)
-        alpha = soft * float(rng.uniform(*spec.opacity))
-        out = out * (1.0 - alpha) + target_map * alpha
-        blends.append((alpha, target_map, target, amp, texture))
-    return blends
-
-
-def _apply(img, blends):
-    out = img.astype(np.float32, copy=True)
-    for alpha, target, *_ in blends:
-        out = out * (1 - alpha) + target * alpha
-    return np.clip(out, 0, None)
 
 
 def scores(net, x, cfg):

@@ -141,8 +141,7 @@ def uih_train_slices(data: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
     vol, arr = A.load_normal_volume(A.HOLDOUT_SERIES, data, cfg)
     picks = list(range(A.HELD_OUT[0] - A.HOLDOUT_GAP - 10, A.HELD_OUT[0] - A.HOLDOUT_GAP)) + \
         list(range(A.HELD_OUT[1] + A.HOLDOUT_GAP, A.HELD_OUT[1] + A.HOLDOUT_GAP + 10))
-    canvases = A._all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return A._picked(canvases, cfg.symmetry_weight > 0, picks, vol.spacing[0])
+    return A.series_slices(vol, arr, picks, cfg.symmetry_weight > 0, cfg)
 
 
 def main() -> int:

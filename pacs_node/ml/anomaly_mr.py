@@ -182,11 +182,23 @@ def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
     return canvases[keep], mirrors[keep]
 
 
+def series_slices(vol, arr: np.ndarray, indices, mirrored: bool, cfg: AnomalyConfig,
+                  min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+    """``_picked`` for slices ``indices`` of a series (``arr``: its normalised volume): only those
+    slices are put on the canvas, unless ``mirrored`` (the asymmetry term) needs the whole series."""
+    def planes(which):  # type: ignore[no-untyped-def]
+        return ((arr[i], vol.spacing[1:]) for i in which)
+
+    if mirrored:
+        return _picked(_all_canvases(planes(range(arr.shape[0])), cfg), True, indices, vol.spacing[0], min_fg)
+    indices = list(indices)
+    return _picked(_all_canvases(planes(indices), cfg), False, range(len(indices)), vol.spacing[0], min_fg)
+
+
 def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray]:
     """The held-out UIH sagittal block, every ``step``-th slice, and each slice's mirror."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
-    canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, cfg.symmetry_weight > 0, range(HELD_OUT[0], HELD_OUT[1], step), vol.spacing[0])
+    return series_slices(vol, arr, range(HELD_OUT[0], HELD_OUT[1], step), cfg.symmetry_weight > 0, cfg)
 
 
 def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
@@ -208,8 +220,7 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     lo, hi = HELD_OUT[0], HELD_OUT[1]
     picks = list(range(lo - HOLDOUT_GAP, lo)) + list(range(hi, hi + HOLDOUT_GAP))
-    canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-    return _picked(canvases, cfg.symmetry_weight > 0, picks, vol.spacing[0])
+    return series_slices(vol, arr, picks, cfg.symmetry_weight > 0, cfg)
 
 
 def default_cache(cfg: AnomalyConfig) -> Path:
@@ -852,9 +863,8 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
     used: list[str] = []
     for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
-        canvases = _all_canvases(((arr[i], vol.spacing[1:]) for i in range(arr.shape[0])), cfg)
-        got, their_mirrors = _picked(canvases, has_mirror_slices(vol) and cfg.symmetry_weight > 0,
-                                     range(0, arr.shape[0], step), vol.spacing[0])
+        got, their_mirrors = series_slices(vol, arr, range(0, arr.shape[0], step),
+                                           has_mirror_slices(vol) and cfg.symmetry_weight > 0, cfg)
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
         images += list(got)

@@ -50,10 +50,13 @@ def _blob(shape: tuple[int, int], centre: tuple[int, int], radius: float, elong:
 
 
 def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Generator, count: int = 1,
-                   spec: LesionSpec = LesionSpec()) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
+                   spec: LesionSpec = LesionSpec(), record: list | None = None
+                   ) -> tuple[np.ndarray, np.ndarray, list[Lesion]]:
     """Add ``count`` lesions inside ``foreground`` (eroded by the margin).
 
-    Returns the new image, the truth mask (bool, soft mask > 0.5) and what was drawn.
+    Returns the new image, the truth mask (bool, soft mask > 0.5) and what was drawn. ``record``
+    (a list) receives each lesion's blend, (alpha, target map, target level, texture amplitude,
+    texture), so that a caller can draw the same lesion into neighbouring slices.
     """
     out = image.astype(np.float32, copy=True)
     truth = np.zeros(image.shape, dtype=bool)
@@ -83,9 +86,12 @@ def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
         target = base * factor
         texture = ndimage.gaussian_filter(rng.standard_normal(image.shape).astype(np.float32), 1.0)
         texture /= texture.std() + 1e-6
-        target_map = target * (1.0 + float(rng.uniform(*spec.texture)) * texture)
+        amp = float(rng.uniform(*spec.texture))
+        target_map = target * (1.0 + amp * texture)
         alpha = soft * float(rng.uniform(*spec.opacity))
         out = out * (1.0 - alpha) + target_map * alpha
+        if record is not None:
+            record.append((alpha, target_map, target, amp, texture))
         truth |= soft > 0.5
         drawn.append(Lesion((int(cy), int(cx)), radius, hyper, factor))
     return np.clip(out, 0.0, None), truth, drawn
