@@ -24,7 +24,9 @@ The neighbours' lesions are drawn from the blends ``lesions.insert_lesions`` rec
 in the model card were made with); it belongs in that function once a 2.5D model is served.
 
     python bench/anomaly_25d_probe.py train W.pt [--ctx 1|0] [--indep] [--steps N]   # ~21 min on 2 cores
+    (--ctx 0 --indep: the 2D control trained with corrupt3's per-slice noise over the anomalies)
     python bench/anomaly_25d_probe.py eval W.pt [--rho R] [--keep-noise | --keep-noise-all]
+    (W.safetensors: a model of `pacs-node models train anomaly-mr [--context-mm 2]`, scored on the same cases)
 """
 import sys
 import time
@@ -116,7 +118,8 @@ def training_stacks(cfg):
 def corrupt3(stack, other, rng):
     """synth_anomaly.corrupt on the centre slice, the same region, opacity and kind of content
     applied to all three slices."""
-    image = stack[1]
+    mid = len(stack) // 2
+    image = stack[mid]
     h, w = image.shape
     fg = ndimage.gaussian_filter(image, 1.0) > 0.06
     if fg.mean() < 0.05:
@@ -147,8 +150,8 @@ def corrupt3(stack, other, rng):
         base = float(rng.uniform(0.0, 1.6)) * level
         if INDEP_TRAIN:
             r = float(rng.uniform(0.0, 0.95))
-            content = np.stack([base + amp * (tex if c == 1 else r * tex + np.sqrt(1 - r * r) * S._texture((h, w), rng))
-                                for c in range(3)])
+            content = np.stack([base + amp * (tex if c == mid else r * tex + np.sqrt(1 - r * r) * S._texture((h, w), rng))
+                                for c in range(len(stack))])
         else:
             content = np.broadcast_to(base + amp * tex, stack.shape)
     else:
@@ -164,7 +167,7 @@ def corrupt3(stack, other, rng):
     edge = float(rng.uniform(0.3, 2.0))
     alpha = ndimage.gaussian_filter(region.astype(np.float32), edge) * float(rng.uniform(0.6, 1.0))
     out = np.clip(stack * (1.0 - alpha) + content.astype(np.float32) * alpha, 0.0, 1.5).astype(np.float32)
-    visible = np.abs(ndimage.gaussian_filter(out[1] - image, 1.0)) > 0.06 * max(level, 0.1)
+    visible = np.abs(ndimage.gaussian_filter(out[mid] - image, 1.0)) > 0.06 * max(level, 0.1)
     return out, ((alpha > 0.3) & visible).astype(np.float32)
 
 
@@ -212,7 +215,7 @@ def train(out, steps, ctx):
     for step in range(1, steps + 1):
         idx = torch.multinomial(weights, 12, replacement=True, generator=gen)
         clean = A.random_crops(augment3(data[idx].clone(), gen), 96, gen)
-        if ctx:
+        if ctx or INDEP_TRAIN:  # --ctx 0 --indep: the 2D control with the same per-slice noise
             x, y = corrupt_batch3(clean.numpy(), rng)
         else:
             x, y = S.corrupt_batch(clean[:, 0].numpy(), rng)
@@ -297,9 +300,14 @@ def scores(net, x, cfg):
 
 
 def evaluate(path):
-    state = torch.load(path)
-    k = state["recon.inc.0.weight"].shape[1]
-    net = RD25(k); net.load_state_dict(state); net.eval()
+    if path.endswith(".safetensors"):  # a model made by `pacs-node models train anomaly-mr` (2D or 2.5D)
+        from pacs_node.ml.anomaly import load_model
+        net = load_model(Path(path))[0]
+        k = getattr(net, "planes", 1)
+    else:
+        state = torch.load(path)
+        k = state["recon.inc.0.weight"].shape[1]
+        net = RD25(k); net.load_state_dict(state); net.eval()
     cfg = cfg_serve()
     for split in ("val-studyforrest", "val-uih-gap", "uih-train"):
         stacks = eval_stacks(split, cfg)

@@ -63,11 +63,13 @@ def _warp(x: torch.Tensor, s: float, dx: float, dy: float, inverse: bool = False
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
-def _plain_scores(net: torch.nn.Module, cfg, x: torch.Tensor, mirrors: torch.Tensor | None = None) -> torch.Tensor:
+def _plain_scores(net: torch.nn.Module, cfg, x: torch.Tensor, mirrors: torch.Tensor | None = None,
+                  context: torch.Tensor | None = None) -> torch.Tensor:
     """The served scoring (the pipeline's and the eval command's own code path; ``mirrors``: each
-    slice's other hemisphere, for the asymmetry term of anomaly-mr 0.6.0)."""
+    slice's other hemisphere, for the asymmetry term; ``context``: its neighbour planes, lesions
+    drawn in, for a 2.5D network)."""
     with torch.no_grad():
-        return residual_maps(net, x, cfg, mirrors)[0]
+        return residual_maps(net, x, cfg, mirrors, context)[0]
 
 
 def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> torch.Tensor:
@@ -135,9 +137,9 @@ def _by_height(err: torch.Tensor, case: A.EvalCase, split_at: float = 0.6) -> tu
     return upper, lower, float((h[normal][top] >= split_at).mean())
 
 
-def uih_train_slices(data: Path, cfg) -> tuple[np.ndarray, np.ndarray]:
+def uih_train_slices(data: Path, cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """UIH slices that the served model was trained on, next to the gap slices (45..54, 115..124),
-    and their mirrors (as the eval command's splits)."""
+    their mirrors and neighbour planes (as the eval command's splits)."""
     vol, arr = A.load_normal_volume(A.HOLDOUT_SERIES, data, cfg)
     picks = list(range(A.HELD_OUT[0] - A.HOLDOUT_GAP - 10, A.HELD_OUT[0] - A.HOLDOUT_GAP)) + \
         list(range(A.HELD_OUT[1] + A.HOLDOUT_GAP, A.HELD_OUT[1] + A.HOLDOUT_GAP + 10))
@@ -167,28 +169,32 @@ def main() -> int:
     fuse = [float(w) for w in args.fuse.split(",") if w]
     local_sizes = [int(v) for v in args.local_sizes.split(",") if v]
     net, cfg = load_model(args.model)
+    if cfg.context_mm > 0 and (steps or not args.no_geometric):
+        raise SystemExit("the geometric and test-time-training variants are for 2D networks: with a 2.5D one "
+                         "(context_mm > 0) use --no-geometric --adapt-steps ''")
     data = data_dir()
     print(f"model {args.model.name} ({cfg.arch}); splits {', '.join(splits)}; lesion seeds {seeds}; "
           f"mean AUROC / AUPRC; CPU, {args.threads} threads")
     for split in splits:
-        normal, mirrors = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
+        normal, mirrors, context = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
         kinds: list[tuple[float, float]] = []
         heights: list[tuple[float, float, float]] = []
         cells: dict[str, list[tuple[float, float]]] = {}
         seconds: dict[str, float] = {}
         for seed in seeds:
-            case = A.make_eval_cases(normal, cfg, seed, mirrors=mirrors)
+            case = A.make_eval_cases(normal, cfg, seed, mirrors=mirrors, context=context)
             x = torch.from_numpy(case.images[:, None])
             m = torch.from_numpy(np.ascontiguousarray(mirrors[:, None]))
-            plain = _plain_scores(net, cfg, x, m)
+            c = torch.from_numpy(case.context)
+            plain = _plain_scores(net, cfg, x, m, c)
             cells.setdefault("plain", []).append(_metrics(plain, case))
             kinds.append(_by_kind(plain, case, normal))
             heights.append(_by_height(plain, case))
             if fuse:
-                prob = _plain_scores(net, replace(cfg, baseline_weight=0.0, symmetry_weight=0.0), x)
+                prob = _plain_scores(net, replace(cfg, baseline_weight=0.0, symmetry_weight=0.0), x, None, c)
                 z_abs, z_pos = A.intensity_baseline(x, cfg), _bright_z(x, cfg)
                 for w in fuse:
-                    fused = _plain_scores(net, replace(cfg, baseline_weight=w), x, m)
+                    fused = _plain_scores(net, replace(cfg, baseline_weight=w), x, m, c)
                     cells.setdefault(f"fuse {w:g}", []).append(_metrics(fused, case))
                     cells.setdefault(f"sum {w:g}", []).append(_metrics(prob + w * z_abs, case))
                     cells.setdefault(f"bright {w:g}", []).append(_metrics(prob + w * z_pos, case))

@@ -30,11 +30,13 @@ from pacs_node.ml.anomaly import load_models, residual_maps
 from pacs_node.models_dir import model_path
 
 
-def lesion_rows(net, cfg, normal: np.ndarray, seed: int, mirrors: np.ndarray | None = None) -> list[dict]:
+def lesion_rows(net, cfg, normal: np.ndarray, seed: int, mirrors: np.ndarray | None = None,
+                context: np.ndarray | None = None) -> list[dict]:
     """One row per drawn lesion of ``anomaly_mr.make_eval_cases(normal, cfg, seed)``."""
-    case = A.make_eval_cases(normal, cfg, seed, mirrors=mirrors)
+    case = A.make_eval_cases(normal, cfg, seed, mirrors=mirrors, context=context)
     m = None if mirrors is None else torch.from_numpy(np.ascontiguousarray(mirrors[:, None]))
-    scores = residual_maps(net, torch.from_numpy(case.images[:, None]), cfg, m)[0][:, 0].numpy()
+    c = None if case.context is None else torch.from_numpy(case.context)
+    scores = residual_maps(net, torch.from_numpy(case.images[:, None]), cfg, m, c)[0][:, 0].numpy()
     rows = []
     for index, drawn in enumerate(case.lesions):
         score, truth, region = scores[index], case.truth[index], case.masks[index]
@@ -69,8 +71,8 @@ def main() -> int:
     data = data_dir()
     print(f"model {', '.join(Path(p).name for p in args.model.split(','))}; lesion seeds {args.seeds}; CPU")
     for split in splits:
-        normal, mirrors = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
-        rows = [r for seed in args.seeds.split(",") for r in lesion_rows(net, cfg, normal, int(seed), mirrors)]
+        normal, mirrors, context = uih_train_slices(data, cfg) if split == "uih-train" else A.SPLITS[split][1](data, cfg)
+        rows = [r for seed in args.seeds.split(",") for r in lesion_rows(net, cfg, normal, int(seed), mirrors, context)]
         print(f"\n{split} ({len(normal)} slices, {len(rows)} lesions)")
         print(f"{'kind':6} {'lesions':>7} {'median score':>12} {'normal above':>12} {'missed':>7}   (missed: over half the normal pixels score higher)")
         for hyper in (True, False):

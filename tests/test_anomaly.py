@@ -310,6 +310,35 @@ def test_bright_training_anomalies_brighten_more_often_and_default_is_unchanged(
     assert all(np.array_equal(corrupt(head, other, a)[0], corrupt(head, other, b, bright=None)[0]) for _ in range(20))
 
 
+def test_keep_texture_anomalies_keep_the_slices_fine_structure_and_default_is_unchanged() -> None:
+    """--keep-texture P: fills and smears keep the slice's own fine structure (its noise), so the
+    loss of texture cannot be what marks them; without it, the served recipe's random stream."""
+    from pacs_node.ml.synth_anomaly import corrupt
+
+    yy, xx = np.mgrid[:96, :96]
+    head = (((yy - 48) ** 2 + (xx - 48) ** 2) < 40 ** 2).astype(np.float32) * 0.6
+    head += np.random.default_rng(4).normal(0.0, 0.05, head.shape).astype(np.float32) * (head > 0)
+    other = np.roll(head, 7, axis=0)
+
+    def fine_ratio(keep: float) -> float:
+        """Median over labelled anomalies of (fine structure inside) / (fine structure of the head)."""
+        rng = np.random.default_rng(8)
+        ratios = []
+        for _ in range(120):
+            out, label = corrupt(head, other, rng, keep_texture=keep)
+            inside = ndimage.binary_erosion(label > 0, iterations=2) & (head > 0.3)
+            if inside.sum() >= 20:
+                fine = out - ndimage.gaussian_filter(out, 1.0)
+                ratios.append(float(fine[inside].std()) / 0.05)
+        return float(np.percentile(ratios, 25))
+
+    # a quarter of the anomalies (fills, smears) lose the texture without it; none with it
+    assert fine_ratio(0.0) < 0.5 < fine_ratio(1.0)
+    a, b = np.random.default_rng(9), np.random.default_rng(9)
+    assert all(np.array_equal(corrupt(head, other, a)[0], corrupt(head, other, b, keep_texture=0.0)[0])
+               for _ in range(20))
+
+
 def ndimage_texture(rng: np.random.Generator) -> np.ndarray:
     return ndimage.gaussian_filter(rng.standard_normal((96, 96)), 2.0).astype(np.float32) * 0.05
 

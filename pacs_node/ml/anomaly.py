@@ -101,6 +101,10 @@ class AnomalyConfig:
     #: given, i.e. after the training flips), so that what is normal can depend on where in the
     #: head a pixel lies
     coord_channels: bool = False
+    #: recon-disc, 2.5D: both networks also read the planes ``context_mm`` below and above the
+    #: slice along its normal (``neighbour_planes``: interpolated between the series' slices; at
+    #: the ends of a series the slice itself stands in); 0: the slice alone (2D, up to 0.5.0)
+    context_mm: float = 0.0
     #: recon-disc fusion: the region whose mean and standard deviation the intensity z-score is
     #: taken against, and outside which q is 0: "head" (the eroded head mask, MR) or
     #: "intracranial" (inside a closed ring of skull, ``intracranial_region``: CT on its HU scale)
@@ -268,23 +272,27 @@ class ReconDisc(nn.Module):
 
     Same call signature as the other networks: returns (logits, reconstruction, empty)."""
 
-    def __init__(self, recon_channels: tuple[int, ...], disc_channels: tuple[int, ...], coords: bool = False) -> None:
+    def __init__(self, recon_channels: tuple[int, ...], disc_channels: tuple[int, ...], coords: bool = False,
+                 planes: int = 1) -> None:
         from monai.networks.nets import BasicUNet
 
         super().__init__()
         self.coords = coords
-        self.recon = DenoisingUNet(recon_channels)
+        self.planes = planes  # 3: the slice between its two neighbours (2.5D, ``context_mm``)
+        self.recon = DenoisingUNet(recon_channels, in_channels=planes)
         # instance normalisation: without it the discriminator did not start learning within
         # 1,000 CPU steps (probe AUROC ~0.57); with it, 0.8 after 300
-        self.disc = BasicUNet(spatial_dims=2, in_channels=4 if coords else 2, out_channels=1, features=disc_channels,
-                              norm=("instance", {"affine": True}))
+        self.disc = BasicUNet(spatial_dims=2, in_channels=planes + (3 if coords else 1), out_channels=1,
+                              features=disc_channels, norm=("instance", {"affine": True}))
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x``: (B, 1, H, W) slices, or (B, 3, H, W) slices and their ``head_coordinates``
-        for a network with ``coords``."""
-        image = x[:, :1]
+        """``x``: (B, planes, H, W): the slice, or (2.5D) the plane below, the slice and the plane
+        above; then two channels of ``head_coordinates`` for a network with ``coords``. The
+        reconstruction is the slice's (the middle plane's)."""
+        k = self.planes
+        image = x[:, :k]
         recon = self.recon(image)[0]
-        parts = [image, recon, x[:, 1:3]] if self.coords else [image, recon]
+        parts = [image, recon, x[:, k:k + 2]] if self.coords else [image, recon]
         logits = self.disc(torch.cat(parts, dim=1))
         return logits, recon, x.new_zeros((x.shape[0], 0, 1, 1))
 
@@ -313,10 +321,11 @@ class ReconDiscEnsemble(nn.Module):
 
 def build_network(cfg: AnomalyConfig) -> nn.Module:
     if cfg.arch == "recon-disc":
+        planes = 3 if cfg.context_mm > 0 else 1
         if cfg.members > 1:
-            return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels)
+            return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels, planes)
                                       for _ in range(cfg.members)])
-        return ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels)
+        return ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels, planes)
     if cfg.arch == "dae-unet":
         return DenoisingUNet(cfg.channels)
     if cfg.arch == "inpaint-unet":
@@ -510,20 +519,34 @@ def head_coordinates(images: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def network_input(images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
-    """What a recon-disc network is called with: the slices, and their head coordinates when
-    ``cfg.coord_channels``."""
-    return torch.cat([images, head_coordinates(images)], dim=1) if cfg.coord_channels else images
+def network_input(images: torch.Tensor, cfg: AnomalyConfig, context: torch.Tensor | None = None) -> torch.Tensor:
+    """What a recon-disc network is called with: the slices (B, 1, H, W), between their
+    neighbour planes (``context``, (B, 2, H, W): below, above; the slice itself where None) for
+    a 2.5D network (``cfg.context_mm`` > 0), and their head coordinates when ``cfg.coord_channels``."""
+    x = images
+    if cfg.context_mm > 0:
+        below, above = (images, images) if context is None else (context[:, :1], context[:, 1:2])
+        x = torch.cat([below, images, above], dim=1)
+    return torch.cat([x, head_coordinates(images)], dim=1) if cfg.coord_channels else x
 
 
-def recon_disc_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tuple[torch.Tensor, torch.Tensor]:
+def recon_disc_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
+                    context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """recon-disc: per-pixel anomaly probability and the reconstruction (averaged with those of
-    the mirrored slice if ``cfg.tta_flip``)."""
-    def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, recon, _ = net(network_input(x, cfg), sample=False)
+    the mirrored slice if ``cfg.tta_flip``); ``context``: see ``network_input``."""
+    if context is None or cfg.context_mm <= 0:
+        def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits, recon, _ = net(network_input(x, cfg), sample=False)
+            return torch.sigmoid(logits), recon
+
+        return _mirror_averaged(maps_of, images, cfg.tta_flip)
+
+    def maps_of_stack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, recon, _ = net(network_input(x[:, 1:2], cfg, x[:, [0, 2]]), sample=False)
         return torch.sigmoid(logits), recon
 
-    return _mirror_averaged(maps_of, images, cfg.tta_flip)
+    # the three planes mirrored together
+    return _mirror_averaged(maps_of_stack, torch.cat([context[:, :1], images, context[:, 1:2]], dim=1), cfg.tta_flip)
 
 
 def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
@@ -543,17 +566,19 @@ def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> tor
 
 @torch.no_grad()
 def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
-                  mirrors: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  mirrors: torch.Tensor | None = None,
+                  context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions. recon-disc:
     fused with the intensity outliers and, given each slice's ``mirrors`` (``mirror_slices``),
-    its asymmetry, as the weights' config says.
+    its asymmetry, as the weights' config says; a 2.5D network (``cfg.context_mm``) also reads
+    each slice's neighbour planes ``context`` (B, 2, H, W; ``neighbour_planes``).
 
     For ``prob-inpaint`` the "error" is the standardised residual |x - loc| / scale (in units
     of the scale the model predicted for that pixel), smoothed and masked the same way; the
     reconstruction is the predicted location. The pipeline and the eval both call this.
     """
     if cfg.arch == "recon-disc":
-        prob, recon = recon_disc_maps(net, images, cfg)
+        prob, recon = recon_disc_maps(net, images, cfg, context)
         err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
         return fuse_asymmetry(fuse_intensity_outliers(err, images, cfg), images, mirrors, cfg), recon
     if cfg.arch == "prob-inpaint":
@@ -683,6 +708,38 @@ MIN_MIRROR_OFFSET_MM = 10.0
 MIN_MIRROR_COVERAGE = 0.3
 
 
+def slice_positions(volume) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Each slice's position along the series' normal (mm; ``Volume``: sorted, so increasing
+    unless two slices share a position), for ``neighbour_planes``."""
+    return np.asarray(volume.positions, dtype=np.float64) @ volume.normal
+
+
+def neighbour_planes(canvases: np.ndarray, along: np.ndarray, mm: float) -> np.ndarray:
+    """The planes ``mm`` below and above each slice (N, 2, H, W), for a 2.5D network: ``canvases``
+    (N, H, W) are a series' slices in order, ``along`` (N,) their positions along the slice
+    normal in mm (increasing; gaps may be uneven). Each plane is interpolated linearly between
+    the two slices around it (in a series of thick slices, 5 mm apart say, a blend of the slice
+    and its neighbour); beyond the first or last slice the end slice stands in, so the end
+    slices see themselves on one side (training shows the network such stacks too). Positions
+    that do not increase (one slice, a broken geometry): the slice itself on both sides.
+    """
+    along = np.asarray(along, dtype=np.float64)
+    n = len(canvases)
+    out = np.empty((n, 2) + canvases.shape[1:], dtype=np.float32)
+    idx = np.arange(n, dtype=np.float64)
+    if n < 2 or not np.all(np.diff(along) > 0):
+        out[:] = canvases[:, None]
+        return out
+    for side, sign in ((0, -1.0), (1, 1.0)):
+        # fractional slice index of each target position; clamped to the series
+        f = np.interp(along + sign * mm, along, idx)
+        lo = np.floor(f).astype(int)
+        hi = np.minimum(lo + 1, n - 1)
+        w = (f - lo).astype(np.float32)[:, None, None]
+        out[:, side] = canvases[lo] * (1.0 - w) + canvases[hi] * w
+    return out
+
+
 def mirror_slices(canvases: np.ndarray, slice_mm: float = 1.0) -> np.ndarray:
     """For the consecutive sagittal slices of one series on the model's canvas (n, H, W), each
     slice's view of the other hemisphere, aligned with it: the series sampled at the mirror of
@@ -778,7 +835,7 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
                                "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight",
-                               "coord_channels", "modality", "outlier_region", "seg_threshold")
+                               "coord_channels", "context_mm", "modality", "outlier_region", "seg_threshold")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

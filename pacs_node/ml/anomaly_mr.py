@@ -41,12 +41,14 @@ from .anomaly import (
     load_models,
     has_mirror_slices,
     mirror_slices,
+    neighbour_planes,
     residual_maps,
+    slice_positions,
     save_model,
     smooth,
     to_canvas,
 )
-from .lesions import Lesion, insert_lesions
+from .lesions import Lesion, insert_lesions, lesions_in_neighbour
 from .synth_anomaly import corrupt_batch
 
 log = logging.getLogger(__name__)
@@ -168,40 +170,118 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
     return SliceSet(np.stack(images).astype(np.float32), sources)
 
 
+def _stacks(array: np.ndarray, spacing: tuple[float, float, float], axis: str, centres, cfg: AnomalyConfig,
+            min_fg: float = 0.12) -> list[np.ndarray]:
+    """2.5D training stacks (3, canvas, canvas) along ``axis`` ('a', 'c', 's'; superior up): the
+    plane at each centre and those ``cfg.context_mm`` below and above it (the nearest planes of
+    the volume), kept where the middle plane has enough head."""
+    sz, sy, sx = spacing
+    step = {"a": sz, "c": sy, "s": sx}[axis]
+    k = max(1, round(cfg.context_mm / step))
+    size = array.shape["acs".index(axis)]
+
+    def plane(i: int):  # type: ignore[no-untyped-def]
+        i = min(max(i, 0), size - 1)
+        if axis == "a":
+            return array[i], (sy, sx)
+        if axis == "c":
+            return array[::-1, i, :], (sz, sx)
+        return array[::-1, :, i], (sz, sy)
+
+    out = []
+    for i in centres:
+        middle = _to_canvases([plane(i)], cfg)[0]
+        if _enough_head(middle, min_fg):
+            below, above = _to_canvases([plane(i - k), plane(i + k)], cfg)
+            out.append(np.stack([below, middle, above]))
+    return out
+
+
+def build_training_stacks(data: Path, cfg: AnomalyConfig, step: int = 2) -> SliceSet:
+    """``build_training_slices`` for a 2.5D network: the same slices, each between its neighbours
+    ``cfg.context_mm`` away (UIH: a neighbour inside the held-out block or its gaps is never
+    used: those centres are left out)."""
+    images: list[np.ndarray] = []
+    sources: list[str] = []
+    vol, arr = load_normal_volume("mr/studyforrest-t1", data, cfg)
+    for axis in "acs":
+        got = _stacks(arr, vol.spacing, axis, range(0, arr.shape["acs".index(axis)], step), cfg)
+        images += got
+        sources += ["studyforrest"] * len(got)
+    vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
+    k = max(1, round(cfg.context_mm / vol.spacing[0]))
+    lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
+    keep = [i for i in range(arr.shape[0]) if i + k < lo or i - k >= hi]
+    got = [np.stack(_to_canvases([(arr[min(max(j, 0), arr.shape[0] - 1)], vol.spacing[1:]) for j in (i - k, i, i + k)],
+                                 cfg)) for i in keep]
+    got = [g for g in got if _enough_head(g[1], 0.12)]
+    images += got
+    sources += ["uih"] * len(got)
+    return SliceSet(np.stack(images).astype(np.float32), sources)
+
+
 def _all_canvases(planes, cfg: AnomalyConfig) -> np.ndarray:
     return np.stack(_to_canvases(planes, cfg))
 
 
-def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float,
-            min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """The slices at ``indices`` with enough head, and their mirrors (``mirror_slices`` of the
+#: The evaluation's lesions are 3D (since session 17): each is also drawn into the planes this far
+#: below and above its slice (a 2.5D network's own ``context_mm`` where it has one), which a
+#: 2.5D network reads and a 2D one does not; the scored slices and their lesions are the same
+#: as with 2D lesions.
+EVAL_CONTEXT_MM = 2.0
+
+
+def eval_context_mm(cfg: AnomalyConfig) -> float:
+    return cfg.context_mm if cfg.context_mm > 0 else EVAL_CONTEXT_MM
+
+
+def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float, min_fg: float = 0.2,
+            along: np.ndarray | None = None, context_mm: float = EVAL_CONTEXT_MM
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The slices at ``indices`` with enough head, their mirrors (``mirror_slices`` of the
     whole lesion-free series, ``slice_mm`` apart: a unilateral lesion; all NaN, no asymmetry
-    term, unless ``sagittal``: a sagittal series scored with the term)."""
+    term, unless ``sagittal``: a sagittal series scored with the term) and their neighbour
+    planes ``context_mm`` away (``neighbour_planes``; ``along``: the slices' positions, default
+    ``slice_mm`` apart)."""
     mirrors = mirror_slices(canvases, slice_mm) if sagittal else np.full(canvases.shape, np.nan, np.float32)
     keep = [i for i in indices if _enough_head(canvases[i], min_fg)]
-    return canvases[keep], mirrors[keep]
+    along = np.arange(len(canvases)) * slice_mm if along is None else along
+    context = neighbour_planes(canvases, along, context_mm)
+    return canvases[keep], mirrors[keep], context[keep]
 
 
 def series_slices(vol, arr: np.ndarray, indices, mirrored: bool, cfg: AnomalyConfig,
-                  min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
+                  min_fg: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``_picked`` for slices ``indices`` of a series (``arr``: its normalised volume): only those
-    slices are put on the canvas, unless ``mirrored`` (the asymmetry term) needs the whole series."""
+    slices and the ones their neighbour planes need are put on the canvas, unless ``mirrored``
+    (the asymmetry term) needs the whole series."""
     def planes(which):  # type: ignore[no-untyped-def]
         return ((arr[i], vol.spacing[1:]) for i in which)
 
+    mm = eval_context_mm(cfg)
+    along = slice_positions(vol) if len(vol.positions) == arr.shape[0] else np.arange(arr.shape[0]) * vol.spacing[0]
     if mirrored:
-        return _picked(_all_canvases(planes(range(arr.shape[0])), cfg), True, indices, vol.spacing[0], min_fg)
+        return _picked(_all_canvases(planes(range(arr.shape[0])), cfg), True, indices, vol.spacing[0], min_fg,
+                       along, mm)
     indices = list(indices)
-    return _picked(_all_canvases(planes(indices), cfg), False, range(len(indices)), vol.spacing[0], min_fg)
+    if not indices:
+        empty = np.zeros((0, cfg.canvas, cfg.canvas), np.float32)
+        return empty, empty, np.zeros((0, 2, cfg.canvas, cfg.canvas), np.float32)
+    gaps = np.diff(along)
+    reach = int(math.ceil(mm / max(float(gaps[gaps > 0].min()) if (gaps > 0).any() else mm, 1e-3))) + 1
+    lo, hi = max(0, min(indices) - reach), min(arr.shape[0], max(indices) + reach + 1)
+    return _picked(_all_canvases(planes(range(lo, hi)), cfg), False, [i - lo for i in indices], vol.spacing[0],
+                   min_fg, along[lo:hi], mm)
 
 
-def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """The held-out UIH sagittal block, every ``step``-th slice, and each slice's mirror."""
+def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The held-out UIH sagittal block, every ``step``-th slice, each slice's mirror and its
+    neighbour planes."""
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     return series_slices(vol, arr, range(HELD_OUT[0], HELD_OUT[1], step), cfg.symmetry_weight > 0, cfg)
 
 
-def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray]:
+def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model-selection slices: studyforrest sagittal planes at odd indices (training used the
     even ones), the central ``count`` of those with enough head, and their mirrors.
     Training-domain anatomy: for choosing settings only, never reported as the result."""
@@ -210,10 +290,11 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[
     canvases = _all_canvases(((arr[::-1, :, i], (sz, sy)) for i in range(arr.shape[2])), cfg)
     odd = [i for i in range(1, arr.shape[2], 2) if _enough_head(canvases[i], 0.2)]
     mid = len(odd) // 2
-    return _picked(canvases, cfg.symmetry_weight > 0, odd[max(0, mid - count // 2): mid + count // 2], sx)
+    return _picked(canvases, cfg.symmetry_weight > 0, odd[max(0, mid - count // 2): mid + count // 2], sx,
+                   context_mm=eval_context_mm(cfg))
 
 
-def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
+def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Model-selection slices from the held-out scanner: the UIH gap slices on each side of the
     held-out block (used neither for training nor for the reported evaluation; adjacent to the
     held-out block, so not independent of it), and their mirrors."""
@@ -225,7 +306,8 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def default_cache(cfg: AnomalyConfig) -> Path:
     """The training-slice cache for ``cfg``'s intensity scaling (the slices differ by it)."""
-    return DEFAULT_CACHE.with_name(f"{DEFAULT_CACHE.stem}-{cfg.intensity_ref}-max{cfg.intensity_max:g}"
+    context = f"-context{cfg.context_mm:g}mm" if cfg.context_mm > 0 else ""
+    return DEFAULT_CACHE.with_name(f"{DEFAULT_CACHE.stem}-{cfg.intensity_ref}-max{cfg.intensity_max:g}{context}"
                                    f"{DEFAULT_CACHE.suffix}")
 
 
@@ -235,7 +317,7 @@ def cached_training_slices(data: Path, cfg: AnomalyConfig, cache: Path, build=No
     if cache.exists():
         npz = np.load(cache, allow_pickle=False)
         return SliceSet(npz["images"].astype(np.float32), [str(s) for s in npz["sources"]])
-    sset = (build or build_training_slices)(data, cfg)
+    sset = (build or (build_training_stacks if cfg.context_mm > 0 else build_training_slices))(data, cfg)
     cache.parent.mkdir(parents=True, exist_ok=True)
     np.savez(cache, images=sset.images.astype(np.float16), sources=np.array(sset.sources))
     return sset
@@ -312,7 +394,9 @@ def augment(batch: torch.Tensor, gen: torch.Generator, degrade: bool = True, cur
     blur = torch.rand(b, generator=gen) < 0.25
     if blur.any():
         k = torch.tensor([0.25, 0.5, 0.25])
-        xb = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"), (k[:, None] * k[None, :]).view(1, 1, 3, 3))
+        c = x.shape[1]  # planes of a 2.5D stack blurred alike, each on its own
+        xb = F.conv2d(F.pad(x[blur], (1, 1, 1, 1), mode="replicate"),
+                      (k[:, None] * k[None, :]).view(1, 1, 3, 3).repeat(c, 1, 1, 1), groups=c)
         x[blur] = xb
     x = x + torch.randn(x.shape, generator=gen) * u(0.0, 0.04).view(b, 1, 1, 1)
     return x.clamp(0.0, 1.5)
@@ -398,7 +482,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
           acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0,
-          bright: float | None = None) -> torch.nn.Module:
+          bright: float | None = None, keep_texture: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -410,7 +494,10 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         net.load_state_dict(start_from, strict=False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
-    data = torch.from_numpy(images[:, None])
+    stacks = images.ndim == 4  # 2.5D: (N, 3, H, W), the slice between its neighbours
+    if stacks and cfg.arch != "recon-disc":
+        raise ValueError("2.5D training stacks are for --arch recon-disc only")
+    data = torch.from_numpy(images if stacks else images[:, None])
     np_rng = np.random.default_rng(seed)  # recon-disc training anomalies
     start = time.time()
     net.train()
@@ -421,14 +508,22 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
             idx = torch.multinomial(torch.as_tensor(sample_weights, dtype=torch.float64), batch, replacement=True,
                                     generator=gen)
         clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves, elastic=elastic)
+        if stacks:
+            # a tenth of the stacks see the slice itself as both neighbours: what a series' end
+            # slices get (``neighbour_planes``)
+            alone = torch.rand(clean.shape[0], generator=gen) < 0.1
+            clean[alone] = clean[alone][:, 1:2].expand(-1, 3, -1, -1)
         # head coordinates from the whole canvas, cropped with it
         position = head_coordinates(clean) if cfg.arch == "recon-disc" and cfg.coord_channels else None
         if crop:
             both = random_crops(clean if position is None else torch.cat([clean, position], dim=1), crop, gen)
             clean, position = (both, None) if position is None else (both[:, :1], both[:, 1:])
         if cfg.arch == "recon-disc":
-            corrupted, labels = corrupt_batch(clean[:, 0].numpy(), np_rng, bright=bright)
-            x, y = torch.from_numpy(corrupted)[:, None], torch.from_numpy(labels)[:, None]
+            corrupted, labels = corrupt_batch((clean if stacks else clean[:, 0]).numpy(), np_rng, bright=bright,
+                                              keep_texture=keep_texture)
+            x, y = torch.from_numpy(corrupted if stacks else corrupted[:, None]), torch.from_numpy(labels)[:, None]
+            if stacks:
+                clean = clean[:, 1:2]  # the reconstruction target: the middle plane
             if acquisition_aug:
                 x, clean = acquisition([x, clean], gen)
             logits, recon, _ = net(x if position is None else torch.cat([x, position], dim=1))
@@ -574,6 +669,12 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--bright-anomalies", type=float, default=None,
                    help="recon-disc: probability that a training intensity-shift anomaly brightens its region "
                         "(and fills reach 2.2x the head's median level); default: the served recipe's mix")
+    p.add_argument("--context-mm", type=float, default=0.0,
+                   help="recon-disc, 2.5D: the networks also read the planes this far (mm) below and above each "
+                        "slice (0: the slice alone, 2D)")
+    p.add_argument("--keep-texture", type=float, default=0.0,
+                   help="recon-disc: probability that a training fill / smear anomaly keeps the slice's own fine "
+                        "structure and noise (0: the served recipe, whose fills are smooth)")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
@@ -610,6 +711,7 @@ def train_main(argv: list[str]) -> int:
                               "target_sigma", "channels", "disc_channels", "balance_sources",
                               "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                               "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
+                              "keep_texture", "context_mm",
                               "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight"})
     args = p.parse_args(argv)
     if args.combine_members:
@@ -654,6 +756,11 @@ def train_main(argv: list[str]) -> int:
     if args.coord_channels and args.arch != "recon-disc":
         p.error("--coord-channels applies to --arch recon-disc only")
     cfg.coord_channels = bool(args.coord_channels)
+    if args.context_mm < 0 or (args.context_mm > 0 and (args.arch != "recon-disc" or args.coord_channels
+                                                        or args.acquisition or args.match_contrast)):
+        p.error("--context-mm must be >= 0, and > 0 only with --arch recon-disc, without --coord-channels, "
+                "--acquisition and --match-contrast")
+    cfg.context_mm = float(args.context_mm)
     if args.data is None:
         from ..datasets import data_dir
 
@@ -664,7 +771,7 @@ def train_main(argv: list[str]) -> int:
         extra = contrast_matched(sset, "studyforrest", "uih")
         sset = SliceSet(np.concatenate([sset.images, extra]), sset.sources + ["studyforrest-as-uih"] * len(extra))
     images = sset.images[: args.limit] if args.limit else sset.images
-    print(f"{len(images)} training slices ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
+    print(f"{len(images)} training {'stacks' if images.ndim == 4 else 'slices'} ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)
     weights = None
     if args.uih_share is not None:
@@ -684,7 +791,8 @@ def train_main(argv: list[str]) -> int:
                           max_minutes=args.max_minutes, checkpoint=args.out.with_suffix(".partial.safetensors"),
                           log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
                           sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
-                          elastic=args.elastic, bright=args.bright_anomalies))
+                          elastic=args.elastic, bright=args.bright_anomalies,
+                          keep_texture=args.keep_texture))
     net = nets[0] if len(nets) == 1 else ReconDiscEnsemble(nets).eval()
     cfg.members = len(nets)
     train_minutes = (time.time() - started) / 60
@@ -696,6 +804,7 @@ def train_main(argv: list[str]) -> int:
                  "balance_sources": args.balance_sources, "uih_share": args.uih_share, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
+                 "keep_texture": args.keep_texture,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max,
@@ -771,26 +880,37 @@ class EvalCase:
     lesions: list[list[Lesion]] = field(default_factory=list)
     #: each slice's lesion-free view of the other hemisphere (``mirror_slices``), or None
     mirrors: np.ndarray | None = None
+    #: each slice's neighbour planes (N, 2, H, W; ``neighbour_planes``) with the slice's lesions
+    #: drawn into them too (3D lesions), or None (2D lesions: anomaly-ct)
+    context: np.ndarray | None = None
 
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
                     fractions: list[float] | None = None, regions: np.ndarray | None = None,
-                    mirrors: np.ndarray | None = None) -> EvalCase:
+                    mirrors: np.ndarray | None = None, context: np.ndarray | None = None) -> EvalCase:
     """1-3 synthetic lesions in each slice, inside its region, which is also what is scored:
     ``regions`` where given (anomaly-ct: inside the skull), else ``brain_region`` (upper
-    ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given)."""
+    ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given). Given the
+    slices' neighbour planes ``context``, each lesion is drawn into them too
+    (``lesions_in_neighbour``: same extent and level, a texture correlated with the slice's),
+    from a second random stream, so the slices and their lesions are the same either way."""
     rng = np.random.default_rng(seed)
+    neighbour_rng = np.random.default_rng(seed + 1000)
+    context = None if context is None else np.array(context, dtype=np.float32, copy=True)
     if regions is None:
         masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
         fractions = fractions if fractions is not None else [0.55] * len(normal)
         regions = np.stack([brain_region(m, fraction) for m, fraction in zip(masks, fractions)])
     imgs, truths, lesions = [], [], []
-    for img, region in zip(normal, regions):
-        out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)))
+    for n, (img, region) in enumerate(zip(normal, regions)):
+        blends: list | None = [] if context is not None else None
+        out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)
+        if context is not None:
+            context[n] = lesions_in_neighbour(context[n], blends or [], neighbour_rng)
         imgs.append(out)
         truths.append(truth)
         lesions.append(drawn)
-    return EvalCase(np.stack(imgs), np.stack(truths), np.asarray(regions), lesions, mirrors)
+    return EvalCase(np.stack(imgs), np.stack(truths), np.asarray(regions), lesions, mirrors, context)
 
 
 def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
@@ -807,7 +927,8 @@ def brain_region(foreground: np.ndarray, fraction: float = 0.55) -> np.ndarray:
 def evaluate(net: torch.nn.Module, cfg: AnomalyConfig, case: EvalCase) -> dict:
     x = torch.from_numpy(case.images[:, None])
     mirrors = None if case.mirrors is None else torch.from_numpy(np.ascontiguousarray(case.mirrors[:, None]))
-    err, recon = residual_maps(net, x, cfg, mirrors)
+    context = None if case.context is None else torch.from_numpy(np.ascontiguousarray(case.context))
+    err, recon = residual_maps(net, x, cfg, mirrors, context)
     base = intensity_baseline(x, cfg)
     # Score only inside the brain regions of the lesion-free slices (identical for both).
     m = case.masks
@@ -849,7 +970,8 @@ def plot_panel(case: EvalCase, maps: tuple[np.ndarray, np.ndarray, np.ndarray], 
     plt.close(fig)
 
 
-def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray, str, list[float]]:
+def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str, list[float]]:
     """Evaluation slices from any folder of DICOM MR series (other scanners, contrasts, planes):
     every ``step``-th slice of each series in its acquisition plane, as the node serves it, kept
     where the head fills a fifth of the canvas. Returns the slices, their mirrors
@@ -859,23 +981,25 @@ def external_slices(root: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.n
 
     images: list[np.ndarray] = []
     mirrors: list[np.ndarray] = []
+    context: list[np.ndarray] = []
     fractions: list[float] = []
     used: list[str] = []
     for uid, vol in series_volumes(root, "MR", "external evaluation"):
         arr = normalise_volume(vol.array, cfg)
-        got, their_mirrors = series_slices(vol, arr, range(0, arr.shape[0], step),
-                                           has_mirror_slices(vol) and cfg.symmetry_weight > 0, cfg)
+        got, their_mirrors, their_context = series_slices(vol, arr, range(0, arr.shape[0], step),
+                                                          has_mirror_slices(vol) and cfg.symmetry_weight > 0, cfg)
         plane = ("sagittal", "coronal", "axial")[int(np.argmax(np.abs(vol.normal)))]
         log.info("external evaluation: %s series %s: %d of %d slices used", plane, uid, len(got), arr.shape[0])
         images += list(got)
         mirrors += list(their_mirrors)
+        context += list(their_context)
         fractions += [1.0 if plane == "axial" else 0.55] * len(got)
         used.append(f"{plane}, {len(got)} of {arr.shape[0]} slices")
     if not images:
         raise SystemExit(f"{root}: no MR slices with enough head to evaluate (expected the shared data folder "
                          f"holding {HOLDOUT_SERIES}/, or a folder of DICOM MR series)")
     what = f"{len(used)} MR series under {root.name or root} ({'; '.join(used)}, every {step}. slice)"
-    return np.stack(images), np.stack(mirrors), what, fractions
+    return np.stack(images), np.stack(mirrors), np.stack(context), what, fractions
 
 
 SPLITS = {
@@ -911,14 +1035,14 @@ def eval_main(argv: list[str]) -> int:
     if split == "external":
         if not args.data.exists():
             p.error(f"--data {args.data}: no such file or folder")
-        normal, mirrors, what, fractions = external_slices(args.data, cfg)
+        normal, mirrors, context, what, fractions = external_slices(args.data, cfg)
     else:
         if not shared:
             p.error(f"--split {split} needs the shared data folder (holding {HOLDOUT_SERIES}/); "
                     f"{args.data} is not one (use --split external for any folder of MR series)")
         what, pick = SPLITS[split]
-        (normal, mirrors), fractions = pick(args.data, cfg), None
-    case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions, mirrors=mirrors)
+        (normal, mirrors, context), fractions = pick(args.data, cfg), None
+    case = make_eval_cases(normal, cfg, seed=args.seed, fractions=fractions, mirrors=mirrors, context=context)
     res = evaluate(net, cfg, case)
     res["data"] = f"{what}, synthetic lesions seed {args.seed}"
     res["symmetry_weight"] = cfg.symmetry_weight

@@ -95,3 +95,25 @@ def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
         truth |= soft > 0.5
         drawn.append(Lesion((int(cy), int(cx)), radius, hyper, factor))
     return np.clip(out, 0.0, None), truth, drawn
+
+
+#: correlation of a lesion's texture between its slice and a plane one canvas pixel (2 mm)
+#: away: that of white noise smoothed in 3D with the slice texture's own sigma (1 px),
+#: exp(-1 / 4)
+NEIGHBOUR_TEXTURE_CORR = 0.78
+
+
+def lesions_in_neighbour(planes: np.ndarray, blends: list, rng: np.random.Generator,
+                         rho: float = NEIGHBOUR_TEXTURE_CORR) -> np.ndarray:
+    """The lesions ``insert_lesions`` drew into a slice (its ``record``), drawn into the slice's
+    neighbour planes ``planes`` (C, H, W) too: a 3D lesion reaching the planes next to its
+    slice, with the same extent, opacity and level, and a texture correlated ``rho`` with the
+    slice's own."""
+    out = np.array(planes, dtype=np.float32, copy=True)
+    for alpha, _target_map, target, amp, texture in blends:
+        for c in range(len(out)):
+            fresh = ndimage.gaussian_filter(rng.standard_normal(texture.shape).astype(np.float32), 1.0)
+            fresh /= fresh.std() + 1e-6
+            tex = rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
+            out[c] = out[c] * (1.0 - alpha) + target * (1.0 + amp * tex) * alpha
+    return np.clip(out, 0.0, None)

@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from ..errors import PacsNodeError, UnsupportedInput
-from ..ml.anomaly import AnomalyConfig, from_canvas, load_model, has_mirror_slices, mirror_slices, residual_maps, to_canvas, to_score
+from ..ml.anomaly import (AnomalyConfig, from_canvas, has_mirror_slices, load_model, mirror_slices, neighbour_planes,
+                          residual_maps, slice_positions, to_canvas, to_score)
 from ..models_dir import model_path
 from ..volume import Volume
 from .base import Output, Pipeline, Requirements, ScoreMap, device
@@ -35,9 +36,10 @@ class AnomalyPipeline(Pipeline):
     """Shared by the modalities: load the weights once, score slice by slice on the model canvas.
 
     Each slice is resampled to the model's pixel size (2 mm) on a 128 x 128 canvas (256 mm), so
-    anatomy beyond 256 mm from the slice centre gets score 0. Scores are 2D per slice (the
-    network has never seen the slice's neighbours); the asymmetry term (weights with
-    ``symmetry_weight`` > 0, none served) compares a sagittal slice with its mirror in the series.
+    anatomy beyond 256 mm from the slice centre gets score 0. A 2D network (``context_mm`` 0)
+    reads each slice alone; a 2.5D one also the planes ``context_mm`` below and above it,
+    interpolated between the series' slices (``neighbour_planes``). The asymmetry term (weights
+    with ``symmetry_weight`` > 0, none served) compares a sagittal slice with its mirror in the series.
     """
 
     model_name: ClassVar[str]
@@ -61,12 +63,15 @@ class AnomalyPipeline(Pipeline):
         # the other hemisphere of each slice (weights with symmetry_weight > 0): from the series, once
         mirrors = mirror_slices(canvases, volume.spacing[0]) \
             if cfg.symmetry_weight > 0 and has_mirror_slices(volume) else None
+        # a 2.5D network also reads the planes cfg.context_mm below and above each slice
+        context = neighbour_planes(canvases, slice_positions(volume), cfg.context_mm) if cfg.context_mm > 0 else None
         for start in range(0, volume.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             x = torch.from_numpy(canvases[batch][:, None]).to(self.device)
             m = None if mirrors is None else torch.from_numpy(np.ascontiguousarray(mirrors[batch][:, None])).to(self.device)
+            c = None if context is None else torch.from_numpy(context[batch]).to(self.device)
             with torch.inference_mode():
-                err, _ = residual_maps(self.net, x, cfg, m)
+                err, _ = residual_maps(self.net, x, cfg, m, c)
             score = to_score(err[:, 0].float().cpu(), cfg)
             for i, (_, grid) in enumerate(placed[batch]):
                 out[start + i] = from_canvas(score[i], grid)
