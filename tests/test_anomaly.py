@@ -106,17 +106,20 @@ def test_smoke_training_writes_loadable_weights(tmp_path: Path) -> None:
 
 def test_the_committed_train_config_runs_as_a_smoke_run(tmp_path: Path) -> None:
     """models/anomaly-mr/train.toml parses, and its settings (flags override steps and batch) train."""
+    import tomllib
+
     config = Path(__file__).resolve().parents[1] / "models/anomaly-mr/train.toml"
+    settings = tomllib.loads(config.read_text())
     rng = np.random.default_rng(2)
     cache = tmp_path / "slices.npz"
-    np.savez(cache, images=(rng.random((4, 128, 128)) * 0.7).astype(np.float16), sources=np.array(["synthetic"] * 4))
+    planes = (3,) if settings.get("context_mm", 0) > 0 else ()  # 2.5D: stacks of three planes
+    np.savez(cache, images=(rng.random((4, *planes, 128, 128)) * 0.7).astype(np.float16),
+             sources=np.array(["synthetic"] * 4))
     out = tmp_path / "model.safetensors"
     assert train_main(["--config", str(config), "--data", str(tmp_path), "--cache", str(cache), "--steps", "3",
                        "--batch", "2", "--calibrate-slices", "2", "--out", str(out)]) == 0
     _, cfg = load_model(out)
-    import tomllib
-
-    settings = tomllib.loads(config.read_text())
+    assert cfg.context_mm == settings.get("context_mm", 0.0)
     assert cfg.arch == settings["arch"] and list(cfg.channels) == settings["channels"]
     assert list(cfg.disc_channels) == settings["disc_channels"] and cfg.tta_flip == settings["tta_flip"]
     assert cfg.smooth_sigma == settings["smooth_sigma"]

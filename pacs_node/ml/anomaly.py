@@ -11,7 +11,9 @@ of a slice whose discrepancy with the slice marks what the model could not expla
   reconstructive U-Net learns to turn a slice with self-made anomalies
   (``pacs_node.ml.synth_anomaly``, never the evaluation lesions) back into the normal slice; a
   discriminative U-Net reads the slice and that reconstruction and learns where they differ
-  because of an anomaly. The score is that learned discrepancy, a probability, smoothed;
+  because of an anomaly. The score is that learned discrepancy, a probability, smoothed. With
+  ``context_mm`` > 0 (anomaly-mr since 0.6.0) both networks also read the planes that far below
+  and above the slice (``neighbour_planes``): 2.5D;
 - ``vae``: convolutional VAE with a spatial latent (16 x 16 at a 128 canvas), no skips;
 - ``dae-unet``: a U-Net trained to remove coarse, low-frequency noise (Kascenas et al., MIDL
   2022), which "heals" smooth perturbations;

@@ -770,6 +770,10 @@ def train_main(argv: list[str]) -> int:
     if args.match_contrast:
         extra = contrast_matched(sset, "studyforrest", "uih")
         sset = SliceSet(np.concatenate([sset.images, extra]), sset.sources + ["studyforrest-as-uih"] * len(extra))
+    if (sset.images.ndim == 4) != (cfg.context_mm > 0):
+        p.error(f"{args.cache or default_cache(cfg)} holds {'2.5D stacks' if sset.images.ndim == 4 else '2D slices'} "
+                f"but --context-mm is {cfg.context_mm:g}: use another --cache (or none: one per setting is made "
+                f"beside {DEFAULT_CACHE})")
     images = sset.images[: args.limit] if args.limit else sset.images
     print(f"{len(images)} training {'stacks' if images.ndim == 4 else 'slices'} ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
           flush=True)

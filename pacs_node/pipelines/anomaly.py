@@ -2,7 +2,8 @@
 
 For the served ``recon-disc`` model (DRAEM) the score is the discriminative network's
 probability that a pixel differs from the model's normal-looking reconstruction because of an
-anomaly, smoothed, and (``baseline_weight`` > 0, anomaly-mr 0.5.0) fused with the slice's
+anomaly (anomaly-mr 0.6.0: read from the slice and the planes 2 mm either side of it), smoothed,
+and (``baseline_weight`` > 0, anomaly-mr since 0.5.0) fused with the slice's
 intensity-outlier map as a noisy-OR, and (``symmetry_weight`` > 0 in the weights' config: a
 probe, not served) with its difference from the other hemisphere (``mirror_slices``, computed
 once per sagittal series); for ``prob-inpaint`` the standardised inpainting residual
@@ -110,7 +111,7 @@ def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.5.0"
+    version = "0.6.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
