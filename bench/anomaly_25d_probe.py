@@ -20,6 +20,7 @@ trained its own 2D and 2.5D networks (`train W.pt [--ctx 1|0] [--indep]`; commit
 2.5D network is now the library's (``AnomalyConfig.context_mm``), trained by the train command.
 """
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -32,8 +33,6 @@ from common import ROOT  # noqa: F401,E402
 from pacs_node.datasets import data_dir  # noqa: E402
 from pacs_node.ml import anomaly_mr as A  # noqa: E402
 from pacs_node.ml import lesions as L  # noqa: E402
-from dataclasses import replace  # noqa: E402
-
 from pacs_node.ml.anomaly import load_model, residual_maps  # noqa: E402
 
 RHO = float(sys.argv[sys.argv.index("--rho") + 1]) if "--rho" in sys.argv else L.NEIGHBOUR_TEXTURE_CORR
@@ -48,26 +47,26 @@ def fine(x: np.ndarray) -> np.ndarray:
 def cases(normal: np.ndarray, context: np.ndarray, cfg, seed: int):
     """The eval command's cases (``make_eval_cases``), their neighbour planes' lesions drawn the
     way the flags say."""
-    rng = np.random.default_rng(seed)
-    neighbour_rng = np.random.default_rng(seed + 1000)
-    case = A.make_eval_cases(normal, cfg, seed)  # the slices, lesions, truth and regions
-    images, ctx = case.images.copy(), context.copy()
-    for n, (img, region) in enumerate(zip(normal, case.masks)):
-        blends: list = []
-        L.insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)  # the same draws again
-        planes = context[n]
-        drawn = L.lesions_in_neighbour(planes, blends, neighbour_rng, rho=RHO)
+    blends_of: list[list] = []  # each slice's lesion blends, in slice order
+
+    def draw(planes: np.ndarray, blends: list, rng: np.random.Generator) -> np.ndarray:
+        blends_of.append(blends)
+        drawn = L.lesions_in_neighbour(planes, blends, rng, rho=RHO)
         if KEEP_NOISE:  # the neighbours keep their fine structure through the lesion
             for alpha, *_ in blends:
                 drawn = drawn + alpha * np.stack([fine(p) for p in planes])
-        ctx[n] = np.clip(drawn, 0, None)
-        if KEEP_NOISE_ALL:  # the scored slice too
+        return np.clip(drawn, 0, None)
+
+    case = A.make_eval_cases(normal, cfg, seed, context=context, draw_in_neighbours=draw)
+    images = case.images
+    if KEEP_NOISE_ALL:  # the scored slice too keeps its fine structure through the lesion
+        images = images.copy()
+        for n, (img, blends) in enumerate(zip(normal, blends_of)):
             out = img.astype(np.float32, copy=True)
             for alpha, target, *_ in blends:
                 out = out * (1 - alpha) + (target + fine(img)) * alpha
             images[n] = np.clip(out, 0, None)
-    assert np.array_equal(images, case.images) or KEEP_NOISE_ALL
-    return images, ctx, case.truth, case.masks
+    return images, case.context, case.truth, case.masks
 
 
 def evaluate(path: str) -> None:

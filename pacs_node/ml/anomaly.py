@@ -536,19 +536,13 @@ def recon_disc_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
                     context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """recon-disc: per-pixel anomaly probability and the reconstruction (averaged with those of
     the mirrored slice if ``cfg.tta_flip``); ``context``: see ``network_input``."""
-    if context is None or cfg.context_mm <= 0:
-        def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            logits, recon, _ = net(network_input(x, cfg), sample=False)
-            return torch.sigmoid(logits), recon
-
-        return _mirror_averaged(maps_of, images, cfg.tta_flip)
-
-    def maps_of_stack(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits, recon, _ = net(network_input(x[:, 1:2], cfg, x[:, [0, 2]]), sample=False)
+    def maps_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # x: the slices, then their neighbours
+        logits, recon, _ = net(network_input(x[:, :1], cfg, x[:, 1:] if x.shape[1] > 1 else None), sample=False)
         return torch.sigmoid(logits), recon
 
-    # the three planes mirrored together
-    return _mirror_averaged(maps_of_stack, torch.cat([context[:, :1], images, context[:, 1:2]], dim=1), cfg.tta_flip)
+    # the planes of a 2.5D stack are mirrored together
+    x = images if context is None or cfg.context_mm <= 0 else torch.cat([images, context], dim=1)
+    return _mirror_averaged(maps_of, x, cfg.tta_flip)
 
 
 def reconstruct(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -121,18 +120,24 @@ class SliceSet:
     sources: list[str]
 
 
+def _plane(array: np.ndarray, spacing: tuple[float, float, float], axis: str, i: int):
+    """Plane ``i`` along ``axis`` ('a', 'c', 's'; clamped to the volume) and its (row mm, col mm);
+    superior up for coronal/sagittal."""
+    sz, sy, sx = spacing
+    i = min(max(i, 0), array.shape["acs".index(axis)] - 1)
+    if axis == "a":
+        return array[i], (sy, sx)
+    if axis == "c":
+        return array[::-1, i, :], (sz, sx)
+    return array[::-1, :, i], (sz, sy)
+
+
 def _planes(array: np.ndarray, spacing: tuple[float, float, float], axes: str, step: int):
     """Yield (plane, (row mm, col mm)) along the requested axes; superior up for coronal/sagittal."""
-    sz, sy, sx = spacing
-    if "a" in axes:
-        for i in range(0, array.shape[0], step):
-            yield array[i], (sy, sx)
-    if "c" in axes:
-        for i in range(0, array.shape[1], step):
-            yield array[::-1, i, :], (sz, sx)
-    if "s" in axes:
-        for i in range(0, array.shape[2], step):
-            yield array[::-1, :, i], (sz, sy)
+    for axis in "acs":
+        if axis in axes:
+            for i in range(0, array.shape["acs".index(axis)], step):
+                yield _plane(array, spacing, axis, i)
 
 
 def _enough_head(canvas: np.ndarray, min_fg: float) -> bool:
@@ -175,24 +180,12 @@ def _stacks(array: np.ndarray, spacing: tuple[float, float, float], axis: str, c
     """2.5D training stacks (3, canvas, canvas) along ``axis`` ('a', 'c', 's'; superior up): the
     plane at each centre and those ``cfg.context_mm`` below and above it (the nearest planes of
     the volume), kept where the middle plane has enough head."""
-    sz, sy, sx = spacing
-    step = {"a": sz, "c": sy, "s": sx}[axis]
-    k = max(1, round(cfg.context_mm / step))
-    size = array.shape["acs".index(axis)]
-
-    def plane(i: int):  # type: ignore[no-untyped-def]
-        i = min(max(i, 0), size - 1)
-        if axis == "a":
-            return array[i], (sy, sx)
-        if axis == "c":
-            return array[::-1, i, :], (sz, sx)
-        return array[::-1, :, i], (sz, sy)
-
+    k = max(1, round(cfg.context_mm / spacing["acs".index(axis)]))
     out = []
     for i in centres:
-        middle = _to_canvases([plane(i)], cfg)[0]
+        middle = _to_canvases([_plane(array, spacing, axis, i)], cfg)[0]
         if _enough_head(middle, min_fg):
-            below, above = _to_canvases([plane(i - k), plane(i + k)], cfg)
+            below, above = _to_canvases([_plane(array, spacing, axis, i - k), _plane(array, spacing, axis, i + k)], cfg)
             out.append(np.stack([below, middle, above]))
     return out
 
@@ -211,10 +204,8 @@ def build_training_stacks(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
     k = max(1, round(cfg.context_mm / vol.spacing[0]))
     lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
-    keep = [i for i in range(arr.shape[0]) if i + k < lo or i - k >= hi]
-    got = [np.stack(_to_canvases([(arr[min(max(j, 0), arr.shape[0] - 1)], vol.spacing[1:]) for j in (i - k, i, i + k)],
-                                 cfg)) for i in keep]
-    got = [g for g in got if _enough_head(g[1], 0.12)]
+    # the series' own slices are its first axis: 'a' takes them as they are
+    got = _stacks(arr, vol.spacing, "a", [i for i in range(arr.shape[0]) if i + k < lo or i - k >= hi], cfg)
     images += got
     sources += ["uih"] * len(got)
     return SliceSet(np.stack(images).astype(np.float32), sources)
@@ -259,7 +250,7 @@ def series_slices(vol, arr: np.ndarray, indices, mirrored: bool, cfg: AnomalyCon
         return ((arr[i], vol.spacing[1:]) for i in which)
 
     mm = eval_context_mm(cfg)
-    along = slice_positions(vol) if len(vol.positions) == arr.shape[0] else np.arange(arr.shape[0]) * vol.spacing[0]
+    along = slice_positions(vol)
     if mirrored:
         return _picked(_all_canvases(planes(range(arr.shape[0])), cfg), True, indices, vol.spacing[0], min_fg,
                        along, mm)
@@ -267,9 +258,9 @@ def series_slices(vol, arr: np.ndarray, indices, mirrored: bool, cfg: AnomalyCon
     if not indices:
         empty = np.zeros((0, cfg.canvas, cfg.canvas), np.float32)
         return empty, empty, np.zeros((0, 2, cfg.canvas, cfg.canvas), np.float32)
-    gaps = np.diff(along)
-    reach = int(math.ceil(mm / max(float(gaps[gaps > 0].min()) if (gaps > 0).any() else mm, 1e-3))) + 1
-    lo, hi = max(0, min(indices) - reach), min(arr.shape[0], max(indices) + reach + 1)
+    # the slices around the picked ones that their neighbour planes are interpolated from
+    lo = max(0, int(np.searchsorted(along, along[min(indices)] - mm, side="right")) - 1)
+    hi = min(arr.shape[0], int(np.searchsorted(along, along[max(indices)] + mm)) + 1)
     return _picked(_all_canvases(planes(range(lo, hi)), cfg), False, [i - lo for i in indices], vol.spacing[0],
                    min_fg, along[lo:hi], mm)
 
@@ -891,13 +882,15 @@ class EvalCase:
 
 def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
                     fractions: list[float] | None = None, regions: np.ndarray | None = None,
-                    mirrors: np.ndarray | None = None, context: np.ndarray | None = None) -> EvalCase:
+                    mirrors: np.ndarray | None = None, context: np.ndarray | None = None,
+                    draw_in_neighbours=lesions_in_neighbour) -> EvalCase:
     """1-3 synthetic lesions in each slice, inside its region, which is also what is scored:
     ``regions`` where given (anomaly-ct: inside the skull), else ``brain_region`` (upper
     ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given). Given the
     slices' neighbour planes ``context``, each lesion is drawn into them too
-    (``lesions_in_neighbour``: same extent and level, a texture correlated with the slice's),
-    from a second random stream, so the slices and their lesions are the same either way."""
+    (``draw_in_neighbours(planes, blends, rng)``, default ``lesions_in_neighbour``: same extent
+    and level, a texture correlated with the slice's), from a second random stream, so the
+    slices and their lesions are the same either way."""
     rng = np.random.default_rng(seed)
     neighbour_rng = np.random.default_rng(seed + 1000)
     context = None if context is None else np.array(context, dtype=np.float32, copy=True)
@@ -910,7 +903,7 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
         blends: list | None = [] if context is not None else None
         out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)
         if context is not None:
-            context[n] = lesions_in_neighbour(context[n], blends or [], neighbour_rng)
+            context[n] = draw_in_neighbours(context[n], blends or [], neighbour_rng)
         imgs.append(out)
         truths.append(truth)
         lesions.append(drawn)
