@@ -43,8 +43,9 @@ def main() -> int:
             slabs = np.stack([arr[i:i + n].mean(0) for i in range(0, arr.shape[0] - n + 1, n)])
             canvases = A._all_canvases(((s, (sy, sx)) for s in slabs), cfg)
             keep = [i for i in range(len(canvases)) if A._enough_head(canvases[i], 0.2)][::2]
-            blended = neighbour_planes(canvases, np.arange(len(canvases)) * n * sz, A.eval_context_mm(cfg))
-            modes = {"blend": blended, "self": np.stack([canvases, canvases], 1)} if cfg.context_mm > 0 else {"-": blended}
+            blended = neighbour_planes(canvases, np.arange(len(canvases)) * n * sz, A.eval_context_mm(cfg),
+                                       A.eval_context_planes(cfg))
+            modes = {"blend": blended, "self": np.repeat(canvases[:, None], blended.shape[1], 1)} if cfg.context_mm > 0 else {"-": blended}
             for mode, context in modes.items():
                 res = []
                 for seed in (97, 98, 99):

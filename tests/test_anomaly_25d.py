@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy import ndimage
 
-from pacs_node.ml.anomaly import AnomalyConfig, load_model, neighbour_planes, residual_maps
+from pacs_node.ml.anomaly import AnomalyConfig, load_model, neighbour_planes, network_input, residual_maps
 from pacs_node.ml.anomaly_mr import make_eval_cases, train_main
 from pacs_node.ml.lesions import insert_lesions, lesions_in_neighbour
 from pacs_node.ml.synth_anomaly import corrupt, corrupt_batch
@@ -122,3 +122,74 @@ def test_smoke_training_of_a_25d_network_and_scoring_with_and_without_neighbours
     with pytest.raises(SystemExit):  # 2.5D is a recon-disc option
         train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--arch", "dae-unet",
                     "--context-mm", "2", "--out", str(tmp_path / "bad.safetensors")])
+
+
+def test_two_planes_on_each_side_in_order_along_the_normal() -> None:
+    along = [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    planes = neighbour_planes(_ramp_series(along), np.array(along), 2.0, reach=2)
+    assert planes.shape == (9, 4, 8, 8)
+    # slice 4 (at 4 mm): the planes at 0, 2 mm below it, then 6, 8 mm above; the ends clamp
+    np.testing.assert_allclose(planes[4, :, 0, 0], [0.0, 2.0, 6.0, 8.0], atol=1e-5)
+    np.testing.assert_allclose(planes[1, :, 0, 0], [0.0, 0.0, 3.0, 5.0], atol=1e-5)
+    # reach 1 is the first and last of the nearest planes: what 0.6.0 reads
+    np.testing.assert_array_equal(neighbour_planes(_ramp_series(along), np.array(along), 2.0), planes[:, 1:3])
+    cfg = AnomalyConfig(arch="recon-disc", context_mm=2.0, context_planes=2)
+    x = torch.from_numpy(_ramp_series(along)[:, None])
+    inp = network_input(x, cfg, torch.from_numpy(planes))
+    np.testing.assert_allclose(inp[4, :, 0, 0].numpy(), [0.0, 2.0, 4.0, 6.0, 8.0], atol=1e-5)
+    assert network_input(x, cfg).shape == (9, 5, 8, 8)  # no neighbours: the slice in every plane
+
+
+def test_five_plane_training_anomalies_may_end_before_the_outer_planes() -> None:
+    head = _head()
+    stack = np.stack([head * f for f in (0.9, 0.95, 1.0, 1.05, 1.1)])
+    rng = np.random.default_rng(7)
+    reached_outer = {0: 0, 4: 0}
+    labelled = 0
+    for _ in range(60):
+        out, label = corrupt(stack, np.roll(stack, 9, axis=-2), rng)
+        if not label.any():
+            continue
+        labelled += 1
+        inside = label > 0
+        changed = [float(np.abs(out[c] - stack[c])[inside].mean()) for c in range(5)]
+        # always in the middle three planes
+        assert min(changed[1:4]) > 0.25 * changed[2], changed
+        for c in (0, 4):
+            reached_outer[c] += changed[c] > 0.25 * changed[2]
+    # the outer planes are reached in some stacks and not in others (each about half)
+    assert labelled >= 35
+    assert all(0.2 * labelled < v < 0.8 * labelled for v in reached_outer.values()), (reached_outer, labelled)
+
+
+def test_eval_lesions_reach_only_the_nearest_planes_of_a_wider_context() -> None:
+    normal = np.stack([_head(s) for s in range(3)])
+    near = np.stack([np.stack([n * 0.98, n * 1.02]) for n in normal])
+    wide = np.stack([np.stack([n * 0.96, n * 0.98, n * 1.02, n * 1.04]) for n in normal])
+    cfg = AnomalyConfig(arch="recon-disc")
+    three = make_eval_cases(normal, cfg, seed=5, context=near)
+    five = make_eval_cases(normal, cfg, seed=5, context=wide)
+    np.testing.assert_array_equal(three.images, five.images)
+    # the nearest planes get the very lesions they get with one plane on each side; the outer ones none
+    np.testing.assert_array_equal(three.context, five.context[:, 1:3])
+    np.testing.assert_array_equal(five.context[:, [0, 3]], wide[:, [0, 3]])
+
+
+def test_smoke_training_of_a_five_plane_network(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    cache = tmp_path / "stacks5.npz"
+    stacks = (rng.random((4, 5, 128, 128)) * 0.7).astype(np.float16)
+    np.savez(cache, images=stacks, sources=np.array(["synthetic"] * 4))
+    out = tmp_path / "ctx5.safetensors"
+    common = ["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "96",
+              "--context-mm", "2", "--channels", "4,8", "--disc-channels", "4,4,8,8,8,4"]
+    assert train_main(common + ["--context-planes", "2", "--out", str(out)]) == 0
+    net, cfg = load_model(out)
+    assert cfg.context_planes == 2 and net.planes == 5
+    x = torch.from_numpy(stacks[:2, 2:3].astype(np.float32))
+    ctx = torch.from_numpy(stacks[:2, [0, 1, 3, 4]].astype(np.float32))
+    with torch.no_grad():
+        maps, _ = residual_maps(net, x, cfg, None, ctx)
+    assert maps.shape == (2, 1, 128, 128)
+    with pytest.raises(SystemExit):  # a cache of 5-plane stacks for a 3-plane network: refused
+        train_main(common + ["--out", str(tmp_path / "bad.safetensors")])

@@ -107,6 +107,9 @@ class AnomalyConfig:
     #: slice along its normal (``neighbour_planes``: interpolated between the series' slices; at
     #: the ends of a series the slice itself stands in); 0: the slice alone (2D, up to 0.5.0)
     context_mm: float = 0.0
+    #: recon-disc, 2.5D: how many planes on each side of the slice, ``context_mm`` apart (1: the
+    #: planes at -context_mm and +context_mm, 0.6.0; 2: also those at -2 and +2 x context_mm)
+    context_planes: int = 1
     #: recon-disc fusion: the region whose mean and standard deviation the intensity z-score is
     #: taken against, and outside which q is 0: "head" (the eroded head mask, MR) or
     #: "intracranial" (inside a closed ring of skull, ``intracranial_region``: CT on its HU scale)
@@ -321,9 +324,15 @@ class ReconDiscEnsemble(nn.Module):
         return torch.logit(prob / n, eps=1e-6), recon / n, x.new_zeros((x.shape[0], 0, 1, 1))
 
 
+def input_planes(cfg: AnomalyConfig) -> int:
+    """The planes a recon-disc network reads: the slice, and (2.5D) ``cfg.context_planes`` on
+    each side of it."""
+    return 1 + 2 * cfg.context_planes if cfg.context_mm > 0 else 1
+
+
 def build_network(cfg: AnomalyConfig) -> nn.Module:
     if cfg.arch == "recon-disc":
-        planes = 3 if cfg.context_mm > 0 else 1
+        planes = input_planes(cfg)
         if cfg.members > 1:
             return ReconDiscEnsemble([ReconDisc(cfg.channels, cfg.disc_channels, cfg.coord_channels, planes)
                                       for _ in range(cfg.members)])
@@ -523,12 +532,17 @@ def head_coordinates(images: torch.Tensor) -> torch.Tensor:
 
 def network_input(images: torch.Tensor, cfg: AnomalyConfig, context: torch.Tensor | None = None) -> torch.Tensor:
     """What a recon-disc network is called with: the slices (B, 1, H, W), between their
-    neighbour planes (``context``, (B, 2, H, W): below, above; the slice itself where None) for
-    a 2.5D network (``cfg.context_mm`` > 0), and their head coordinates when ``cfg.coord_channels``."""
+    neighbour planes (``context``, (B, 2 k, H, W), k = ``cfg.context_planes``, in order along the
+    normal: the k planes below, then the k above, as ``neighbour_planes`` gives them; the slice
+    itself where None) for a 2.5D network (``cfg.context_mm`` > 0), and their head coordinates
+    when ``cfg.coord_channels``."""
     x = images
     if cfg.context_mm > 0:
-        below, above = (images, images) if context is None else (context[:, :1], context[:, 1:2])
-        x = torch.cat([below, images, above], dim=1)
+        k = cfg.context_planes
+        if context is None:
+            x = images.expand(-1, 2 * k + 1, -1, -1)
+        else:
+            x = torch.cat([context[:, :k], images, context[:, k:2 * k]], dim=1)
     return torch.cat([x, head_coordinates(images)], dim=1) if cfg.coord_channels else x
 
 
@@ -567,7 +581,7 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
     """Smoothed, masked reconstruction error (B, 1, H, W) and the reconstructions. recon-disc:
     fused with the intensity outliers and, given each slice's ``mirrors`` (``mirror_slices``),
     its asymmetry, as the weights' config says; a 2.5D network (``cfg.context_mm``) also reads
-    each slice's neighbour planes ``context`` (B, 2, H, W; ``neighbour_planes``).
+    each slice's neighbour planes ``context`` (B, 2 k, H, W; ``neighbour_planes``).
 
     For ``prob-inpaint`` the "error" is the standardised residual |x - loc| / scale (in units
     of the scale the model predicted for that pixel), smoothed and masked the same way; the
@@ -710,8 +724,10 @@ def slice_positions(volume) -> np.ndarray:  # type: ignore[no-untyped-def]
     return np.asarray(volume.positions, dtype=np.float64) @ volume.normal
 
 
-def neighbour_planes(canvases: np.ndarray, along: np.ndarray, mm: float) -> np.ndarray:
-    """The planes ``mm`` below and above each slice (N, 2, H, W), for a 2.5D network: ``canvases``
+def neighbour_planes(canvases: np.ndarray, along: np.ndarray, mm: float, reach: int = 1) -> np.ndarray:
+    """The planes ``mm`` below and above each slice (N, 2, H, W), for a 2.5D network (``reach``
+    planes on each side, ``mm`` apart: (N, 2 reach, H, W), ordered along the normal from
+    -reach x mm to +reach x mm, the slice itself left out): ``canvases``
     (N, H, W) are a series' slices in order, ``along`` (N,) their positions along the slice
     normal in mm (increasing; gaps may be uneven). Each plane is interpolated linearly between
     the two slices around it (in a series of thick slices, 5 mm apart say, a blend of the slice
@@ -721,14 +737,15 @@ def neighbour_planes(canvases: np.ndarray, along: np.ndarray, mm: float) -> np.n
     """
     along = np.asarray(along, dtype=np.float64)
     n = len(canvases)
-    out = np.empty((n, 2) + canvases.shape[1:], dtype=np.float32)
+    offsets = [j * mm for j in range(-reach, reach + 1) if j != 0]
+    out = np.empty((n, len(offsets)) + canvases.shape[1:], dtype=np.float32)
     idx = np.arange(n, dtype=np.float64)
     if n < 2 or not np.all(np.diff(along) > 0):
         out[:] = canvases[:, None]
         return out
-    for side, sign in ((0, -1.0), (1, 1.0)):
+    for side, offset in enumerate(offsets):
         # fractional slice index of each target position; clamped to the series
-        f = np.interp(along + sign * mm, along, idx)
+        f = np.interp(along + offset, along, idx)
         lo = np.floor(f).astype(int)
         hi = np.minimum(lo + 1, n - 1)
         w = (f - lo).astype(np.float32)[:, None, None]
@@ -831,7 +848,7 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
                                "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight",
-                               "coord_channels", "context_mm", "modality", "outlier_region", "seg_threshold")
+                               "coord_channels", "context_mm", "context_planes", "modality", "outlier_region", "seg_threshold")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

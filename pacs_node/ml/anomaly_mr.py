@@ -31,6 +31,7 @@ from .anomaly import (
     build_network,
     head_coordinates,
     inpainting_input,
+    input_planes,
     training_noise,
     foreground_mask,
     intensity_baseline,
@@ -177,16 +178,18 @@ def build_training_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
 
 def _stacks(array: np.ndarray, spacing: tuple[float, float, float], axis: str, centres, cfg: AnomalyConfig,
             min_fg: float = 0.12) -> list[np.ndarray]:
-    """2.5D training stacks (3, canvas, canvas) along ``axis`` ('a', 'c', 's'; superior up): the
-    plane at each centre and those ``cfg.context_mm`` below and above it (the nearest planes of
-    the volume), kept where the middle plane has enough head."""
+    """2.5D training stacks (2 r + 1, canvas, canvas), r = ``cfg.context_planes``, along ``axis``
+    ('a', 'c', 's'; superior up): the plane at each centre and the r planes ``cfg.context_mm``
+    apart below and above it (the nearest planes of the volume), kept where the middle plane
+    has enough head."""
     k = max(1, round(cfg.context_mm / spacing["acs".index(axis)]))
+    r = cfg.context_planes
     out = []
     for i in centres:
         middle = _to_canvases([_plane(array, spacing, axis, i)], cfg)[0]
         if _enough_head(middle, min_fg):
-            below, above = _to_canvases([_plane(array, spacing, axis, i - k), _plane(array, spacing, axis, i + k)], cfg)
-            out.append(np.stack([below, middle, above]))
+            others = _to_canvases([_plane(array, spacing, axis, i + j * k) for j in range(-r, r + 1) if j], cfg)
+            out.append(np.stack(others[:r] + [middle] + others[r:]))
     return out
 
 
@@ -202,7 +205,7 @@ def build_training_stacks(data: Path, cfg: AnomalyConfig, step: int = 2) -> Slic
         images += got
         sources += ["studyforrest"] * len(got)
     vol, arr = load_normal_volume(HOLDOUT_SERIES, data, cfg)
-    k = max(1, round(cfg.context_mm / vol.spacing[0]))
+    k = max(1, round(cfg.context_mm / vol.spacing[0])) * cfg.context_planes
     lo, hi = HELD_OUT[0] - HOLDOUT_GAP, HELD_OUT[1] + HOLDOUT_GAP
     # the series' own slices are its first axis: 'a' takes them as they are
     got = _stacks(arr, vol.spacing, "a", [i for i in range(arr.shape[0]) if i + k < lo or i - k >= hi], cfg)
@@ -226,18 +229,25 @@ def eval_context_mm(cfg: AnomalyConfig) -> float:
     return cfg.context_mm if cfg.context_mm > 0 else EVAL_CONTEXT_MM
 
 
+def eval_context_planes(cfg: AnomalyConfig) -> int:
+    """The neighbour planes on each side that the evaluation makes: the network's own (a 2D one: 1).
+    Its lesions reach only the nearest plane on each side (``make_eval_cases``), whatever the
+    network reads: a lesion's depth does not depend on the model scored."""
+    return cfg.context_planes if cfg.context_mm > 0 else 1
+
+
 def _picked(canvases: np.ndarray, sagittal: bool, indices, slice_mm: float, min_fg: float = 0.2,
-            along: np.ndarray | None = None, context_mm: float = EVAL_CONTEXT_MM
+            along: np.ndarray | None = None, context_mm: float = EVAL_CONTEXT_MM, reach: int = 1
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The slices at ``indices`` with enough head, their mirrors (``mirror_slices`` of the
     whole lesion-free series, ``slice_mm`` apart: a unilateral lesion; all NaN, no asymmetry
     term, unless ``sagittal``: a sagittal series scored with the term) and their neighbour
-    planes ``context_mm`` away (``neighbour_planes``; ``along``: the slices' positions, default
-    ``slice_mm`` apart)."""
+    planes ``context_mm`` apart, ``reach`` on each side (``neighbour_planes``; ``along``: the
+    slices' positions, default ``slice_mm`` apart)."""
     mirrors = mirror_slices(canvases, slice_mm) if sagittal else np.full(canvases.shape, np.nan, np.float32)
     keep = [i for i in indices if _enough_head(canvases[i], min_fg)]
     along = np.arange(len(canvases)) * slice_mm if along is None else along
-    context = neighbour_planes(canvases, along, context_mm)
+    context = neighbour_planes(canvases, along, context_mm, reach)
     return canvases[keep], mirrors[keep], context[keep]
 
 
@@ -249,20 +259,20 @@ def series_slices(vol, arr: np.ndarray, indices, mirrored: bool, cfg: AnomalyCon
     def planes(which):  # type: ignore[no-untyped-def]
         return ((arr[i], vol.spacing[1:]) for i in which)
 
-    mm = eval_context_mm(cfg)
+    mm, reach = eval_context_mm(cfg), eval_context_planes(cfg)
     along = slice_positions(vol)
     if mirrored:
         return _picked(_all_canvases(planes(range(arr.shape[0])), cfg), True, indices, vol.spacing[0], min_fg,
-                       along, mm)
+                       along, mm, reach)
     indices = list(indices)
     if not indices:
         empty = np.zeros((0, cfg.canvas, cfg.canvas), np.float32)
-        return empty, empty, np.zeros((0, 2, cfg.canvas, cfg.canvas), np.float32)
+        return empty, empty, np.zeros((0, 2 * reach, cfg.canvas, cfg.canvas), np.float32)
     # the slices around the picked ones that their neighbour planes are interpolated from
-    lo = max(0, int(np.searchsorted(along, along[min(indices)] - mm, side="right")) - 1)
-    hi = min(arr.shape[0], int(np.searchsorted(along, along[max(indices)] + mm)) + 1)
+    lo = max(0, int(np.searchsorted(along, along[min(indices)] - reach * mm, side="right")) - 1)
+    hi = min(arr.shape[0], int(np.searchsorted(along, along[max(indices)] + reach * mm)) + 1)
     return _picked(_all_canvases(planes(range(lo, hi)), cfg), False, [i - lo for i in indices], vol.spacing[0],
-                   min_fg, along[lo:hi], mm)
+                   min_fg, along[lo:hi], mm, reach)
 
 
 def held_out_slices(data: Path, cfg: AnomalyConfig, step: int = 2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -282,7 +292,7 @@ def validation_slices(data: Path, cfg: AnomalyConfig, count: int = 24) -> tuple[
     odd = [i for i in range(1, arr.shape[2], 2) if _enough_head(canvases[i], 0.2)]
     mid = len(odd) // 2
     return _picked(canvases, cfg.symmetry_weight > 0, odd[max(0, mid - count // 2): mid + count // 2], sx,
-                   context_mm=eval_context_mm(cfg))
+                   context_mm=eval_context_mm(cfg), reach=eval_context_planes(cfg))
 
 
 def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -298,6 +308,7 @@ def gap_slices(data: Path, cfg: AnomalyConfig) -> tuple[np.ndarray, np.ndarray, 
 def default_cache(cfg: AnomalyConfig) -> Path:
     """The training-slice cache for ``cfg``'s intensity scaling (the slices differ by it)."""
     context = f"-context{cfg.context_mm:g}mm" if cfg.context_mm > 0 else ""
+    context += f"x{cfg.context_planes}" if cfg.context_mm > 0 and cfg.context_planes != 1 else ""
     return DEFAULT_CACHE.with_name(f"{DEFAULT_CACHE.stem}-{cfg.intensity_ref}-max{cfg.intensity_max:g}{context}"
                                    f"{DEFAULT_CACHE.suffix}")
 
@@ -485,7 +496,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
         net.load_state_dict(start_from, strict=False)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-5)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(steps, 2), pct_start=0.05)
-    stacks = images.ndim == 4  # 2.5D: (N, 3, H, W), the slice between its neighbours
+    stacks = images.ndim == 4  # 2.5D: (N, 2 r + 1, H, W), the slice between its neighbours
     if stacks and cfg.arch != "recon-disc":
         raise ValueError("2.5D training stacks are for --arch recon-disc only")
     data = torch.from_numpy(images if stacks else images[:, None])
@@ -500,10 +511,11 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
                                     generator=gen)
         clean = augment(data[idx], gen, degrade=not acquisition_aug, curves=curves, elastic=elastic)
         if stacks:
-            # a tenth of the stacks see the slice itself as both neighbours: what a series' end
+            # a tenth of the stacks see the slice itself as all its neighbours: what a series' end
             # slices get (``neighbour_planes``)
             alone = torch.rand(clean.shape[0], generator=gen) < 0.1
-            clean[alone] = clean[alone][:, 1:2].expand(-1, 3, -1, -1)
+            mid = clean.shape[1] // 2
+            clean[alone] = clean[alone][:, mid:mid + 1].expand(-1, clean.shape[1], -1, -1)
         # head coordinates from the whole canvas, cropped with it
         position = head_coordinates(clean) if cfg.arch == "recon-disc" and cfg.coord_channels else None
         if crop:
@@ -514,7 +526,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
                                               keep_texture=keep_texture)
             x, y = torch.from_numpy(corrupted if stacks else corrupted[:, None]), torch.from_numpy(labels)[:, None]
             if stacks:
-                clean = clean[:, 1:2]  # the reconstruction target: the middle plane
+                clean = clean[:, mid:mid + 1]  # the reconstruction target: the middle plane
             if acquisition_aug:
                 x, clean = acquisition([x, clean], gen)
             logits, recon, _ = net(x if position is None else torch.cat([x, position], dim=1))
@@ -663,6 +675,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--context-mm", type=float, default=0.0,
                    help="recon-disc, 2.5D: the networks also read the planes this far (mm) below and above each "
                         "slice (0: the slice alone, 2D)")
+    p.add_argument("--context-planes", type=int, default=1,
+                   help="recon-disc, 2.5D: planes on each side of the slice, --context-mm apart (1: the planes at "
+                        "-/+ context-mm; 2: also those at -/+ 2 x context-mm)")
     p.add_argument("--keep-texture", type=float, default=0.0,
                    help="recon-disc: probability that a training fill / smear anomaly keeps the slice's own fine "
                         "structure and noise (0: the served recipe, whose fills are smooth)")
@@ -702,7 +717,7 @@ def train_main(argv: list[str]) -> int:
                               "target_sigma", "channels", "disc_channels", "balance_sources",
                               "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                               "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
-                              "keep_texture", "context_mm",
+                              "keep_texture", "context_mm", "context_planes",
                               "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight"})
     args = p.parse_args(argv)
     if args.combine_members:
@@ -752,6 +767,9 @@ def train_main(argv: list[str]) -> int:
         p.error("--context-mm must be >= 0, and > 0 only with --arch recon-disc, without --coord-channels, "
                 "--acquisition and --match-contrast")
     cfg.context_mm = float(args.context_mm)
+    if args.context_planes < 1 or (args.context_planes > 1 and args.context_mm <= 0):
+        p.error("--context-planes must be >= 1, and > 1 only with --context-mm > 0")
+    cfg.context_planes = int(args.context_planes)
     if args.data is None:
         from ..datasets import data_dir
 
@@ -761,9 +779,11 @@ def train_main(argv: list[str]) -> int:
     if args.match_contrast:
         extra = contrast_matched(sset, "studyforrest", "uih")
         sset = SliceSet(np.concatenate([sset.images, extra]), sset.sources + ["studyforrest-as-uih"] * len(extra))
-    if (sset.images.ndim == 4) != (cfg.context_mm > 0):
-        p.error(f"{args.cache or default_cache(cfg)} holds {'2.5D stacks' if sset.images.ndim == 4 else '2D slices'} "
-                f"but --context-mm is {cfg.context_mm:g}: use another --cache (or none: one per setting is made "
+    if (sset.images.ndim == 4) != (cfg.context_mm > 0) or (sset.images.ndim == 4
+                                                            and sset.images.shape[1] != input_planes(cfg)):
+        held = f"2.5D stacks of {sset.images.shape[1]} planes" if sset.images.ndim == 4 else "2D slices"
+        p.error(f"{args.cache or default_cache(cfg)} holds {held} but --context-mm is {cfg.context_mm:g} and "
+                f"--context-planes {cfg.context_planes}: use another --cache (or none: one per setting is made "
                 f"beside {DEFAULT_CACHE})")
     images = sset.images[: args.limit] if args.limit else sset.images
     print(f"{len(images)} training {'stacks' if images.ndim == 4 else 'slices'} ({', '.join(f'{s}: {sset.sources.count(s)}' for s in sorted(set(sset.sources)))})",
@@ -875,7 +895,7 @@ class EvalCase:
     lesions: list[list[Lesion]] = field(default_factory=list)
     #: each slice's lesion-free view of the other hemisphere (``mirror_slices``), or None
     mirrors: np.ndarray | None = None
-    #: each slice's neighbour planes (N, 2, H, W; ``neighbour_planes``) with the slice's lesions
+    #: each slice's neighbour planes (N, 2 k, H, W; ``neighbour_planes``) with the slice's lesions
     #: drawn into them too (3D lesions), or None (2D lesions: anomaly-ct)
     context: np.ndarray | None = None
 
@@ -887,10 +907,12 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
     """1-3 synthetic lesions in each slice, inside its region, which is also what is scored:
     ``regions`` where given (anomaly-ct: inside the skull), else ``brain_region`` (upper
     ``fractions[i]`` of the head; 0.55, for sagittal slices, where none is given). Given the
-    slices' neighbour planes ``context``, each lesion is drawn into them too
-    (``draw_in_neighbours(planes, blends, rng)``, default ``lesions_in_neighbour``: same extent
-    and level, a texture correlated with the slice's), from a second random stream, so the
-    slices and their lesions are the same either way."""
+    slices' neighbour planes ``context``, each lesion is drawn into the nearest one on each side
+    too (``draw_in_neighbours(planes, blends, rng)``, default ``lesions_in_neighbour``: same
+    extent and level, a texture correlated with the slice's), from a second random stream, so
+    the slices and their lesions are the same either way; planes further out (a network that
+    reads two or more on each side) keep the normal tissue: the lesions are as deep for every
+    model scored."""
     rng = np.random.default_rng(seed)
     neighbour_rng = np.random.default_rng(seed + 1000)
     context = None if context is None else np.array(context, dtype=np.float32, copy=True)
@@ -903,7 +925,8 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
         blends: list | None = [] if context is not None else None
         out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)
         if context is not None:
-            context[n] = draw_in_neighbours(context[n], blends or [], neighbour_rng)
+            near = [context.shape[1] // 2 - 1, context.shape[1] // 2]  # below, above: the nearest planes
+            context[n, near] = draw_in_neighbours(context[n, near], blends or [], neighbour_rng)
         imgs.append(out)
         truths.append(truth)
         lesions.append(drawn)

@@ -54,7 +54,9 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
     too) gets a 3D anomaly: placed, sized and labelled on the middle plane, with the same
     region, opacity and kind of content in every plane (a fill's texture correlated
     ``texture_corr`` between the middle plane and each other one: a 3D texture); the label is
-    the middle plane's (H, W). A single plane draws exactly what the 2D recipe drew.
+    the middle plane's (H, W). A stack of five or more planes: the anomaly reaches a random
+    number of planes (at least one) on each side, the planes beyond keep the normal tissue.
+    A single plane draws exactly what the 2D recipe drew.
 
     ``bright`` (None: the served recipe): the probability that an intensity shift brightens the
     region, and the fill level's range reaching 2.2x (not 1.6x) the head's median, so that more
@@ -120,7 +122,15 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
         content = content + (planes - np.stack([ndimage.gaussian_filter(p, 1.0) for p in planes]))
     edge = float(rng.uniform(0.3, 2.0))
     alpha = ndimage.gaussian_filter(region.astype(np.float32), edge) * float(rng.uniform(0.6, 1.0))
-    out = planes * (1.0 - alpha) + content.astype(np.float32) * alpha
+    per_plane = alpha
+    if len(planes) > 3:
+        # drawn only for stacks of more than three planes (so the 3-plane stream is 0.6.0's): the
+        # anomaly reaches 1..mid planes on each side of the middle one, each side on its own, so a
+        # network that reads further out learns that a lesion may end before its outer planes
+        below, above = (int(v) for v in rng.integers(1, mid + 1, size=2))
+        reached = np.array([-below <= c - mid <= above for c in range(len(planes))], dtype=np.float32)
+        per_plane = alpha[None] * reached[:, None, None]
+    out = planes * (1.0 - per_plane) + content.astype(np.float32) * per_plane
     out = np.clip(out, 0.0, 1.5).astype(np.float32)
     visible = np.abs(ndimage.gaussian_filter(out[mid] - centre, 1.0)) > 0.06 * max(level, 0.1)
     label = (alpha > 0.3) & visible

@@ -64,8 +64,10 @@ class AnomalyPipeline(Pipeline):
         # the other hemisphere of each slice (weights with symmetry_weight > 0): from the series, once
         mirrors = mirror_slices(canvases, volume.spacing[0]) \
             if cfg.symmetry_weight > 0 and has_mirror_slices(volume) else None
-        # a 2.5D network also reads the planes cfg.context_mm below and above each slice
-        context = neighbour_planes(canvases, slice_positions(volume), cfg.context_mm) if cfg.context_mm > 0 else None
+        # a 2.5D network also reads the planes cfg.context_mm below and above each slice (cfg.context_planes
+        # on each side)
+        context = (neighbour_planes(canvases, slice_positions(volume), cfg.context_mm, cfg.context_planes)
+                   if cfg.context_mm > 0 else None)
         for start in range(0, volume.shape[0], batch_size):
             batch = slice(start, start + batch_size)
             x = torch.from_numpy(canvases[batch][:, None]).to(self.device)
