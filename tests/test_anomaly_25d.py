@@ -162,17 +162,38 @@ def test_five_plane_training_anomalies_may_end_before_the_outer_planes() -> None
     assert all(0.2 * labelled < v < 0.8 * labelled for v in reached_outer.values()), (reached_outer, labelled)
 
 
-def test_eval_lesions_reach_only_the_nearest_planes_of_a_wider_context() -> None:
+def test_eval_lesions_of_a_wider_context_are_ellipsoids_and_leave_the_nearer_planes_as_they_were() -> None:
     normal = np.stack([_head(s) for s in range(3)])
     near = np.stack([np.stack([n * 0.98, n * 1.02]) for n in normal])
     wide = np.stack([np.stack([n * 0.96, n * 0.98, n * 1.02, n * 1.04]) for n in normal])
-    cfg = AnomalyConfig(arch="recon-disc")
+    cfg = AnomalyConfig(arch="recon-disc", context_mm=2.0, context_planes=2)
     three = make_eval_cases(normal, cfg, seed=5, context=near)
     five = make_eval_cases(normal, cfg, seed=5, context=wide)
     np.testing.assert_array_equal(three.images, five.images)
-    # the nearest planes get the very lesions they get with one plane on each side; the outer ones none
+    # the nearest planes get the very lesions they get with one plane on each side
     np.testing.assert_array_equal(three.context, five.context[:, 1:3])
-    np.testing.assert_array_equal(five.context[:, [0, 3]], wide[:, [0, 3]])
+    for n in range(len(normal)):
+        for c in (0, 3):  # the planes 4 mm away: the lesions there too, smaller
+            drawn = np.abs(five.context[n, c] - wide[n, c]) > 0.02
+            assert drawn.any() and drawn.sum() <= (np.abs(five.context[n, 1 + (c == 3)] - wide[n, 1 + (c == 3)]) > 0.02).sum()
+            assert not (drawn & ~ndimage.binary_dilation(five.truth[n], iterations=3)).any()
+
+
+def test_far_plane_lesion_is_the_ellipsoid_cross_section() -> None:
+    from pacs_node.ml.lesions import Lesion, lesions_in_far_plane
+
+    yy, xx = np.mgrid[:64, :64]
+    for radius, expected in ((8.0, np.sqrt(1 - (2 / 8) ** 2)), (4.0, np.sqrt(1 - (2 / 4) ** 2)), (1.9, 0.0)):
+        alpha = ((yy - 30) ** 2 + (xx - 34) ** 2 < radius ** 2).astype(np.float32)
+        blend = (alpha, None, 2.0, 0.0, np.zeros((64, 64), np.float32))
+        out = lesions_in_far_plane(np.zeros((64, 64), np.float32), [blend], [Lesion((30, 34), radius, True, 2.0)],
+                                   2.0, np.random.default_rng(0))
+        area = float((out > 1.0).sum())
+        # the cross-section 2 px from the centre: area scaled by 1 - (2 / radius)^2, same centre
+        assert abs(area - alpha.sum() * expected ** 2) <= 0.15 * alpha.sum() + 4, (radius, area)
+        if area:
+            cy, cx = np.argwhere(out > 1.0).mean(axis=0)
+            assert abs(cy - 30) < 0.6 and abs(cx - 34) < 0.6
 
 
 def test_smoke_training_of_a_five_plane_network(tmp_path: Path) -> None:

@@ -48,7 +48,7 @@ from .anomaly import (
     smooth,
     to_canvas,
 )
-from .lesions import Lesion, insert_lesions, lesions_in_neighbour
+from .lesions import Lesion, insert_lesions, lesions_in_far_plane, lesions_in_neighbour
 from .synth_anomaly import corrupt_batch
 
 log = logging.getLogger(__name__)
@@ -910,11 +910,14 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
     slices' neighbour planes ``context``, each lesion is drawn into the nearest one on each side
     too (``draw_in_neighbours(planes, blends, rng)``, default ``lesions_in_neighbour``: same
     extent and level, a texture correlated with the slice's), from a second random stream, so
-    the slices and their lesions are the same either way; planes further out (a network that
-    reads two or more on each side) keep the normal tissue: the lesions are as deep for every
-    model scored."""
+    the slices and their lesions are the same either way; into planes further out (a network
+    that reads two or more on each side, ``eval_context_mm`` apart) as an ellipsoid's cross-section
+    (``lesions_in_far_plane``), from a third stream, so the nearest planes are the same too.
+    A lesion absent from the planes a network reads would be scored against the normal tissue
+    right beside it, which no real lesion of this size offers (session 18)."""
     rng = np.random.default_rng(seed)
     neighbour_rng = np.random.default_rng(seed + 1000)
+    far_rng = np.random.default_rng(seed + 2000)
     context = None if context is None else np.array(context, dtype=np.float32, copy=True)
     if regions is None:
         masks = foreground_mask(torch.from_numpy(normal[:, None]), cfg.mask_erode_px)[:, 0].numpy() > 0
@@ -925,8 +928,13 @@ def make_eval_cases(normal: np.ndarray, cfg: AnomalyConfig, seed: int = 1234,
         blends: list | None = [] if context is not None else None
         out, truth, drawn = insert_lesions(img, region, rng, count=int(rng.integers(1, 4)), record=blends)
         if context is not None:
-            near = [context.shape[1] // 2 - 1, context.shape[1] // 2]  # below, above: the nearest planes
+            reach = context.shape[1] // 2
+            near = [reach - 1, reach]  # below, above: the nearest planes
             context[n, near] = draw_in_neighbours(context[n, near], blends or [], neighbour_rng)
+            for j in range(2, reach + 1):  # further out, below then above
+                for c in (reach - j, reach + j - 1):
+                    context[n, c] = lesions_in_far_plane(context[n, c], blends or [], drawn,
+                                                         j * eval_context_mm(cfg) / cfg.pixel_mm, far_rng)
         imgs.append(out)
         truths.append(truth)
         lesions.append(drawn)

@@ -117,3 +117,29 @@ def lesions_in_neighbour(planes: np.ndarray, blends: list, rng: np.random.Genera
             tex = rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
             out[c] = out[c] * (1.0 - alpha) + target * (1.0 + amp * tex) * alpha
     return np.clip(out, 0.0, None)
+
+
+def lesions_in_far_plane(plane: np.ndarray, blends: list, lesions: list[Lesion], offset_px: float,
+                         rng: np.random.Generator) -> np.ndarray:
+    """The lesions ``insert_lesions`` drew into a slice (its ``record`` and what it returned),
+    drawn into a plane ``offset_px`` canvas pixels from it (2 or more: a network that reads
+    further than the nearest planes, which ``lesions_in_neighbour`` draws): each lesion as the
+    cross-section of an ellipsoid whose depth is its radius, so its extent scaled about its centre
+    by sqrt(1 - (offset / radius)^2) (a lesion that does not reach the plane is left out), the
+    same opacity and level, and a texture correlated exp(-offset^2 / 4) with the slice's (that of
+    white noise smoothed in 3D with sigma 1 px)."""
+    out = np.array(plane, dtype=np.float32, copy=True)
+    rho = float(np.exp(-offset_px ** 2 / 4.0))
+    for (alpha, _target_map, target, amp, texture), lesion in zip(blends, lesions):
+        scale = 1.0 - (offset_px / lesion.radius) ** 2
+        if scale <= 0:
+            continue
+        scale = float(np.sqrt(scale))
+        centre = np.asarray(lesion.centre, dtype=np.float64)
+        # output pixel p reads the slice's alpha at centre + (p - centre) / scale
+        shrunk = ndimage.affine_transform(alpha, np.eye(2) / scale, offset=centre - centre / scale, order=1)
+        fresh = ndimage.gaussian_filter(rng.standard_normal(texture.shape).astype(np.float32), 1.0)
+        fresh /= fresh.std() + 1e-6
+        tex = rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
+        out = out * (1.0 - shrunk) + target * (1.0 + amp * tex) * shrunk
+    return np.clip(out, 0.0, None)
