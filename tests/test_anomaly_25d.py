@@ -140,26 +140,24 @@ def test_two_planes_on_each_side_in_order_along_the_normal() -> None:
     assert network_input(x, cfg).shape == (9, 5, 8, 8)  # no neighbours: the slice in every plane
 
 
-def test_five_plane_training_anomalies_may_end_before_the_outer_planes() -> None:
+def test_five_plane_training_anomalies_are_ellipsoids_that_reach_the_outer_planes_unless_small() -> None:
     head = _head()
     stack = np.stack([head * f for f in (0.9, 0.95, 1.0, 1.05, 1.1)])
     rng = np.random.default_rng(7)
-    reached_outer = {0: 0, 4: 0}
-    labelled = 0
+    labelled = reached = 0
     for _ in range(60):
         out, label = corrupt(stack, np.roll(stack, 9, axis=-2), rng)
         if not label.any():
             continue
         labelled += 1
-        inside = label > 0
-        changed = [float(np.abs(out[c] - stack[c])[inside].mean()) for c in range(5)]
-        # always in the middle three planes
-        assert min(changed[1:4]) > 0.25 * changed[2], changed
-        for c in (0, 4):
-            reached_outer[c] += changed[c] > 0.25 * changed[2]
-    # the outer planes are reached in some stacks and not in others (each about half)
-    assert labelled >= 35
-    assert all(0.2 * labelled < v < 0.8 * labelled for v in reached_outer.values()), (reached_outer, labelled)
+        changed = [np.abs(out[c] - stack[c]) > 1e-4 for c in range(5)]
+        # always in the middle three planes; in the outer two no larger
+        assert min(c.sum() for c in changed[1:4]) > 0
+        # (what a plane's content makes visible differs a little from plane to plane)
+        assert max(changed[0].sum(), changed[4].sum()) <= 1.1 * changed[2].sum() + 20
+        reached += bool(changed[0].any() and changed[4].any())
+    # most anomalies reach the outer planes (all but the smallest)
+    assert labelled >= 35 and reached > 0.6 * labelled, (reached, labelled)
 
 
 def test_eval_lesions_of_a_wider_context_are_ellipsoids_and_leave_the_nearer_planes_as_they_were() -> None:

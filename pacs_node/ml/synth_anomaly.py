@@ -54,8 +54,8 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
     too) gets a 3D anomaly: placed, sized and labelled on the middle plane, with the same
     region, opacity and kind of content in every plane (a fill's texture correlated
     ``texture_corr`` between the middle plane and each other one: a 3D texture); the label is
-    the middle plane's (H, W). A stack of five or more planes: the anomaly reaches a random
-    number of planes (at least one) on each side, the planes beyond keep the normal tissue.
+    the middle plane's (H, W). A stack of five or more planes: beyond the nearest planes the
+    anomaly is the cross-section of an ellipsoid as deep as 0.7-1.4 x its radius.
     A single plane draws exactly what the 2D recipe drew.
 
     ``bright`` (None: the served recipe): the probability that an intensity shift brightens the
@@ -124,12 +124,19 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
     alpha = ndimage.gaussian_filter(region.astype(np.float32), edge) * float(rng.uniform(0.6, 1.0))
     per_plane = alpha
     if len(planes) > 3:
-        # drawn only for stacks of more than three planes (so the 3-plane stream is 0.6.0's): the
-        # anomaly reaches 1..mid planes on each side of the middle one, each side on its own, so a
-        # network that reads further out learns that a lesion may end before its outer planes
-        below, above = (int(v) for v in rng.integers(1, mid + 1, size=2))
-        reached = np.array([-below <= c - mid <= above for c in range(len(planes))], dtype=np.float32)
-        per_plane = alpha[None] * reached[:, None, None]
+        # drawn only for stacks of more than three planes (so the 3-plane stream is 0.6.0's): in
+        # the planes beyond the nearest ones the anomaly is an ellipsoid's cross-section, its depth
+        # (semi-axis, in planes) 0.7-1.4 x its radius, so it ends before them only when small
+        # (session 18: a network shown anomalies that end at random there learnt to read the
+        # lesion-free tissue beyond as a reference, and failed on lesions deeper than that)
+        depth = radius * float(rng.uniform(0.7, 1.4))
+        per_plane = np.repeat(alpha[None], len(planes), axis=0)
+        for c in range(len(planes)):
+            j = abs(c - mid)
+            if j >= 2:
+                scale = np.sqrt(max(0.0, 1.0 - (j / depth) ** 2))
+                per_plane[c] = 0.0 if scale == 0 else ndimage.affine_transform(
+                    alpha, np.eye(2) / scale, offset=np.array([cy, cx], float) * (1.0 - 1.0 / scale), order=1)
     out = planes * (1.0 - per_plane) + content.astype(np.float32) * per_plane
     out = np.clip(out, 0.0, 1.5).astype(np.float32)
     visible = np.abs(ndimage.gaussian_filter(out[mid] - centre, 1.0)) > 0.06 * max(level, 0.1)
