@@ -725,9 +725,9 @@ def slice_positions(volume) -> np.ndarray:  # type: ignore[no-untyped-def]
 
 
 def neighbour_planes(canvases: np.ndarray, along: np.ndarray, mm: float, reach: int = 1) -> np.ndarray:
-    """The planes ``mm`` below and above each slice (N, 2, H, W), for a 2.5D network (``reach``
-    planes on each side, ``mm`` apart: (N, 2 reach, H, W), ordered along the normal from
-    -reach x mm to +reach x mm, the slice itself left out): ``canvases``
+    """The planes ``mm`` below and above each slice (N, 2, H, W), for a 2.5D network; with
+    ``reach`` > 1 that many on each side, ``mm`` apart (N, 2 reach, H, W), in order along the
+    normal from -reach x mm to +reach x mm, the slice itself left out. ``canvases``
     (N, H, W) are a series' slices in order, ``along`` (N,) their positions along the slice
     normal in mm (increasing; gaps may be uneven). Each plane is interpolated linearly between
     the two slices around it (in a series of thick slices, 5 mm apart say, a blend of the slice

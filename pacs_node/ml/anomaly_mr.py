@@ -230,9 +230,8 @@ def eval_context_mm(cfg: AnomalyConfig) -> float:
 
 
 def eval_context_planes(cfg: AnomalyConfig) -> int:
-    """The neighbour planes on each side that the evaluation makes: the network's own (a 2D one: 1).
-    Its lesions reach only the nearest plane on each side (``make_eval_cases``), whatever the
-    network reads: a lesion's depth does not depend on the model scored."""
+    """The neighbour planes on each side that the evaluation makes: the network's own (a 2D one: 1;
+    its lesions reach every one of them, ``make_eval_cases``)."""
     return cfg.context_planes if cfg.context_mm > 0 else 1
 
 
