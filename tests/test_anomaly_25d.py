@@ -100,15 +100,21 @@ def test_eval_lesions_reach_the_neighbour_planes_and_leave_the_scored_slices_as_
     assert all(0.7 < v < 0.86 for v in r), r
 
 
-def test_smoke_training_of_a_25d_network_and_scoring_with_and_without_neighbours(tmp_path: Path) -> None:
+def _smoke_stacks(tmp_path: Path, planes: int) -> tuple[np.ndarray, list[str]]:
+    """A cache of four random stacks of ``planes`` planes and the train command's arguments for
+    a tiny 2.5D run on it (add --out and any other flags)."""
     rng = np.random.default_rng(1)
-    cache = tmp_path / "stacks.npz"
-    stacks = (rng.random((4, 3, 128, 128)) * 0.7).astype(np.float16)
+    cache = tmp_path / f"stacks{planes}.npz"
+    stacks = (rng.random((4, planes, 128, 128)) * 0.7).astype(np.float16)
     np.savez(cache, images=stacks, sources=np.array(["synthetic"] * 4))
+    return stacks, ["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "2", "--crop", "96",
+                    "--context-mm", "2", "--channels", "4,8", "--disc-channels", "4,4,8,8,8,4"]
+
+
+def test_smoke_training_of_a_25d_network_and_scoring_with_and_without_neighbours(tmp_path: Path) -> None:
+    stacks, common = _smoke_stacks(tmp_path, 3)
     out = tmp_path / "ctx.safetensors"
-    assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "2", "--crop", "96",
-                       "--context-mm", "2", "--channels", "4,8", "--disc-channels", "4,4,8,8,8,4",
-                       "--out", str(out)]) == 0
+    assert train_main(common + ["--out", str(out)]) == 0
     net, cfg = load_model(out)
     assert cfg.context_mm == 2.0 and net.planes == 3
     x = torch.from_numpy(stacks[:2, 1:2].astype(np.float32))
@@ -120,8 +126,7 @@ def test_smoke_training_of_a_25d_network_and_scoring_with_and_without_neighbours
     assert with_ctx.shape == (2, 1, 128, 128)
     assert torch.allclose(alone, itself) and not torch.allclose(with_ctx, alone)
     with pytest.raises(SystemExit):  # 2.5D is a recon-disc option
-        train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--arch", "dae-unet",
-                    "--context-mm", "2", "--out", str(tmp_path / "bad.safetensors")])
+        train_main(common + ["--arch", "dae-unet", "--out", str(tmp_path / "bad.safetensors")])
 
 
 def test_two_planes_on_each_side_in_order_along_the_normal() -> None:
@@ -195,13 +200,8 @@ def test_far_plane_lesion_is_the_ellipsoid_cross_section() -> None:
 
 
 def test_smoke_training_of_a_five_plane_network(tmp_path: Path) -> None:
-    rng = np.random.default_rng(1)
-    cache = tmp_path / "stacks5.npz"
-    stacks = (rng.random((4, 5, 128, 128)) * 0.7).astype(np.float16)
-    np.savez(cache, images=stacks, sources=np.array(["synthetic"] * 4))
+    stacks, common = _smoke_stacks(tmp_path, 5)
     out = tmp_path / "ctx5.safetensors"
-    common = ["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "96",
-              "--context-mm", "2", "--channels", "4,8", "--disc-channels", "4,4,8,8,8,4"]
     assert train_main(common + ["--context-planes", "2", "--out", str(out)]) == 0
     net, cfg = load_model(out)
     assert cfg.context_planes == 2 and net.planes == 5
