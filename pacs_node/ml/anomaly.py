@@ -283,7 +283,7 @@ class ReconDisc(nn.Module):
 
         super().__init__()
         self.coords = coords
-        self.planes = planes  # 3: the slice between its two neighbours (2.5D, ``context_mm``)
+        self.planes = planes  # 2 k + 1: the slice between k planes on each side (2.5D, ``context_mm``)
         self.recon = DenoisingUNet(recon_channels, in_channels=planes)
         # instance normalisation: without it the discriminator did not start learning within
         # 1,000 CPU steps (probe AUROC ~0.57); with it, 0.8 after 300
@@ -291,8 +291,8 @@ class ReconDisc(nn.Module):
                               features=disc_channels, norm=("instance", {"affine": True}))
 
     def forward(self, x: torch.Tensor, sample: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``x``: (B, planes, H, W): the slice, or (2.5D) the plane below, the slice and the plane
-        above; then two channels of ``head_coordinates`` for a network with ``coords``. The
+        """``x``: (B, planes, H, W): the slice, or (2.5D) the planes below, the slice and the planes
+        above (``network_input``); then two channels of ``head_coordinates`` for a network with ``coords``. The
         reconstruction is the slice's (the middle plane's)."""
         k = self.planes
         image = x[:, :k]

@@ -103,6 +103,28 @@ def insert_lesions(image: np.ndarray, foreground: np.ndarray, rng: np.random.Gen
 NEIGHBOUR_TEXTURE_CORR = 0.78
 
 
+def _correlated_texture(texture: np.ndarray, rho: float, rng: np.random.Generator) -> np.ndarray:
+    """A texture like ``texture`` (unit-variance noise smoothed with sigma 1 px) correlated
+    ``rho`` with it: its continuation into another plane."""
+    fresh = ndimage.gaussian_filter(rng.standard_normal(texture.shape).astype(np.float32), 1.0)
+    fresh /= fresh.std() + 1e-6
+    return rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
+
+
+def ellipsoid_section(alpha: np.ndarray, centre, offset: float, depth: float) -> np.ndarray | None:
+    """A region's soft mask ``alpha`` (H, W) in a plane ``offset`` pixels from its own, for an
+    ellipsoid ``depth`` pixels deep (semi-axis): scaled about ``centre`` (row, col) by
+    sqrt(1 - (offset / depth)^2); None where it does not reach that plane. Geometry only: the
+    evaluation's far-plane lesions and the 5-plane training anomalies both use it."""
+    scale = 1.0 - (offset / depth) ** 2
+    if scale <= 0:
+        return None
+    scale = float(np.sqrt(scale))
+    centre = np.asarray(centre, dtype=np.float64)
+    # output pixel p reads the mask at centre + (p - centre) / scale
+    return ndimage.affine_transform(alpha, np.eye(2) / scale, offset=centre - centre / scale, order=1)
+
+
 def lesions_in_neighbour(planes: np.ndarray, blends: list, rng: np.random.Generator,
                          rho: float = NEIGHBOUR_TEXTURE_CORR) -> np.ndarray:
     """The lesions ``insert_lesions`` drew into a slice (its ``record``), drawn into the slice's
@@ -112,9 +134,7 @@ def lesions_in_neighbour(planes: np.ndarray, blends: list, rng: np.random.Genera
     out = np.array(planes, dtype=np.float32, copy=True)
     for alpha, _target_map, target, amp, texture in blends:
         for c in range(len(out)):
-            fresh = ndimage.gaussian_filter(rng.standard_normal(texture.shape).astype(np.float32), 1.0)
-            fresh /= fresh.std() + 1e-6
-            tex = rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
+            tex = _correlated_texture(texture, rho, rng)
             out[c] = out[c] * (1.0 - alpha) + target * (1.0 + amp * tex) * alpha
     return np.clip(out, 0.0, None)
 
@@ -131,15 +151,9 @@ def lesions_in_far_plane(plane: np.ndarray, blends: list, lesions: list[Lesion],
     out = np.array(plane, dtype=np.float32, copy=True)
     rho = float(np.exp(-offset_px ** 2 / 4.0))
     for (alpha, _target_map, target, amp, texture), lesion in zip(blends, lesions):
-        scale = 1.0 - (offset_px / lesion.radius) ** 2
-        if scale <= 0:
+        shrunk = ellipsoid_section(alpha, lesion.centre, offset_px, lesion.radius)
+        if shrunk is None:
             continue
-        scale = float(np.sqrt(scale))
-        centre = np.asarray(lesion.centre, dtype=np.float64)
-        # output pixel p reads the slice's alpha at centre + (p - centre) / scale
-        shrunk = ndimage.affine_transform(alpha, np.eye(2) / scale, offset=centre - centre / scale, order=1)
-        fresh = ndimage.gaussian_filter(rng.standard_normal(texture.shape).astype(np.float32), 1.0)
-        fresh /= fresh.std() + 1e-6
-        tex = rho * texture + np.sqrt(max(0.0, 1.0 - rho ** 2)) * fresh
+        tex = _correlated_texture(texture, rho, rng)
         out = out * (1.0 - shrunk) + target * (1.0 + amp * tex) * shrunk
     return np.clip(out, 0.0, None)

@@ -26,6 +26,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from .lesions import ellipsoid_section
+
 
 def _noise_shape(shape: tuple[int, int], centre: tuple[int, int], radius: float,
                  rng: np.random.Generator) -> np.ndarray:
@@ -132,11 +134,9 @@ def corrupt(image: np.ndarray, other: np.ndarray, rng: np.random.Generator,
         depth = radius * float(rng.uniform(0.7, 1.4))
         per_plane = np.repeat(alpha[None], len(planes), axis=0)
         for c in range(len(planes)):
-            j = abs(c - mid)
-            if j >= 2:
-                scale = np.sqrt(max(0.0, 1.0 - (j / depth) ** 2))
-                per_plane[c] = 0.0 if scale == 0 else ndimage.affine_transform(
-                    alpha, np.eye(2) / scale, offset=np.array([cy, cx], float) * (1.0 - 1.0 / scale), order=1)
+            if abs(c - mid) >= 2:
+                section = ellipsoid_section(alpha, (cy, cx), abs(c - mid), depth)
+                per_plane[c] = 0.0 if section is None else section
     out = planes * (1.0 - per_plane) + content.astype(np.float32) * per_plane
     out = np.clip(out, 0.0, 1.5).astype(np.float32)
     visible = np.abs(ndimage.gaussian_filter(out[mid] - centre, 1.0)) > 0.06 * max(level, 0.1)
