@@ -83,6 +83,26 @@ def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> t
     return fuse_intensity_outliers(err, x, cfg)  # the served fusion, as residual_maps does it
 
 
+INTENSITY = {
+    "gain": [(1.0, 1.0), (0.85, 1.0), (1.15, 1.0)],
+    "gamma": [(1.0, 1.0), (1.0, 0.8), (1.0, 1.25)],
+}
+INTENSITY["gain+gamma"] = INTENSITY["gain"] + INTENSITY["gamma"][1:]
+
+
+def _intensity_scores(net: torch.nn.Module, cfg, x: torch.Tensor, context: torch.Tensor, variants) -> torch.Tensor:
+    """The network's probability averaged over copies of the slice and its neighbour planes with
+    their intensities changed (gain g, gamma e: g x^e, the training augmentation's kind of
+    change; no resampling), then smoothed, masked and fused as the served score is."""
+    acc = torch.zeros_like(x)
+    with torch.no_grad():
+        for g, e in variants:
+            prob, _ = recon_disc_maps(net, g * x.clamp_min(0) ** e, cfg, g * context.clamp_min(0) ** e)
+            acc += prob
+    err = smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
+    return fuse_intensity_outliers(err, x, cfg)
+
+
 def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:
     """The bright side of the intensity baseline: max(z, 0), smoothed and masked the same way."""
     z, mask = intensity_z(x, cfg)
@@ -156,6 +176,8 @@ def main() -> int:
     ap.add_argument("--fuse", default="", help="weights w of the fusion variants, e.g. 0.1,0.2,0.3 ('' for none)")
     ap.add_argument("--local-sizes", default="", help="median-filter sizes of the local-contrast variants (with --fuse)")
     ap.add_argument("--no-geometric", action="store_true", help="skip the geometric variants")
+    ap.add_argument("--intensity-tta", action="store_true",
+                    help="also the intensity test-time variants (gain 0.85 / 1.15, gamma 0.8 / 1.25, averaged with plain)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=model_path("anomaly-mr"))
     args = ap.parse_args()
@@ -205,6 +227,8 @@ def main() -> int:
                         cells.setdefault(f"local {size} {w:g}", []).append(_metrics(1 - (1 - plain) * (1 - q), case))
             for name, variants in ({} if args.no_geometric else GEOMETRIC).items():
                 cells.setdefault(name, []).append(_metrics(_geometric_scores(net, cfg, x, variants), case))
+            for name, variants in (INTENSITY if args.intensity_tta else {}).items():
+                cells.setdefault(name, []).append(_metrics(_intensity_scores(net, cfg, x, c, variants), case))
             for n in steps:
                 t0 = time.time()
                 with contextlib.redirect_stdout(io.StringIO()):  # train's progress lines

@@ -150,13 +150,34 @@ def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
     out = tmp_path / "rd.safetensors"
     assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "3",
                        "--crop", "64", "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
-                       "--tta-flip", "--acquisition", "--out", str(out)]) == 0
+                       "--tta-flip", "--acquisition", "--focal-gamma", "2", "--pos-weight", "5", "--out", str(out)]) == 0
     net, cfg = load_model(out)
     assert cfg.arch == "recon-disc" and cfg.error_scale == 1.0 and cfg.disc_channels == (4, 4, 8, 8, 16, 4)
+    assert cfg.extra["focal_gamma"] == 2.0 and cfg.extra["pos_weight"] == 5.0
     err, recon = residual_maps(net, torch.from_numpy(heads[:2, None].astype(np.float32)), cfg)
     assert err.shape == recon.shape == (2, 1, 128, 128)
     assert float(err.min()) >= 0.0 and float(err.max()) <= 1.0
     assert float(err[0, 0, 0, 0]) == 0.0  # outside the head: masked
+
+
+def test_segmentation_loss_is_the_weighted_bce_and_focal_weights_the_misjudged_pixels() -> None:
+    """gamma 0 is the served loss (BCE, anomalous pixels x10); with gamma 2 a pixel judged right
+    with confidence costs far less than one judged wrong, relative to plain BCE."""
+    from pacs_node.ml.anomaly_mr import segmentation_loss
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 1, 16, 16, generator=gen) * 3
+    labels = (torch.rand(2, 1, 16, 16, generator=gen) < 0.2).float()
+    plain = torch.nn.functional.binary_cross_entropy_with_logits(logits, labels, pos_weight=torch.tensor(10.0))
+    assert torch.allclose(segmentation_loss(logits, labels), plain)
+    right, wrong = torch.tensor([[[[4.0]]]]), torch.tensor([[[[-4.0]]]])
+    one = torch.ones(1, 1, 1, 1)
+    ratio_right = segmentation_loss(right, one, focal_gamma=2.0) / segmentation_loss(right, one)
+    ratio_wrong = segmentation_loss(wrong, one, focal_gamma=2.0) / segmentation_loss(wrong, one)
+    assert float(ratio_right) < 1e-3 and float(ratio_wrong) > 0.9
+    # the weight of the anomalous pixels still applies under the focal factor
+    assert torch.allclose(segmentation_loss(wrong, one, pos_weight=10.0, focal_gamma=2.0),
+                          10 * segmentation_loss(wrong, one, pos_weight=1.0, focal_gamma=2.0))
 
 
 def test_uih_share_sets_the_sampling_weights_per_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -478,12 +478,27 @@ def random_crops(batch: torch.Tensor, size: int, gen: torch.Generator) -> torch.
     return torch.stack([batch[i, :, int(y):int(y) + size, int(x):int(x) + size] for i, (y, x) in enumerate(zip(ys, xs))])
 
 
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, pos_weight: float = 10.0,
+                      focal_gamma: float = 0.0) -> torch.Tensor:
+    """The discriminator's loss: binary cross-entropy with anomalous pixels weighted
+    ``pos_weight``, times the focal factor (1 - p_t) ** ``focal_gamma`` (Lin et al. 2017; DRAEM
+    trains with focal loss, gamma 2) that puts the weight on the pixels still misjudged; gamma 0
+    is the plain weighted BCE the served weights were trained with."""
+    bce = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+    weight = 1.0 + (pos_weight - 1.0) * labels
+    if focal_gamma > 0:
+        p_true = torch.exp(-bce)  # the probability given to the right class
+        weight = weight * (1.0 - p_true) ** focal_gamma
+    return (weight * bce).mean()
+
+
 def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, lr: float = 2e-3,
           seed: int = 0, log_every: int = 50, max_minutes: float | None = None,
           checkpoint: Path | None = None, init: Path | None = None, crop: int = 0,
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
           acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0,
-          bright: float | None = None, keep_texture: float = 0.0) -> torch.nn.Module:
+          bright: float | None = None, keep_texture: float = 0.0, pos_weight: float = 10.0,
+          focal_gamma: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -530,7 +545,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
                 x, clean = acquisition([x, clean], gen)
             logits, recon, _ = net(x if position is None else torch.cat([x, position], dim=1))
             # anomalous pixels are ~2 % of a crop: weight them 10x (BCE + soft Dice did not learn)
-            seg = F.binary_cross_entropy_with_logits(logits, y, pos_weight=torch.tensor(10.0))
+            seg = segmentation_loss(logits, y, pos_weight, focal_gamma)
             rec = (recon - clean).abs().mean() + seg
             mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
         elif cfg.arch == "prob-inpaint":
@@ -680,6 +695,11 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--keep-texture", type=float, default=0.0,
                    help="recon-disc: probability that a training fill / smear anomaly keeps the slice's own fine "
                         "structure and noise (0: the served recipe, whose fills are smooth)")
+    p.add_argument("--pos-weight", type=float, default=10.0,
+                   help="recon-disc: weight of the anomalous pixels in the discriminator's loss (served: 10)")
+    p.add_argument("--focal-gamma", type=float, default=0.0,
+                   help="recon-disc: focal-loss exponent of the discriminator's loss (0: the served plain weighted "
+                        "BCE; DRAEM uses 2)")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
@@ -806,7 +826,8 @@ def train_main(argv: list[str]) -> int:
                           log_every=max(1, min(50, args.steps // 4)), init=args.init, crop=args.crop, beta=args.beta,
                           sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
                           elastic=args.elastic, bright=args.bright_anomalies,
-                          keep_texture=args.keep_texture))
+                          keep_texture=args.keep_texture, pos_weight=args.pos_weight,
+                          focal_gamma=args.focal_gamma))
     net = nets[0] if len(nets) == 1 else ReconDiscEnsemble(nets).eval()
     cfg.members = len(nets)
     train_minutes = (time.time() - started) / 60
@@ -818,7 +839,7 @@ def train_main(argv: list[str]) -> int:
                  "balance_sources": args.balance_sources, "uih_share": args.uih_share, "acquisition": args.acquisition,
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
-                 "keep_texture": args.keep_texture,
+                 "keep_texture": args.keep_texture, "pos_weight": args.pos_weight, "focal_gamma": args.focal_gamma,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max,
