@@ -18,7 +18,12 @@ Two families, each against the served model as it is ("plain"):
   p + w |z| (session 4's probe); "bright w" is p + w max(z, 0), only the bright side of z, since
   the misses are hyper-intense lesions; "local S w" (with --local-sizes S1,S2) adds to the
   served score a third noisy-OR term, min(1, w |x - median_S(x)| / std), a local-contrast outlier
-  (median filter of S x S canvas pixels).
+  (median filter of S x S canvas pixels);
+- the reconstruction's own residual (on request with --recon-fuse w1,w2,...): "recon w" is the
+  weights' scoring with AnomalyConfig recon_weight = w (0: off), for a reconstructive U-Net
+  trained to heal (--heal-weight).
+- intensity test-time augmentation (on request with --intensity-tta): the network's probability
+  averaged over gain- and gamma-changed copies of the slice and its neighbours.
 Each cell is the mean over the lesion seeds of the eval command's pixel AUROC / AUPRC; "plain"
 also splits its AUROC by lesion kind (hyper- and hypo-intense pixels, each against all normal
 pixels) and by height in the scored region (upper 60 % and lower 40 %, where a sagittal
@@ -176,6 +181,9 @@ def main() -> int:
     ap.add_argument("--fuse", default="", help="weights w of the fusion variants, e.g. 0.1,0.2,0.3 ('' for none)")
     ap.add_argument("--local-sizes", default="", help="median-filter sizes of the local-contrast variants (with --fuse)")
     ap.add_argument("--no-geometric", action="store_true", help="skip the geometric variants")
+    ap.add_argument("--recon-fuse", default="",
+                    help="weights w of the reconstruction-residual term to score with (AnomalyConfig.recon_weight; "
+                         "'' for none): rows 'recon w'")
     ap.add_argument("--intensity-tta", action="store_true",
                     help="also the intensity test-time variants (gain 0.85 / 1.15, gamma 0.8 / 1.25, averaged with plain)")
     ap.add_argument("--threads", type=int, default=2)
@@ -227,6 +235,9 @@ def main() -> int:
                         cells.setdefault(f"local {size} {w:g}", []).append(_metrics(1 - (1 - plain) * (1 - q), case))
             for name, variants in ({} if args.no_geometric else GEOMETRIC).items():
                 cells.setdefault(name, []).append(_metrics(_geometric_scores(net, cfg, x, variants), case))
+            for w in [float(v) for v in args.recon_fuse.split(",") if v]:
+                cells.setdefault(f"recon {w:g}", []).append(
+                    _metrics(_plain_scores(net, replace(cfg, recon_weight=w), x, m, c), case))
             for name, variants in (INTENSITY if args.intensity_tta else {}).items():
                 cells.setdefault(name, []).append(_metrics(_intensity_scores(net, cfg, x, c, variants), case))
             for n in steps:

@@ -150,10 +150,10 @@ def test_recon_disc_smoke_training_scores_a_probability(tmp_path: Path) -> None:
     out = tmp_path / "rd.safetensors"
     assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "3", "--batch", "3",
                        "--crop", "64", "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
-                       "--tta-flip", "--acquisition", "--focal-gamma", "2", "--pos-weight", "5", "--out", str(out)]) == 0
+                       "--tta-flip", "--acquisition", "--focal-gamma", "2", "--pos-weight", "5", "--heal-weight", "2", "--out", str(out)]) == 0
     net, cfg = load_model(out)
     assert cfg.arch == "recon-disc" and cfg.error_scale == 1.0 and cfg.disc_channels == (4, 4, 8, 8, 16, 4)
-    assert cfg.extra["focal_gamma"] == 2.0 and cfg.extra["pos_weight"] == 5.0
+    assert cfg.extra["focal_gamma"] == 2.0 and cfg.extra["pos_weight"] == 5.0 and cfg.extra["heal_weight"] == 2.0
     err, recon = residual_maps(net, torch.from_numpy(heads[:2, None].astype(np.float32)), cfg)
     assert err.shape == recon.shape == (2, 1, 128, 128)
     assert float(err.min()) >= 0.0 and float(err.max()) <= 1.0
@@ -446,6 +446,37 @@ def test_pipeline_scores_a_real_mr_series_and_encodes_default_outputs() -> None:
         outputs = encode_outputs(volume, [score], pipeline.default_outputs,
                                  EncodeContext(pipeline.name, pipeline.version))
     assert [ds.Modality for ds in outputs].count("OT") == len(volume.datasets) + 1  # SC slices + PM
+
+
+def test_recon_weight_fuses_the_reconstruction_residual_into_the_map(tmp_path: Path) -> None:
+    """recon_weight w (stored by --recon-weight): score = 1 - (1 - s)(1 - min(1, w r)), s the map
+    without it and r the smoothed, masked |slice - reconstruction|; w = 0 leaves the map as it was;
+    a network trained with --heal-weight records it."""
+    from dataclasses import replace
+
+    from pacs_node.ml.anomaly import reconstruction_error
+
+    heads, cache = _synthetic_heads(tmp_path, seed=6)
+    out = tmp_path / "heal.safetensors"
+    assert train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "2", "--batch", "2", "--crop", "64",
+                       "--arch", "recon-disc", "--channels", "4,8", "--disc-channels", "4,4,8,8,16,4",
+                       "--baseline-weight", "0.1", "--heal-weight", "3", "--recon-weight", "2",
+                       "--out", str(out)]) == 0
+    net, cfg = load_model(out)
+    assert cfg.recon_weight == 2.0 and cfg.extra["heal_weight"] == 3.0
+    x = torch.from_numpy(heads[:2, None].astype(np.float32))
+    with torch.no_grad():
+        fused, recon = residual_maps(net, x, cfg)
+        s, recon0 = residual_maps(net, x, replace(cfg, recon_weight=0.0))
+    assert torch.equal(recon, recon0)
+    r = reconstruction_error(x, recon, cfg)
+    assert float(r.max()) > 0.0  # an untrained reconstruction differs from its input
+    assert torch.allclose(fused, 1 - (1 - s) * (1 - (2.0 * r).clamp(max=1.0)), atol=1e-6)
+    assert float(fused.min()) >= 0.0 and float(fused.max()) <= 1.0 and bool((fused >= s - 1e-7).all())
+    assert float(fused[:, :, 0, 0].abs().max()) == 0.0  # outside the head: masked
+    with pytest.raises(SystemExit):  # a negative weight is refused by name
+        train_main(["--data", str(tmp_path), "--cache", str(cache), "--steps", "1", "--arch", "recon-disc",
+                    "--recon-weight", "-1", "--out", str(tmp_path / "x.safetensors")])
 
 
 @needs_weights

@@ -98,6 +98,12 @@ class AnomalyConfig:
     #: the head's 90th percentile of it; 0: off (and where no mirror is given: axial and coronal
     #: series, slices near the midline)
     symmetry_weight: float = 0.0
+    #: recon-disc: a noisy-OR term of the generative part's own residual, q = min(1,
+    #: recon_weight * r), r = |slice - reconstruction| smoothed and masked like the map (in the
+    #: series' scaled intensity units: white matter near 0.94). Worth it only for a reconstructive
+    #: U-Net trained to heal the training anomalies (``--heal-weight``, 0.7.0); one that copies
+    #: its input leaves r near the noise; 0: off
+    recon_weight: float = 0.0
     #: recon-disc: the discriminator also reads two channels of position within the head
     #: (``head_coordinates``: -1..1 from the head's first to last row and column in the image as
     #: given, i.e. after the training flips), so that what is normal can depend on where in the
@@ -590,7 +596,8 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
     if cfg.arch == "recon-disc":
         prob, recon = recon_disc_maps(net, images, cfg, context)
         err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
-        return fuse_asymmetry(fuse_intensity_outliers(err, images, cfg), images, mirrors, cfg), recon
+        err = fuse_reconstruction_error(fuse_intensity_outliers(err, images, cfg), images, recon, cfg)
+        return fuse_asymmetry(err, images, mirrors, cfg), recon
     if cfg.arch == "prob-inpaint":
         z, loc, _ = prob_inpaint_maps(net, images, cfg)
         err = smooth(z, cfg.smooth_sigma)
@@ -816,6 +823,21 @@ def fuse_asymmetry(err: torch.Tensor, images: torch.Tensor, mirrors: torch.Tenso
     return 1.0 - (1.0 - err) * (1.0 - q)
 
 
+def reconstruction_error(images: torch.Tensor, recon: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
+    """|slice - reconstruction|, smoothed and masked like the network's map."""
+    return smooth((images - recon).abs(), cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
+
+
+def fuse_reconstruction_error(err: torch.Tensor, images: torch.Tensor, recon: torch.Tensor,
+                              cfg: AnomalyConfig) -> torch.Tensor:
+    """``err`` fused with the reconstruction's residual as a noisy-OR, 1 - (1 - err)(1 - min(1,
+    recon_weight r)); ``err`` itself when recon_weight is 0."""
+    if cfg.recon_weight <= 0:
+        return err
+    q = (cfg.recon_weight * reconstruction_error(images, recon, cfg)).clamp(max=1.0)
+    return 1.0 - (1.0 - err) * (1.0 - q)
+
+
 def fuse_intensity_outliers(err: torch.Tensor, images: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
     """recon-disc's map ``err`` (in [0, 1]) fused with the intensity-outlier map as a noisy-OR,
     1 - (1 - err)(1 - min(1, baseline_weight |z|)); ``err`` itself when baseline_weight is 0."""
@@ -848,7 +870,7 @@ def ensemble_of(nets: list[nn.Module], cfgs: list[AnomalyConfig]) -> tuple[nn.Mo
             raise ValueError(f"only single recon-disc networks can be combined (got {cfg.arch}, members={cfg.members})")
         differs = [k for k in ("channels", "disc_channels", "canvas", "pixel_mm", "intensity_ref", "intensity_max",
                                "smooth_sigma", "tta_flip", "mask_erode_px", "error_scale", "baseline_weight",
-                               "coord_channels", "context_mm", "context_planes", "modality", "outlier_region", "seg_threshold")
+                               "recon_weight", "symmetry_weight", "coord_channels", "context_mm", "context_planes", "modality", "outlier_region", "seg_threshold")
                    if getattr(cfg, k) != getattr(first, k)]
         if differs:
             raise ValueError(f"networks differ in {', '.join(differs)}: they cannot be combined")

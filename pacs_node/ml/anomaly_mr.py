@@ -498,7 +498,7 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
           beta: float = 0.5, sample_weights: np.ndarray | None = None,
           acquisition_aug: bool = False, curves: float = 0.0, elastic: float = 0.0,
           bright: float | None = None, keep_texture: float = 0.0, pos_weight: float = 10.0,
-          focal_gamma: float = 0.0) -> torch.nn.Module:
+          focal_gamma: float = 0.0, heal_weight: float = 0.0) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     net = build_network(cfg)
@@ -547,6 +547,8 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
             # anomalous pixels are ~2 % of a crop: weight them 10x (BCE + soft Dice did not learn)
             seg = segmentation_loss(logits, y, pos_weight, focal_gamma)
             rec = (recon - clean).abs().mean() + seg
+            if heal_weight > 0:  # the L1 inside the anomalies again: heal them, not copy them
+                rec = rec + heal_weight * ((recon - clean).abs() * y).sum() / y.sum().clamp_min(1.0)
             mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
         elif cfg.arch == "prob-inpaint":
             holes = training_holes(clean.shape, gen)
@@ -700,6 +702,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--focal-gamma", type=float, default=0.0,
                    help="recon-disc: focal-loss exponent of the discriminator's loss (0: the served plain weighted "
                         "BCE; DRAEM uses 2)")
+    p.add_argument("--heal-weight", type=float, default=0.0,
+                   help="recon-disc: extra weight of the reconstruction's L1 inside the training anomalies, so "
+                        "that the reconstructive U-Net heals them rather than copies them (0: the served recipe)")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
@@ -717,6 +722,9 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--baseline-weight", type=float, default=0.0,
                    help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|)) "
                         "(not with --combine-members: an ensemble keeps its members' scoring)")
+    p.add_argument("--recon-weight", type=float, default=0.0,
+                   help="recon-disc scoring stored in the weights: the reconstruction-residual term's weight "
+                        "(AnomalyConfig.recon_weight; 0: off; for networks trained with --heal-weight)")
     p.add_argument("--symmetry-weight", type=float, default=0.0,
                    help="recon-disc scoring stored in the weights: the other-hemisphere term's weight "
                         "(AnomalyConfig.symmetry_weight; 0: off)")
@@ -737,7 +745,8 @@ def train_main(argv: list[str]) -> int:
                               "acquisition", "contrast_curves", "match_contrast", "intensity_ref", "elastic",
                               "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
                               "keep_texture", "context_mm", "context_planes",
-                              "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight"})
+                              "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight",
+                              "recon_weight", "heal_weight", "focal_gamma", "pos_weight"})
     args = p.parse_args(argv)
     if args.combine_members:
         return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out)
@@ -778,6 +787,13 @@ def train_main(argv: list[str]) -> int:
     if args.symmetry_weight < 0 or (args.symmetry_weight > 0 and args.arch != "recon-disc"):
         p.error("--symmetry-weight must be >= 0, and > 0 only with --arch recon-disc")
     cfg.symmetry_weight = float(args.symmetry_weight)  # scoring only, as baseline_weight
+    for flag, value in (("--recon-weight", args.recon_weight), ("--heal-weight", args.heal_weight),
+                        ("--focal-gamma", args.focal_gamma)):
+        if value < 0 or (value > 0 and args.arch != "recon-disc"):
+            p.error(f"{flag} must be >= 0, and > 0 only with --arch recon-disc")
+    if args.pos_weight <= 0:
+        p.error("--pos-weight must be positive")
+    cfg.recon_weight = float(args.recon_weight)  # scoring only, as baseline_weight
     if args.coord_channels and args.arch != "recon-disc":
         p.error("--coord-channels applies to --arch recon-disc only")
     cfg.coord_channels = bool(args.coord_channels)
@@ -827,7 +843,7 @@ def train_main(argv: list[str]) -> int:
                           sample_weights=weights, acquisition_aug=args.acquisition, curves=args.contrast_curves,
                           elastic=args.elastic, bright=args.bright_anomalies,
                           keep_texture=args.keep_texture, pos_weight=args.pos_weight,
-                          focal_gamma=args.focal_gamma))
+                          focal_gamma=args.focal_gamma, heal_weight=args.heal_weight))
     net = nets[0] if len(nets) == 1 else ReconDiscEnsemble(nets).eval()
     cfg.members = len(nets)
     train_minutes = (time.time() - started) / 60
@@ -840,6 +856,7 @@ def train_main(argv: list[str]) -> int:
                  "contrast_curves": args.contrast_curves, "match_contrast": args.match_contrast,
                  "elastic": args.elastic, "bright_anomalies": args.bright_anomalies,
                  "keep_texture": args.keep_texture, "pos_weight": args.pos_weight, "focal_gamma": args.focal_gamma,
+                 "heal_weight": args.heal_weight,
                  "train_minutes": round(train_minutes, 1), "train_slices": len(images),
                  "held_out": f"{HOLDOUT_SERIES} sagittal slices {HELD_OUT[0]}..{HELD_OUT[1] - 1}",
                  "train_intensity_ref": cfg.intensity_ref, "train_intensity_max": cfg.intensity_max,
@@ -1071,9 +1088,16 @@ def eval_main(argv: list[str]) -> int:
     p.add_argument("--symmetry-weight", type=float, default=None,
                    help="score with this weight of the other-hemisphere term instead of the weights' own "
                         "(0: off; for choosing it on the validation splits)")
+    p.add_argument("--recon-weight", type=float, default=None,
+                   help="score with this weight of the reconstruction-residual term instead of the weights' own "
+                        "(0: off; for choosing it on the validation splits)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     net, cfg = load_model(args.model)
+    if args.recon_weight is not None:
+        if args.recon_weight < 0 or cfg.arch != "recon-disc":
+            p.error("--recon-weight must be >= 0, for recon-disc weights")
+        cfg = dataclasses.replace(cfg, recon_weight=float(args.recon_weight))
     if args.symmetry_weight is not None:
         if args.symmetry_weight < 0:
             p.error("--symmetry-weight must be >= 0")

@@ -96,6 +96,7 @@ class AnomalyPipeline(Pipeline):
         return [ScoreMap(
             array=scores,
             description=f"Anomaly map ({_SCORE_KIND.get(self.cfg.arch, 'reconstruction error')}"
+                        f"{' + reconstruction residual' if cfg.recon_weight > 0 else ''}"
                         f"{' + intensity outliers' if cfg.baseline_weight > 0 else ''}"
                         f"{' + left-right asymmetry' if cfg.symmetry_weight > 0 else ''}, "
                         f"{self.model_name} {self.cfg.arch})",
