@@ -283,6 +283,25 @@ def test_ensemble_averages_its_members_probabilities_and_round_trips(tmp_path: P
     with pytest.raises(SystemExit):  # one file is not an ensemble
         train_main(["--combine-members", str(singles[0]), "--out", str(tmp_path / "one.safetensors")])
 
+    # 0.7.0's way: members trained without the residual term, the ensemble scored with it and
+    # with its own SEG threshold; the reconstruction is the members' mean
+    scored = tmp_path / "scored.safetensors"
+    assert train_main(["--combine-members", ",".join(map(str, singles)), "--recon-weight", "2",
+                       "--seg-threshold", "0.74", "--out", str(scored)]) == 0
+    net, cfg = load_model(scored)
+    assert cfg.recon_weight == 2.0 and cfg.seg_threshold == 0.74 and cfg.members == 2
+    recons = []
+    for path in singles:
+        one, one_cfg = load_model(path)
+        assert one_cfg.recon_weight == 0.0
+        with torch.no_grad():
+            recons.append(recon_disc_maps(one, x, one_cfg)[1])
+    with torch.no_grad():
+        assert torch.allclose(recon_disc_maps(net, x, cfg)[1], (recons[0] + recons[1]) / 2, atol=1e-5)
+    with pytest.raises(SystemExit):  # a SEG threshold outside (0, 1] is refused
+        train_main(["--combine-members", ",".join(map(str, singles)), "--seg-threshold", "1.5",
+                    "--out", str(tmp_path / "bad.safetensors")])
+
 
 def test_training_anomalies_are_visible_inside_the_head_and_labelled() -> None:
     from pacs_node.ml.synth_anomaly import corrupt, corrupt_batch

@@ -29,6 +29,7 @@ from .anomaly import (
     AnomalyConfig,
     ReconDiscEnsemble,
     build_network,
+    ensemble_of,
     head_coordinates,
     inpainting_input,
     input_planes,
@@ -722,9 +723,14 @@ def train_main(argv: list[str]) -> int:
     p.add_argument("--baseline-weight", type=float, default=0.0,
                    help="recon-disc scoring stored in the weights: 1 - (1 - probability) * (1 - min(1, this * intensity |z|)) "
                         "(not with --combine-members: an ensemble keeps its members' scoring)")
-    p.add_argument("--recon-weight", type=float, default=0.0,
+    p.add_argument("--recon-weight", type=float, default=None,
                    help="recon-disc scoring stored in the weights: the reconstruction-residual term's weight "
-                        "(AnomalyConfig.recon_weight; 0: off; for networks trained with --heal-weight)")
+                        "(AnomalyConfig.recon_weight; 0, the default: off; for networks trained with --heal-weight; "
+                        "with --combine-members: set for the ensemble, whatever its members had)")
+    p.add_argument("--seg-threshold", type=float, default=None,
+                   help="the pipeline's default threshold of the segmentation output, stored in the weights "
+                        "(AnomalyConfig.seg_threshold; default 0.5; choose it where the best Dice lies on the "
+                        "validation splits)")
     p.add_argument("--symmetry-weight", type=float, default=0.0,
                    help="recon-disc scoring stored in the weights: the other-hemisphere term's weight "
                         "(AnomalyConfig.symmetry_weight; 0: off)")
@@ -746,10 +752,16 @@ def train_main(argv: list[str]) -> int:
                               "serve_intensity_ref", "intensity_max", "serve_intensity_max", "bright_anomalies",
                               "keep_texture", "context_mm", "context_planes",
                               "members", "baseline_weight", "uih_share", "coord_channels", "symmetry_weight",
-                              "recon_weight", "heal_weight", "focal_gamma", "pos_weight"})
+                              "recon_weight", "heal_weight", "focal_gamma", "pos_weight", "seg_threshold"})
     args = p.parse_args(argv)
+    if args.recon_weight is not None and args.recon_weight < 0:
+        p.error("--recon-weight must be >= 0")
+    if args.seg_threshold is not None and not 0.0 < args.seg_threshold <= 1.0:
+        p.error(f"--seg-threshold {args.seg_threshold}: must be in (0, 1]")
     if args.combine_members:
-        return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out)
+        return _combine_members(p, [Path(v) for v in args.combine_members.split(",") if v], args.out,
+                                args.recon_weight, args.seg_threshold)
+    args.recon_weight = args.recon_weight or 0.0
     if args.members < 1 or (args.members > 1 and args.arch != "recon-disc"):
         p.error("--members must be 1, or more with --arch recon-disc")
     if args.acquisition and args.arch != "recon-disc":
@@ -794,6 +806,8 @@ def train_main(argv: list[str]) -> int:
     if args.pos_weight <= 0:
         p.error("--pos-weight must be positive")
     cfg.recon_weight = float(args.recon_weight)  # scoring only, as baseline_weight
+    if args.seg_threshold is not None:
+        cfg.seg_threshold = float(args.seg_threshold)
     if args.coord_channels and args.arch != "recon-disc":
         p.error("--coord-channels applies to --arch recon-disc only")
     cfg.coord_channels = bool(args.coord_channels)
@@ -870,17 +884,26 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _combine_members(p: argparse.ArgumentParser, paths: list[Path], out: Path) -> int:
-    """``--combine-members``: single recon-disc weight files -> one ensemble file (no training)."""
+def _combine_members(p: argparse.ArgumentParser, paths: list[Path], out: Path,
+                     recon_weight: float | None = None, seg_threshold: float | None = None) -> int:
+    """``--combine-members``: single recon-disc weight files -> one ensemble file (no training);
+    ``recon_weight``: the ensemble's (every member's set to it first), else the members' own;
+    ``seg_threshold``: the ensemble's, else the members' own."""
     if len(paths) < 2:
         p.error("--combine-members needs at least two weight files")
     missing = [str(v) for v in paths if not v.is_file()]
     if missing:
         p.error(f"--combine-members: no such file: {', '.join(missing)}")
     try:
-        net, cfg = load_models(paths)
+        if recon_weight is None:
+            net, cfg = load_models(paths)
+        else:
+            nets, cfgs = zip(*[load_model(v) for v in paths])
+            net, cfg = ensemble_of(list(nets), [dataclasses.replace(c, recon_weight=float(recon_weight)) for c in cfgs])
     except ValueError as exc:
         p.error(f"--combine-members: {exc}")
+    if seg_threshold is not None:
+        cfg.seg_threshold = float(seg_threshold)
     cfg.extra["member_files"] = [v.name for v in paths]
     save_model(net, cfg, out)
     print(f"saved {out}: ensemble of {len(paths)} networks ({', '.join(v.name for v in paths)})", flush=True)

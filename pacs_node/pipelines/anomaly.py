@@ -2,12 +2,14 @@
 
 For the served ``recon-disc`` model (DRAEM) the score is the discriminative network's
 probability that a pixel differs from the model's normal-looking reconstruction because of an
-anomaly (anomaly-mr 0.6.0: read from the slice and the planes 2 mm either side of it), smoothed,
-and (``baseline_weight`` > 0, anomaly-mr since 0.5.0) fused with the slice's
-intensity-outlier map as a noisy-OR, and (``symmetry_weight`` > 0 in the weights' config: a
-probe, not served) with its difference from the other hemisphere (``mirror_slices``, computed
-once per sagittal series); for ``prob-inpaint`` the standardised inpainting residual
-|x - location| / scale. ``residual_maps`` computes either, the same code path as the eval command."""
+anomaly (anomaly-mr since 0.6.0: read from the slice and the planes 2 mm either side of it),
+smoothed, and fused as a noisy-OR with: the slice's intensity-outlier map (``baseline_weight``
+> 0, anomaly-mr since 0.5.0); the reconstruction's own residual |slice - reconstruction|
+(``recon_weight`` > 0, anomaly-mr 0.7.0, whose reconstruction was trained to heal); its
+difference from the other hemisphere (``symmetry_weight`` > 0 in the weights' config: a probe,
+not served; ``mirror_slices``, computed once per sagittal series). For ``prob-inpaint`` the
+score is the standardised inpainting residual |x - location| / scale. ``residual_maps``
+computes either, the same code path as the eval command."""
 
 from __future__ import annotations
 
@@ -85,12 +87,13 @@ class AnomalyPipeline(Pipeline):
         outliers = params.get("intensity_outliers", True)
         if not isinstance(outliers, bool):
             raise UnsupportedInput(f"pipeline {self.name}: intensity_outliers must be true or false, got {outliers!r}")
-        # the model's SEG default was chosen on its fused map; the network's map alone keeps 0.5
+        # the model's SEG default was chosen on its fused map; the map without the outliers keeps 0.5
         threshold = float(params.get("threshold", self.cfg.seg_threshold if outliers else 0.5))
         if not 0.0 < threshold <= 1.0:
             raise UnsupportedInput(f"pipeline {self.name}: threshold {threshold} is not in (0, 1]")
-        # false: the network's map alone, without the fused intensity-outlier map (0.5.0's
-        # baseline_weight), e.g. for a sequence whose normal fat or vessels are very bright
+        # false: the networks' map (with the reconstruction residual where recon_weight > 0) without
+        # the fused intensity-outlier map (0.5.0's baseline_weight), e.g. for a sequence whose
+        # normal fat or vessels are very bright
         cfg = self.cfg if outliers else dataclasses.replace(self.cfg, baseline_weight=0.0)
         scores = self.scores(volume, batch_size=int(params.get("batch_size", 16)), cfg=cfg)
         return [ScoreMap(
@@ -114,7 +117,7 @@ def _normalise_mr(array: np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
 
 class AnomalyMr(AnomalyPipeline):
     name = "anomaly-mr"
-    version = "0.6.0"
+    version = "0.7.0"
     model_name = "anomaly-mr"
     requires = Requirements(modalities=("MR",), min_slices=1)
     normalise = staticmethod(_normalise_mr)
