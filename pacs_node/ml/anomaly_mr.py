@@ -705,7 +705,8 @@ def train_main(argv: list[str]) -> int:
                         "BCE; DRAEM uses 2)")
     p.add_argument("--heal-weight", type=float, default=0.0,
                    help="recon-disc: extra weight of the reconstruction's L1 inside the training anomalies, so "
-                        "that the reconstructive U-Net heals them rather than copies them (0: the served recipe)")
+                        "that the reconstructive U-Net heals them rather than copies them (0: 0.6.0's recipe; 0.7.0's "
+                        "healing members: 2 and 5)")
     p.add_argument("--contrast-curves", type=float, default=0.0,
                    help="probability of a random monotone contrast curve per training slice (0: off)")
     p.add_argument("--match-contrast", action=argparse.BooleanOptionalAction, default=False,
