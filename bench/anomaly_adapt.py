@@ -49,7 +49,7 @@ from common import ROOT  # noqa: F401 - puts the repo on sys.path
 
 from pacs_node.datasets import data_dir
 from pacs_node.ml import anomaly_mr as A
-from pacs_node.ml.anomaly import (foreground_mask, fuse_intensity_outliers, intensity_z, load_model, recon_disc_maps,
+from pacs_node.ml.anomaly import (foreground_mask, intensity_z, load_model, recon_disc_maps, recon_disc_score,
                                   residual_maps, smooth)
 from pacs_node.models_dir import model_path
 
@@ -78,14 +78,16 @@ def _plain_scores(net: torch.nn.Module, cfg, x: torch.Tensor, mirrors: torch.Ten
 
 
 def _geometric_scores(net: torch.nn.Module, cfg, x: torch.Tensor, variants) -> torch.Tensor:
-    acc = torch.zeros_like(x)
+    """The probability averaged over the warped copies (each warped back), then the served
+    post-processing and fusion (``recon_disc_score``, with the unwarped slice's reconstruction)."""
+    acc, recon = torch.zeros_like(x), None
     with torch.no_grad():
         for s, dx, dy in variants:
             identity = (s, dx, dy) == (1.0, 0.0, 0.0)
-            prob, _ = recon_disc_maps(net, x if identity else _warp(x, s, dx, dy), cfg)
+            prob, rec = recon_disc_maps(net, x if identity else _warp(x, s, dx, dy), cfg)
             acc += prob if identity else _warp(prob, s, dx, dy, inverse=True)
-    err = smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
-    return fuse_intensity_outliers(err, x, cfg)  # the served fusion, as residual_maps does it
+            recon = rec if identity else recon
+    return recon_disc_score(acc / len(variants), x, recon, cfg)
 
 
 INTENSITY = {
@@ -98,14 +100,15 @@ INTENSITY["gain+gamma"] = INTENSITY["gain"] + INTENSITY["gamma"][1:]
 def _intensity_scores(net: torch.nn.Module, cfg, x: torch.Tensor, context: torch.Tensor, variants) -> torch.Tensor:
     """The network's probability averaged over copies of the slice and its neighbour planes with
     their intensities changed (gain g, gamma e: g x^e, the training augmentation's kind of
-    change; no resampling), then smoothed, masked and fused as the served score is."""
-    acc = torch.zeros_like(x)
+    change; no resampling), then the served post-processing and fusion (``recon_disc_score``,
+    with the unchanged slice's reconstruction)."""
+    acc, recon = torch.zeros_like(x), None
     with torch.no_grad():
         for g, e in variants:
-            prob, _ = recon_disc_maps(net, g * x.clamp_min(0) ** e, cfg, g * context.clamp_min(0) ** e)
+            prob, rec = recon_disc_maps(net, g * x.clamp_min(0) ** e, cfg, g * context.clamp_min(0) ** e)
             acc += prob
-    err = smooth(acc / len(variants), cfg.smooth_sigma) * foreground_mask(x, cfg.mask_erode_px)
-    return fuse_intensity_outliers(err, x, cfg)
+            recon = rec if (g, e) == (1.0, 1.0) else recon
+    return recon_disc_score(acc / len(variants), x, recon, cfg)
 
 
 def _bright_z(x: torch.Tensor, cfg) -> torch.Tensor:

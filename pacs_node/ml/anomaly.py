@@ -595,9 +595,7 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
     """
     if cfg.arch == "recon-disc":
         prob, recon = recon_disc_maps(net, images, cfg, context)
-        err = smooth(prob, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
-        err = fuse_reconstruction_error(fuse_intensity_outliers(err, images, cfg), images, recon, cfg)
-        return fuse_asymmetry(err, images, mirrors, cfg), recon
+        return recon_disc_score(prob, images, recon, cfg, mirrors), recon
     if cfg.arch == "prob-inpaint":
         z, loc, _ = prob_inpaint_maps(net, images, cfg)
         err = smooth(z, cfg.smooth_sigma)
@@ -612,6 +610,17 @@ def residual_maps(net: nn.Module, images: torch.Tensor, cfg: AnomalyConfig,
     err = signed.abs()
     err = smooth(err, cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
     return err, recon
+
+
+def recon_disc_score(prob: torch.Tensor, images: torch.Tensor, recon: torch.Tensor, cfg: AnomalyConfig,
+                     mirrors: torch.Tensor | None = None) -> torch.Tensor:
+    """recon-disc's served map from the network's probability ``prob`` (B, 1, H, W): smoothed,
+    zero outside the head mask, then fused as the weights' config says with the intensity
+    outliers, the reconstruction's residual and (given ``mirrors``) the asymmetry."""
+    mask = foreground_mask(images, cfg.mask_erode_px)
+    err = smooth(prob, cfg.smooth_sigma) * mask
+    err = fuse_reconstruction_error(fuse_intensity_outliers(err, images, cfg), images, recon, cfg, mask)
+    return fuse_asymmetry(err, images, mirrors, cfg)
 
 
 def to_score(err: torch.Tensor | np.ndarray, cfg: AnomalyConfig) -> np.ndarray:
@@ -823,18 +832,22 @@ def fuse_asymmetry(err: torch.Tensor, images: torch.Tensor, mirrors: torch.Tenso
     return 1.0 - (1.0 - err) * (1.0 - q)
 
 
-def reconstruction_error(images: torch.Tensor, recon: torch.Tensor, cfg: AnomalyConfig) -> torch.Tensor:
-    """|slice - reconstruction|, smoothed and masked like the network's map."""
-    return smooth((images - recon).abs(), cfg.smooth_sigma) * foreground_mask(images, cfg.mask_erode_px)
+def reconstruction_error(images: torch.Tensor, recon: torch.Tensor, cfg: AnomalyConfig,
+                         mask: torch.Tensor | None = None) -> torch.Tensor:
+    """|slice - reconstruction|, smoothed and masked like the network's map (``mask``: the
+    images' ``foreground_mask``, made here if not given)."""
+    if mask is None:
+        mask = foreground_mask(images, cfg.mask_erode_px)
+    return smooth((images - recon).abs(), cfg.smooth_sigma) * mask
 
 
 def fuse_reconstruction_error(err: torch.Tensor, images: torch.Tensor, recon: torch.Tensor,
-                              cfg: AnomalyConfig) -> torch.Tensor:
+                              cfg: AnomalyConfig, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``err`` fused with the reconstruction's residual as a noisy-OR, 1 - (1 - err)(1 - min(1,
     recon_weight r)); ``err`` itself when recon_weight is 0."""
     if cfg.recon_weight <= 0:
         return err
-    q = (cfg.recon_weight * reconstruction_error(images, recon, cfg)).clamp(max=1.0)
+    q = (cfg.recon_weight * reconstruction_error(images, recon, cfg, mask)).clamp(max=1.0)
     return 1.0 - (1.0 - err) * (1.0 - q)
 
 

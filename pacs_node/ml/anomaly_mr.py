@@ -39,7 +39,6 @@ from .anomaly import (
     kl_divergence,
     laplace_nll,
     load_model,
-    load_models,
     has_mirror_slices,
     mirror_slices,
     neighbour_planes,
@@ -547,9 +546,10 @@ def train(images: np.ndarray, cfg: AnomalyConfig, steps: int, batch: int = 16, l
             logits, recon, _ = net(x if position is None else torch.cat([x, position], dim=1))
             # anomalous pixels are ~2 % of a crop: weight them 10x (BCE + soft Dice did not learn)
             seg = segmentation_loss(logits, y, pos_weight, focal_gamma)
-            rec = (recon - clean).abs().mean() + seg
+            l1 = (recon - clean).abs()
+            rec = l1.mean() + seg
             if heal_weight > 0:  # the L1 inside the anomalies again: heal them, not copy them
-                rec = rec + heal_weight * ((recon - clean).abs() * y).sum() / y.sum().clamp_min(1.0)
+                rec = rec + heal_weight * (l1 * y).sum() / y.sum().clamp_min(1.0)
             mu = logvar = clean.new_zeros((clean.shape[0], 0, 1, 1))
         elif cfg.arch == "prob-inpaint":
             holes = training_holes(clean.shape, gen)
@@ -896,11 +896,10 @@ def _combine_members(p: argparse.ArgumentParser, paths: list[Path], out: Path,
     if missing:
         p.error(f"--combine-members: no such file: {', '.join(missing)}")
     try:
-        if recon_weight is None:
-            net, cfg = load_models(paths)
-        else:
-            nets, cfgs = zip(*[load_model(v) for v in paths])
-            net, cfg = ensemble_of(list(nets), [dataclasses.replace(c, recon_weight=float(recon_weight)) for c in cfgs])
+        nets, cfgs = zip(*[load_model(v) for v in paths])
+        if recon_weight is not None:
+            cfgs = [dataclasses.replace(c, recon_weight=float(recon_weight)) for c in cfgs]
+        net, cfg = ensemble_of(list(nets), list(cfgs))
     except ValueError as exc:
         p.error(f"--combine-members: {exc}")
     if seg_threshold is not None:
